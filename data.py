@@ -1,0 +1,187 @@
+"""MNIST and CIFAR-10 as tensors: read from disk once, split, normalised once, batched by index."""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.datasets.utils import download_and_extract_archive
+
+from utils import UsageError
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and the normalisation need to know about a dataset."""
+    in_channels: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+
+DATASETS = {
+    "MNIST": DatasetInfo(1, 28, (0.1307,), (0.3081,), tuple(str(d) for d in range(10))),
+    "CIFAR10": DatasetInfo(3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           ("airplane", "automobile", "bird", "cat", "deer",
+                            "dog", "frog", "horse", "ship", "truck")),
+}
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch",)
+
+
+@dataclass
+class RawData:
+    """A dataset as it is on disk: uint8 images (N, C, H, W) and int64 labels, train and test."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+@dataclass
+class Split:
+    """Normalised images on the training device and their labels."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches, refusing anything but plain numpy arrays, so a hostile file cannot run code."""
+
+    _allowed = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return self._allowed[module, name]
+
+
+def read_cifar10_batches(folder: Path, files: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read `cifar-10-batches-py` pickles into uint8 (N, 3, 32, 32) images and int64 labels."""
+    images, labels = [], []
+    for name in files:
+        try:
+            with open(folder / name, "rb") as f:
+                batch = _ArrayUnpickler(f, encoding="bytes").load()
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"cannot read CIFAR-10 batch {folder / name} ({e}); delete the folder "
+                             "and run again with --download to fetch a fresh copy") from None
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def load_cifar10(root: Path, download: bool) -> RawData:
+    """CIFAR-10 from `<root>/cifar-10-batches-py`, downloaded through torchvision when missing."""
+    folder = root / CIFAR10_FOLDER
+    if not all((folder / f).is_file() for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES):
+        hint = f"CIFAR-10 not found: expected {folder}/data_batch_1..5 and test_batch"
+        if not download:
+            raise UsageError(f"{hint}; run without --no-download, or point --data_root at the folder "
+                             f"that holds {CIFAR10_FOLDER}")
+        cifar = torchvision.datasets.CIFAR10
+        try:
+            download_and_extract_archive(cifar.url, str(root), filename=cifar.filename, md5=cifar.tgz_md5)
+        except Exception as e:  # urllib, http and archive errors all mean the same thing to the user
+            raise UsageError(f"{hint}, and the download failed ({e}); download {cifar.url} and "
+                             f"unpack it into {root}") from None
+    return RawData(*read_cifar10_batches(folder, CIFAR10_TRAIN_FILES),
+                   *read_cifar10_batches(folder, CIFAR10_TEST_FILES))
+
+
+def load_mnist(root: Path, download: bool) -> RawData:
+    """MNIST through torchvision (`<root>/MNIST/raw`), as uint8 (N, 1, 28, 28) images."""
+    splits = []
+    for train in (True, False):
+        try:
+            ds = torchvision.datasets.MNIST(str(root), train=train, download=download)
+        except Exception as e:  # torchvision raises RuntimeError when missing, URLError/OSError when offline
+            how = ("run without --no-download, or point --data_root at the folder that holds MNIST/raw"
+                   if not download else "check your connection, or copy the four IDX files there by hand")
+            raise UsageError(f"MNIST not found or unreadable under {root / 'MNIST' / 'raw'} "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {how}") from None
+        splits += [ds.data.unsqueeze(1).contiguous(), ds.targets.long()]
+    return RawData(*splits)
+
+
+def load_dataset(name: str, root: str | Path, download: bool) -> RawData:
+    """Read a dataset's train and test splits from disk (downloading them first if allowed and needed)."""
+    root = Path(root)
+    if name == "MNIST":
+        return load_mnist(root, download)
+    if name == "CIFAR10":
+        return load_cifar10(root, download)
+    raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo, device: torch.device | str = "cpu",
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, C, H, W) images to float32 normalised with the dataset's mean and std, on `device`."""
+    mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+    x = (images.to(device).float().div_(255).sub_(mean).div_(std))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def make_splits(raw: RawData, info: DatasetInfo, val_size: int, seed: int, limit_train: int | None,
+                device: torch.device | str, channels_last: bool = False) -> tuple[Split, Split, Split]:
+    """Train, validation and test splits: `val_size` training images chosen by a seeded permutation
+    are held out for validation; `limit_train` keeps the first N of the rest."""
+    n = len(raw.train_labels)
+    if not 0 < val_size < n:
+        raise UsageError(f"--val_size {val_size} must be between 1 and {n - 1} (the training set has {n} images)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_index, train_index = perm[:val_size].sort().values, perm[val_size:].sort().values
+    if limit_train is not None:
+        if limit_train > len(train_index):
+            raise UsageError(f"--limit_train {limit_train} is larger than the training split "
+                             f"({len(train_index)} images after --val_size {val_size})")
+        train_index = train_index[:limit_train]
+
+    def split(images: torch.Tensor, labels: torch.Tensor) -> Split:
+        return Split(normalize(images, info, device, channels_last), labels.to(device))
+
+    return (split(raw.train_images[train_index], raw.train_labels[train_index]),
+            split(raw.train_images[val_index], raw.train_labels[val_index]),
+            split(raw.test_images, raw.test_labels))
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's shuffled batches of indices into a split of `n` images."""
+    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()  # batch norm cannot train on a single image; it is a different one each epoch
+    return batches
+
+
+def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop after `padding` black pixels on each side, and random horizontal flip, on a whole batch."""
+    n, c, h, w = images.shape
+    device = images.device
+    black = (-torch.tensor(info.mean) / torch.tensor(info.std)).to(device=device, dtype=images.dtype)
+    padded = black.view(1, c, 1, 1).repeat(n, 1, h + 2 * padding, w + 2 * padding)
+    padded[:, :, padding:padding + h, padding:padding + w] = images
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=generator).to(device)
+    flip = (torch.rand(n, 1, generator=generator) < 0.5).to(device)
+    rows = dy + torch.arange(h, device=device)
+    cols = dx + torch.arange(w, device=device)
+    cols = torch.where(flip, cols.flip(1), cols)
+    crops = padded[torch.arange(n, device=device).view(n, 1, 1, 1), torch.arange(c, device=device).view(1, c, 1, 1),
+                   rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    return crops

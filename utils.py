@@ -1,0 +1,177 @@
+"""Shared plumbing: CLI errors, seeding, devices, atomic files, checkpoints and plots."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class CLIError(Exception):
+    """An error a CLI reports as one line, without a traceback, exiting with `exit_status`."""
+    exit_status = 1
+
+
+class UsageError(CLIError):
+    """Bad input from the user: exit status 2."""
+    exit_status = 2
+
+
+def run_cli(main: Callable, args) -> None:
+    """Run a CLI's `main(args)`: a CLIError is one line and its exit status, Ctrl-C or SIGTERM exits 130."""
+    prog = Path(sys.argv[0]).name
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main(args)
+    except CLIError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt as e:
+        print(f"\n{prog}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        sys.exit(130)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The global random-number generator states, in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when available; asking for CUDA on a machine without it is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file next to `path`, then move it into place in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """Save a checkpoint dict atomically."""
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: str | Path, flag: str = "--checkpoint") -> dict:
+    """Load a checkpoint with `weights_only=True`; anything that is not one of ours is a UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError,
+            TypeError, AttributeError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{flag} {path} is not a loadable checkpoint (refused or unreadable: {reason[:200]})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+        raise UsageError(f"{flag} {path} is not a checkpoint written by pipeline.py (no model and config)")
+    return checkpoint
+
+
+def load_model(checkpoint: dict, path: str | Path, build: Callable[[dict], torch.nn.Module]) -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights; a mismatch is a UsageError."""
+    try:
+        model = build(checkpoint["config"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"checkpoint {path}: its config does not match its weights ({reason[:200]})") from None
+    return model
+
+
+def savefig(fig, path: str | Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, path: str | Path,
+                logy: bool = False) -> None:
+    """One line per label over epochs; several runs under one label (seeds) are drawn as mean and min-max band."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, runs in curves.items():
+        length = min(len(r) for r in runs)
+        values = np.array([r[:length] for r in runs], dtype=float)
+        epochs = np.arange(1, length + 1)
+        if len(runs) > 1:
+            ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2)
+            label = f"{label} (mean of {len(runs)})"
+        ax.plot(epochs, values.mean(0), marker="o", markersize=3, label=label)
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    savefig(fig, path)
+
+
+def plot_grad_norms(steps: list[int], grad_norms: dict[str, list[float]], title: str, path: str | Path) -> None:
+    """Gradient L2 norm of each named weight tensor over training steps, log scale."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, norms in grad_norms.items():
+        # a gradient that vanished to exactly zero is drawn at a floor rather than dropped by the log scale
+        ax.plot(steps, np.maximum(norms, 1e-12), linewidth=0.8, label=name)
+    ax.set(xlabel="training step", ylabel="gradient L2 norm", title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    savefig(fig, path)
