@@ -1,14 +1,13 @@
 """MNIST and CIFAR-10 as tensors: read from disk once, split, normalised once, batched by index."""
 from __future__ import annotations
 
+import codecs
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
-from torchvision.datasets.utils import download_and_extract_archive
 
 from utils import UsageError
 
@@ -64,7 +63,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     _allowed = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
                 ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+                ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                ("_codecs", "encode"): codecs.encode}  # how Python 3 writes bytes into a protocol-2 pickle
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._allowed:
@@ -95,6 +95,8 @@ def load_cifar10(root: Path, download: bool) -> RawData:
         if not download:
             raise UsageError(f"{hint}; run without --no-download, or point --data_root at the folder "
                              f"that holds {CIFAR10_FOLDER}")
+        import torchvision  # imported here only: it takes seconds to import and is needed only to download
+        from torchvision.datasets.utils import download_and_extract_archive
         cifar = torchvision.datasets.CIFAR10
         try:
             download_and_extract_archive(cifar.url, str(root), filename=cifar.filename, md5=cifar.tgz_md5)
@@ -105,19 +107,43 @@ def load_cifar10(root: Path, download: bool) -> RawData:
                    *read_cifar10_batches(folder, CIFAR10_TEST_FILES))
 
 
+MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an uncompressed IDX file (MNIST's format) of unsigned bytes into a uint8 tensor."""
+    data = path.read_bytes()
+    if len(data) < 4 or data[:3] != b"\0\0\x08":
+        raise UsageError(f"{path} is not an IDX file of unsigned bytes; delete it and run again with --download")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise UsageError(f"{path} is truncated ({body.size} bytes for shape {shape}); delete it and run again "
+                         "with --download")
+    return torch.from_numpy(body.reshape(shape).copy())
+
+
 def load_mnist(root: Path, download: bool) -> RawData:
-    """MNIST through torchvision (`<root>/MNIST/raw`), as uint8 (N, 1, 28, 28) images."""
-    splits = []
-    for train in (True, False):
+    """MNIST from `<root>/MNIST/raw` (torchvision's layout) as uint8 (N, 1, 28, 28) images,
+    downloaded through torchvision when missing."""
+    raw = root / "MNIST" / "raw"
+    paths = [raw / name for pair in MNIST_FILES.values() for name in pair]
+    if not all(p.is_file() for p in paths):
+        hint = f"MNIST not found: expected {', '.join(p.name for p in paths)} in {raw}"
+        if not download:
+            raise UsageError(f"{hint}; run without --no-download, or point --data_root at the folder "
+                             "that holds MNIST/raw")
+        import torchvision  # imported here only: it takes seconds to import and is needed only to download
         try:
-            ds = torchvision.datasets.MNIST(str(root), train=train, download=download)
-        except Exception as e:  # torchvision raises RuntimeError when missing, URLError/OSError when offline
-            how = ("run without --no-download, or point --data_root at the folder that holds MNIST/raw"
-                   if not download else "check your connection, or copy the four IDX files there by hand")
-            raise UsageError(f"MNIST not found or unreadable under {root / 'MNIST' / 'raw'} "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {how}") from None
-        splits += [ds.data.unsqueeze(1).contiguous(), ds.targets.long()]
-    return RawData(*splits)
+            for train in (True, False):
+                torchvision.datasets.MNIST(str(root), train=train, download=True)
+        except Exception as e:  # torchvision raises RuntimeError, URLError or OSError, all meaning "no data"
+            raise UsageError(f"{hint}, and the download failed ({str(e).splitlines()[0] if str(e) else e!r}); "
+                             f"copy the four files there by hand") from None
+    train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
+    return RawData(train_images.unsqueeze(1), train_labels.long(), test_images.unsqueeze(1), test_labels.long())
 
 
 def load_dataset(name: str, root: str | Path, download: bool) -> RawData:
@@ -170,7 +196,7 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[t
     return batches
 
 
-def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, info: DatasetInfo, padding: int = 4) -> torch.Tensor:
     """Random crop after `padding` black pixels on each side, and random horizontal flip, on a whole batch."""
     n, c, h, w = images.shape
     device = images.device

@@ -20,7 +20,7 @@ import torch
 from data import DATASETS, RawData, augment, load_dataset, make_splits
 from models import build_model
 from train import evaluate, logged_weights, train_one_epoch
-from utils import (UsageError, load_checkpoint, load_model, plot_curves, plot_grad_norms, resolve_device, rng_state,
+from utils import (ArgumentParser, UsageError, load_checkpoint, load_model, plot_curves, plot_grad_norms, resolve_device, rng_state,
                    run_cli, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 SWEEP_FLAGS = ("num_hidden_layers", "num_conv_per_level", "residual_step", "width", "seed")
@@ -29,7 +29,7 @@ GRAD_PLOT_LAYERS = 5
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The pipeline's flags; each `--snake_case` flag is also accepted as `--kebab-case`."""
-    parser = argparse.ArgumentParser(description="Depth, residual connections and convolutions: train, evaluate, "
+    parser = ArgumentParser(description="Depth, residual connections and convolutions: train, evaluate, "
                                      "sweep and plot.", add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 

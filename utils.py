@@ -1,6 +1,7 @@
 """Shared plumbing: CLI errors, seeding, devices, atomic files, checkpoints and plots."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -24,6 +25,13 @@ class CLIError(Exception):
 class UsageError(CLIError):
     """Bad input from the user: exit status 2."""
     exit_status = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, without the usage block, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def run_cli(main: Callable, args) -> None:

@@ -1,0 +1,63 @@
+"""Tiny MNIST and CIFAR-10 written in their official on-disk formats, so the real loading code runs offline."""
+from __future__ import annotations
+
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def class_images(labels: np.ndarray, channels: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Noisy uint8 images whose bright row band depends on the label, so that a model can learn them."""
+    images = rng.integers(0, 60, (len(labels), channels, size, size))
+    band = size // 10
+    for c in range(10):
+        images[labels == c, :, c * band:(c + 1) * band, :] += 180
+    return images.clip(0, 255).astype(np.uint8)
+
+
+def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """Write MNIST's four uncompressed IDX files under `root/MNIST/raw`, as torchvision expects them."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = class_images(labels, 1, 28, rng)[:, 0]
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
+
+
+def write_cifar10(root: Path, n_per_batch: int = 100, n_test: int = 100, seed: int = 0) -> Path:
+    """Write `cifar-10-batches-py` with five training batches and a test batch of protocol-2 pickles."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in [(f"data_batch_{i}", n_per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        labels = rng.integers(0, 10, n)
+        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(),
+                 b"data": class_images(labels, 3, 32, rng).reshape(n, 3072),
+                 b"filenames": [f"{i}.png".encode() for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A data root holding a tiny MNIST (600 train, 200 test images)."""
+    return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A data root holding a tiny CIFAR-10 (500 train, 100 test images)."""
+    return write_cifar10(tmp_path_factory.mktemp("cifar"))

@@ -1,0 +1,115 @@
+"""Loading the official formats, splits, batches and batch-level augmentation."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATASETS, write_cifar10
+from data import DATASETS, augment, batch_indices, load_dataset, make_splits, normalize
+from utils import UsageError
+
+
+def test_mnist_loads_from_idx_files(mnist_root):
+    raw = load_dataset("MNIST", mnist_root, download=False)
+    assert raw.train_images.shape == (600, 1, 28, 28) and raw.train_images.dtype == torch.uint8
+    assert raw.test_images.shape == (200, 1, 28, 28) and raw.test_labels.dtype == torch.int64
+
+
+def test_cifar_loads_from_pickles(cifar_root):
+    raw = load_dataset("CIFAR10", cifar_root, download=False)
+    assert raw.train_images.shape == (500, 3, 32, 32) and raw.test_images.shape == (100, 3, 32, 32)
+    with open(cifar_root / "cifar-10-batches-py" / "data_batch_2", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    first = torch.from_numpy(batch[b"data"][0].reshape(3, 32, 32))
+    assert torch.equal(raw.train_images[100], first)  # batch order and channel-first layout kept
+    assert raw.train_labels[100] == batch[b"labels"][0]
+
+
+def test_cifar_reader_refuses_code_in_pickles(tmp_path):
+    root = write_cifar10(tmp_path, n_per_batch=4, n_test=4)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f, protocol=2)
+    with pytest.raises(UsageError, match="test_batch"):
+        load_dataset("CIFAR10", root, download=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name,expected", [("MNIST", "MNIST/raw"), ("CIFAR10", "cifar-10-batches-py")])
+def test_missing_data_without_download_says_where(tmp_path, name, expected):
+    with pytest.raises(UsageError, match=expected):
+        load_dataset(name, tmp_path / "nowhere", download=False)
+
+
+def test_splits_are_seeded_disjoint_and_complete(mnist_root):
+    raw = load_dataset("MNIST", mnist_root, download=False)
+    info = DATASETS["MNIST"]
+    train, val, test = make_splits(raw, info, 100, 0, None, "cpu")
+    assert (len(train), len(val), len(test)) == (500, 100, 200)
+    train2, val2, _ = make_splits(raw, info, 100, 0, None, "cpu")
+    assert torch.equal(val.images, val2.images)
+    _, val3, _ = make_splits(raw, info, 100, 1, None, "cpu")
+    assert not torch.equal(val.images, val3.images)
+    # every training image lands in exactly one of train/val
+    flat = lambda s: {bytes(r) for r in (s.images * 1000).round().to(torch.int32).flatten(1).numpy()}
+    assert len(flat(train) | flat(val)) == len(flat(make_splits(raw, info, 1, 0, None, "cpu")[0]) | flat(
+        make_splits(raw, info, 1, 0, None, "cpu")[1]))
+    limited, _, _ = make_splits(raw, info, 100, 0, 50, "cpu")
+    assert torch.equal(limited.images, train.images[:50])
+
+
+@pytest.mark.parametrize("val_size,limit", [(0, None), (600, None), (100, 501)])
+def test_bad_split_sizes(mnist_root, val_size, limit):
+    raw = load_dataset("MNIST", mnist_root, download=False)
+    with pytest.raises(UsageError, match="val_size|limit_train"):
+        make_splits(raw, DATASETS["MNIST"], val_size, 0, limit, "cpu")
+
+
+def test_normalize_uses_dataset_constants():
+    images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    x = normalize(images, DATASETS["CIFAR10"])
+    expected = (1 - torch.tensor(DATASETS["CIFAR10"].mean)) / torch.tensor(DATASETS["CIFAR10"].std)
+    assert torch.allclose(x[0, :, 0, 0], expected)
+
+
+def test_batch_indices_cover_every_image_once():
+    g = torch.Generator().manual_seed(0)
+    batches = batch_indices(300, 128, g)
+    assert [len(b) for b in batches] == [128, 128, 44]
+    assert torch.equal(torch.cat(batches).sort().values, torch.arange(300))
+    assert len(batch_indices(257, 128, g)) == 2  # a lone last image is skipped: batch norm needs two
+
+
+def test_augment_keeps_shapes_and_pixels():
+    info = DATASETS["CIFAR10"]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(256, 3, 32, 32)
+    out = augment(images, g, info)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    black = -torch.tensor(info.mean) / torch.tensor(info.std)
+    for i in range(0, 256, 17):
+        # each output is a shifted (and maybe flipped) window of the padded input
+        padded = black.view(3, 1, 1).repeat(1, 40, 40)
+        padded[:, 4:36, 4:36] = images[i]
+        windows = [padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+    # offsets uniform in 0..8 leave on average 20/9 padded rows (and columns) of 32
+    kept = (1 - 20 / (9 * 32)) ** 2
+    assert abs(out.mean() - (kept * images.mean() + (1 - kept) * black.mean())) < 0.03
+    centered = sum(torch.equal(out[i], images[i]) for i in range(256))
+    assert centered < 30
+
+
+@pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="needs ../shared/datasets")
+def test_real_datasets_load():
+    mnist = load_dataset("MNIST", SHARED_DATASETS, download=False)
+    assert (len(mnist.train_labels), len(mnist.test_labels)) == (60000, 10000)
+    cifar = load_dataset("CIFAR10", SHARED_DATASETS, download=False)
+    assert (len(cifar.train_labels), len(cifar.test_labels)) == (50000, 10000)
+    assert torch.equal(torch.bincount(cifar.train_labels), torch.full((10,), 5000))

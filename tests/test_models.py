@@ -1,0 +1,93 @@
+"""Model shapes, depth counts, and that residual shortcuts are really added."""
+import pytest
+import torch
+
+from models import MLP, ResNet, block_sizes, build_model
+
+
+@pytest.mark.parametrize("hidden,step,width", [(0, 0, 8), (1, 0, 16), (4, 2, 16), (6, 3, 5), (34, 2, 16)])
+def test_mlp_shapes_and_depth(hidden, step, width):
+    model = MLP(28 * 28, width, hidden, 10, step)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert model.depth == hidden + 2
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == hidden + 2
+
+
+def test_mlp_rejects_step_that_does_not_divide():
+    with pytest.raises(ValueError, match="multiple"):
+        MLP(784, 16, 5, 10, residual_step=2)
+
+
+@pytest.mark.parametrize("levels,convs,step,stem,size", [
+    (1, 1, 0, "cifar", 32), (3, 1, 2, "cifar", 32), (3, 3, 2, "cifar", 32), (2, 5, 2, "cifar", 28),
+    (3, 6, 2, "cifar", 32), (4, 4, 0, "imagenet", 64), (2, 2, 1, "imagenet", 32), (2, 4, 4, "cifar", 17)])
+def test_resnet_shapes_and_depth(levels, convs, step, stem, size):
+    model = ResNet(3, 10, out_channels=4, num_levels=levels, num_conv_per_level=convs, residual_step=step, stem=stem)
+    x = torch.randn(2, 3, size, size)
+    features = model.forward_features(x)
+    assert features.shape[:2] == (2, 4 * 2 ** (levels - 1))
+    assert torch.equal(model.forward_head(features), model(x))
+    assert model(x).shape == (2, 10)
+    convs_3x3 = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert model.depth == len(convs_3x3) + 1 == 2 + levels * convs
+
+
+def test_resnet20_shape_has_three_blocks_per_level_and_two_projections():
+    model = ResNet(3, 10, out_channels=16, num_levels=3, num_conv_per_level=6, residual_step=2)
+    assert model.depth == 20
+    assert [len(level) for level in model.levels] == [3, 3, 3]
+    projections = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert len(projections) == 2
+    assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6  # He et al.: 0.27M
+
+
+def test_block_sizes_keep_the_remainder():
+    assert block_sizes(5, 2) == [2, 2, 1]
+    assert block_sizes(3, 0) == [1, 1, 1]
+    assert block_sizes(1, 2) == [1]
+
+
+def test_cnn_shortcut_is_added():
+    """With a residual block's convolutions zeroed, the block passes its input through (then ReLU)."""
+    torch.manual_seed(0)
+    model = ResNet(3, 10, out_channels=4, num_levels=1, num_conv_per_level=2, residual_step=2).eval()
+    block = model.levels[0][0]
+    for conv_bn in block.convs:
+        torch.nn.init.zeros_(conv_bn[1].weight)  # BN gamma 0: the conv path outputs its BN bias, here 0
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(block(x), torch.relu(x))
+    plain = ResNet(3, 10, out_channels=4, num_levels=1, num_conv_per_level=2, residual_step=0).eval()
+    for block in plain.levels[0]:
+        torch.nn.init.zeros_(block.convs[0][1].weight)
+    assert torch.count_nonzero(plain.levels[0](x)) == 0
+
+
+def test_cnn_projection_shortcut_where_shape_changes():
+    model = ResNet(3, 10, out_channels=4, num_levels=2, num_conv_per_level=2, residual_step=2).eval()
+    block = model.levels[1][0]
+    assert isinstance(block.shortcut[0], torch.nn.Conv2d) and block.shortcut[0].stride == (2, 2)
+    x = torch.randn(2, 4, 8, 8)
+    for conv_bn in block.convs:
+        torch.nn.init.zeros_(conv_bn[1].weight)
+    assert torch.allclose(block(x), torch.relu(block.shortcut(x)))
+
+
+def test_mlp_shortcut_is_added():
+    model = MLP(784, 8, 4, 10, residual_step=2)
+    block = model.hidden[0]
+    for layer in block.layers:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+    x = torch.randn(3, 8)
+    assert torch.equal(block(x), x)
+    assert not torch.equal(MLP(784, 8, 4, 10, residual_step=0).hidden[0](x), x)
+
+
+def test_build_model_from_config():
+    mlp = build_model({"model_name": "MLP", "in_channels": 1, "input_size": 28, "width": 8, "num_hidden_layers": 2,
+                       "num_classes": 10, "residual_step": 2})
+    assert mlp.depth == 4
+    cnn = build_model({"model_name": "ResNet", "in_channels": 3, "num_classes": 10, "out_channels": 4,
+                       "num_levels": 2, "num_conv_per_level": 3, "residual_step": 2, "stem": "cifar"})
+    assert cnn.depth == 8

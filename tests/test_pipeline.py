@@ -1,0 +1,150 @@
+"""The pipeline CLI end to end: outputs, sweeps, evaluation of a checkpoint, and bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pipeline
+import utils
+from conftest import ROOT
+
+
+def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def run_main(*args: str):
+    return pipeline.main(pipeline.get_args_parser().parse_args(list(args)))
+
+
+def tiny_mlp_args(mnist_root, out_dir, *extra: str) -> list[str]:
+    return ["--data_root", str(mnist_root), "--no-download", "--val_size", "100", "--num_epochs", "2",
+            "--batch_size", "50", "--width", "8", "--device", "cpu", "--out_dir", str(out_dir), *extra]
+
+
+def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
+    result = run_cli(*tiny_mlp_args(mnist_root, tmp_path, "--num-hidden-layers", "2", "4", "--residual_step",
+                                    "0", "2", "--lr", "1e-2"))
+    assert result.returncode == 0, result.stderr
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.name != "plots")
+    assert runs == ["mlp_mnist_d4_w8_plain_s0", "mlp_mnist_d4_w8_res2_s0",
+                    "mlp_mnist_d6_w8_plain_s0", "mlp_mnist_d6_w8_res2_s0"]
+    run_dir = tmp_path / "mlp_mnist_d6_w8_res2_s0"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "history.json"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["depth"] == 6 and config["num_hidden_layers"] == 4 and config["in_channels"] == 1
+    assert config["input_size"] == 28 and config["num_params"] > 0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert set(history["epochs"][0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "seconds"}
+    assert 0 <= history["test"]["acc"] <= 1 and history["test"]["loss"] > 0
+    assert history["grad_steps"] == list(range(20))  # 500 images / 50 per batch x 2 epochs
+    assert len(history["grad_norms"]) == 6 and all(len(v) == 20 for v in history["grad_norms"].values())
+    assert history["epochs"][1]["train_loss"] < history["epochs"][0]["train_loss"]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["run_name"] == "mlp_mnist_d6_w8_res2_s0"
+    assert {"model", "optimizer", "history", "rng"} <= checkpoint.keys()
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["gradients_mlp_mnist_d4_w8_plain_s0.png", "gradients_mlp_mnist_d4_w8_res2_s0.png",
+                     "gradients_mlp_mnist_d6_w8_plain_s0.png", "gradients_mlp_mnist_d6_w8_res2_s0.png",
+                     "mlp_Val_acc.png", "mlp_training_loss.png"]
+    assert "depth 6" in result.stdout and "test acc" in result.stdout
+
+
+def test_cli_evaluates_a_checkpoint(mnist_root, tmp_path):
+    run_main(*tiny_mlp_args(mnist_root, tmp_path, "--plots_dir", str(tmp_path / "p")))
+    checkpoint = tmp_path / "mlp_mnist_d6_w8_plain_s0" / "checkpoint.pt"
+    history = json.loads(checkpoint.with_name("history.json").read_text())
+    result = run_cli("--no-train", "--load_model_as", str(checkpoint), "--data_root", str(mnist_root),
+                     "--no-download", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert f"accuracy {history['test']['acc']:.2%}" in result.stdout
+    assert "200 images" in result.stdout
+
+
+def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
+    runs = run_main("--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root),
+                    "--no-download", "--val_size", "100", "--limit_train", "128", "--batch_size", "64",
+                    "--num_levels", "2", "--out_channels", "4", "--num_conv_per_level", "1", "3",
+                    "--residual_step", "0", "2", "--seed", "0", "1", "--augment", "--stem", "imagenet",
+                    "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--out_dir", str(tmp_path))
+    assert len(runs) == 8
+    names = {config["run_name"] for config, _ in runs}
+    assert "resnet_cifar10_d8_c4x2_in_res2_s1" in names and "resnet_cifar10_d4_c4x2_in_plain_s0" in names
+    assert all(len(h["epochs"]) == 1 and "test" in h for _, h in runs)
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"Conv_train_loss.png", "Conv_val_accuracy.png"}
+
+
+def test_same_seed_gives_the_same_history(mnist_root, tmp_path):
+    histories = []
+    for out in ("a", "b"):
+        (config, history), = run_main(*tiny_mlp_args(mnist_root, tmp_path / out, "--num_hidden_layers", "4"))
+        histories.append(history)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]
+    assert strip(histories[0]) == strip(histories[1])
+    assert histories[0]["grad_norms"] == histories[1]["grad_norms"]
+    assert histories[0]["test"] == histories[1]["test"]
+
+
+def test_help_states_defaults_and_both_spellings():
+    result = run_cli("-h")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag in ("--num_epochs", "--num-epochs", "--load_model_as", "--save_model_as", "--no-train",
+                 "--no-download", "--limit_train", "--residual-step"):
+        assert flag in text
+    assert "(default: 3e-4)" in text.replace("0.0003", "3e-4") and "(default: 5000)" in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_epochs", "0"], "--num_epochs"),
+    (["--batch_size", "-1"], "--batch_size"),
+    (["--lr", "0"], "--lr"),
+    (["--width", "8", "0"], "--width"),
+    (["--num_hidden_layers", "-2"], "--num_hidden_layers"),
+    (["--num_hidden_layers", "5", "--residual_step", "2"], "--residual_step"),
+    (["--residual_step", "-1"], "--residual_step"),
+    (["--val_size", "600"], "--val_size"),
+    (["--limit_train", "501"], "--limit_train"),
+    (["--input_size", "32"], "--input_size"),
+    (["--augment"], "--augment"),
+    (["--device", "cuda:7"], "--device"),
+    (["--device", "tpu"], "--device"),
+    (["--out_dir", "{file}/runs"], "--out_dir"),
+    (["--data_root", "{tmp}/nowhere"], "MNIST"),
+    (["--model_name", "VGG"], "--model_name"),
+    (["--optimizer", "lbfgs"], "--optimizer"),
+    (["--no-train"], "--checkpoint"),
+    (["--no-train", "--checkpoint", "{file}"], "checkpoint"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(mnist_root, tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("not a folder, not a checkpoint")
+    args = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in args]
+    base = ["--data_root", str(mnist_root), "--no-download", "--val_size", "100", "--device", "cpu",
+            "--out_dir", str(tmp_path / "runs")]
+    if "cuda:7" in args and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(base + args))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_from_a_real_process_is_one_line(tmp_path):
+    result = run_cli("--num_epochs", "many", "--out_dir", str(tmp_path / "runs"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--num_epochs" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_run_is_not_overwritten(mnist_root, tmp_path):
+    run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+    before = (tmp_path / "mlp_mnist_d6_w8_plain_s0" / "checkpoint.pt").read_bytes()
+    result = run_cli(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+    assert result.returncode == 2 and "--resume" in result.stderr and "--overwrite" in result.stderr
+    assert (tmp_path / "mlp_mnist_d6_w8_plain_s0" / "checkpoint.pt").read_bytes() == before
