@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UsageError
+from utils import UsageError, first_line
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -25,13 +25,14 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    num_train: int  # images in the official training set
 
 
 DATASETS = {
-    "MNIST": DatasetInfo(1, 28, (0.1307,), (0.3081,), tuple(str(d) for d in range(10))),
+    "MNIST": DatasetInfo(1, 28, (0.1307,), (0.3081,), tuple(str(d) for d in range(10)), 60000),
     "CIFAR10": DatasetInfo(3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                            ("airplane", "automobile", "bird", "cat", "deer",
-                            "dog", "frog", "horse", "ship", "truck")),
+                            "dog", "frog", "horse", "ship", "truck"), 50000),
 }
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -82,7 +83,7 @@ def read_cifar10_batches(folder: Path, files: tuple[str, ...]) -> tuple[torch.Te
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"cannot read CIFAR-10 batch {folder / name} ({e}); delete the folder "
+            raise UsageError(f"cannot read CIFAR-10 batch {folder / name} ({first_line(e)}); delete the folder "
                              "and run again with --download to fetch a fresh copy") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
@@ -101,7 +102,7 @@ def load_cifar10(root: Path, download: bool) -> RawData:
         try:
             download_and_extract_archive(cifar.url, str(root), filename=cifar.filename, md5=cifar.tgz_md5)
         except Exception as e:  # urllib, http and archive errors all mean the same thing to the user
-            raise UsageError(f"{hint}, and the download failed ({e}); download {cifar.url} and "
+            raise UsageError(f"{hint}, and the download failed ({first_line(e)}); download {cifar.url} and "
                              f"unpack it into {root}") from None
     return RawData(*read_cifar10_batches(folder, CIFAR10_TRAIN_FILES),
                    *read_cifar10_batches(folder, CIFAR10_TEST_FILES))
@@ -140,7 +141,7 @@ def load_mnist(root: Path, download: bool) -> RawData:
             for train in (True, False):
                 torchvision.datasets.MNIST(str(root), train=train, download=True)
         except Exception as e:  # torchvision raises RuntimeError, URLError or OSError, all meaning "no data"
-            raise UsageError(f"{hint}, and the download failed ({str(e).splitlines()[0] if str(e) else e!r}); "
+            raise UsageError(f"{hint}, and the download failed ({first_line(e)}); "
                              f"copy the four files there by hand") from None
     train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
     return RawData(train_images.unsqueeze(1), train_labels.long(), test_images.unsqueeze(1), test_labels.long())

@@ -21,7 +21,7 @@ from data import DATASETS, RawData, augment, load_dataset, make_splits
 from models import build_model
 from train import evaluate, logged_weights, train_one_epoch
 from utils import (ArgumentParser, UsageError, load_checkpoint, load_model, plot_curves, plot_grad_norms, resolve_device, rng_state,
-                   run_cli, save_checkpoint, seed_everything, set_rng_state, write_json)
+                   first_line, run_cli, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 SWEEP_FLAGS = ("num_hidden_layers", "num_conv_per_level", "residual_step", "width", "seed")
 GRAD_PLOT_LAYERS = 5
@@ -107,6 +107,12 @@ def check_args(args: argparse.Namespace) -> None:
                              f"({getattr(info, flag)}); leave it out to derive it")
     if args.num_classes < len(info.classes):
         raise UsageError(f"--num_classes {args.num_classes} is smaller than {args.dataset}'s {len(info.classes)}")
+    if args.val_size >= info.num_train:
+        raise UsageError(f"--val_size {args.val_size} must be smaller than {args.dataset}'s {info.num_train} "
+                         "training images")
+    if args.limit_train is not None and args.limit_train > info.num_train - args.val_size:
+        raise UsageError(f"--limit_train {args.limit_train} is larger than the training split "
+                         f"({info.num_train - args.val_size} images after --val_size {args.val_size})")
     if args.augment and args.dataset != "CIFAR10":
         raise UsageError("--augment (crops and flips) is for CIFAR10 only")
     if args.model_name == "MLP":
@@ -194,14 +200,18 @@ def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -
     history = {"epochs": [], "grad_steps": [], "grad_norms": {name: [] for name in logged_weights(model)}}
     if resume and checkpoint_path.is_file():
         checkpoint = load_checkpoint(checkpoint_path)
-        model = load_model(checkpoint, checkpoint_path, build_model).to(
-            device, memory_format=torch.channels_last if channels_last else None)
-        optimizer = build_optimizer(model, config)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        history = checkpoint["history"]
-        set_rng_state(checkpoint["rng"])
-        generator.set_state(checkpoint["rng"]["data"])
-        print(f"{config['run_name']}: resuming after epoch {checkpoint['epoch']}")
+        check_resumable(checkpoint["config"], config, checkpoint_path)
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            history = checkpoint["history"]
+            set_rng_state(checkpoint["rng"])
+            generator.set_state(checkpoint["rng"]["data"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UsageError(f"{checkpoint_path} cannot be resumed ({first_line(e)}); use --overwrite to start "
+                             "again") from None
+        history.pop("test", None)  # a finished run asked for more epochs goes on training
+        print(f"{config['run_name']}: resuming after epoch {len(history['epochs'])}")
     write_json(run_dir / "config.json", config)
     augment_fn = partial(augment, info=info) if config["augment"] else None
     progress = sys.stderr.isatty()
@@ -229,6 +239,27 @@ def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -
     write_json(run_dir / "history.json", history)
     print(f"{config['run_name']}: depth {config['depth']}, test loss {test_loss:.4f}, test acc {test_acc:.2%}")
     return history
+
+
+def check_resumable(saved: dict, config: dict, path: Path) -> None:
+    """A run resumes only with the settings it was started with (the epoch count and paths may change)."""
+    changeable = {"num_epochs", "device", "data_root", "download", "out_dir", "plots_dir", "checkpoint", "num_params"}
+    changed = sorted(k for k in config.keys() - changeable if saved.get(k) != config[k])
+    if changed:
+        k = changed[0]
+        raise UsageError(f"{path} was trained with --{k} {saved.get(k)}, not {config[k]}; resume with the same "
+                         "flags, or pass --overwrite to start again")
+
+
+def is_finished(history_path: Path, num_epochs: int) -> dict | None:
+    """The history of a run that completed `num_epochs` epochs and its test evaluation, else None."""
+    if not history_path.is_file():
+        return None
+    try:
+        history = json.loads(history_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return history if "test" in history and len(history.get("epochs", [])) >= num_epochs else None
 
 
 def plot_sweep(runs: list[tuple[dict, dict]], plots_dir: Path) -> list[Path]:
@@ -297,13 +328,11 @@ def main(args: argparse.Namespace) -> list[tuple[dict, dict]]:
     raw = load_dataset(args.dataset, args.data_root, args.download)
     runs = []
     for config, checkpoint_path in plan:
-        history_path = out_dir / config["run_name"] / "history.json"
-        if args.resume and history_path.is_file():
-            history = json.loads(history_path.read_text())
-            if "test" in history:
-                print(f"{config['run_name']}: already finished, skipped")
-                runs.append((config, history))
-                continue
+        finished = is_finished(out_dir / config["run_name"] / "history.json", config["num_epochs"])
+        if args.resume and finished:
+            print(f"{config['run_name']}: already finished, skipped")
+            runs.append((config, finished))
+            continue
         try:
             runs.append((config, train_run(config, raw, checkpoint_path, args.resume)))
         except KeyboardInterrupt:

@@ -4,12 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import random
 import signal
 import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +44,12 @@ def run_cli(main: Callable, args) -> None:
     except KeyboardInterrupt as e:
         print(f"\n{prog}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type), cut to `limit` characters, for one-line errors."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
 def seed_everything(seed: int) -> None:
@@ -124,10 +128,8 @@ def load_checkpoint(path: str | Path, flag: str = "--checkpoint") -> dict:
         raise UsageError(f"{flag} {path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError,
-            TypeError, AttributeError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{flag} {path} is not a loadable checkpoint (refused or unreadable: {reason[:200]})") from None
+    except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
+        raise UsageError(f"{flag} {path} is not a loadable checkpoint (refused or unreadable: {first_line(e)})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UsageError(f"{flag} {path} is not a checkpoint written by pipeline.py (no model and config)")
     return checkpoint
@@ -139,8 +141,7 @@ def load_model(checkpoint: dict, path: str | Path, build: Callable[[dict], torch
         model = build(checkpoint["config"])
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"checkpoint {path}: its config does not match its weights ({reason[:200]})") from None
+        raise UsageError(f"checkpoint {path}: its config does not match its weights ({first_line(e)})") from None
     return model
 
 
