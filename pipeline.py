@@ -30,8 +30,7 @@ GRAD_PLOT_LAYERS = 5
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The pipeline's flags; each `--snake_case` flag is also accepted as `--kebab-case`."""
     parser = ArgumentParser(description="Depth, residual connections and convolutions: train, evaluate, "
-                                     "sweep and plot.", add_help=add_help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "sweep and plot.", add_help=add_help)
 
     def add(name: str, *aliases: str, **kwargs) -> None:
         names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(aliases)
@@ -44,7 +43,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--download", action=argparse.BooleanOptionalAction, default=True,
         help="download the dataset through torchvision when it is missing")
     add("--val_size", type=int, default=5000, help="validation images held out of the training set")
-    add("--limit_train", type=int, default=None, help="train on the first N images of the training split only")
+    add("--limit_train", type=int, default=None, help="train on the first N images of the training split only (default: all)")
     add("--num_epochs", type=int, default=1, help="training epochs")
     add("--lr", type=float, default=3e-4, help="learning rate")
     add("--batch_size", type=int, default=128, help="training batch size")
