@@ -142,15 +142,14 @@ def sweep_configs(args: argparse.Namespace, device: torch.device) -> list[dict]:
     base = {k: v for k, v in vars(args).items() if k not in SWEEP_FLAGS + ("train", "resume", "overwrite")}
     base.update(in_channels=info.in_channels, input_size=info.input_size, device=str(device))
     configs = []
-    for layers, step, width, seed in itertools.product(
-            args.num_hidden_layers if mlp else args.num_hidden_layers[:1], args.residual_step,
-            args.width if mlp else args.width[:1], args.seed):
-        for convs in (args.num_conv_per_level[:1] if mlp else args.num_conv_per_level):
-            config = dict(base, num_hidden_layers=layers, num_conv_per_level=convs, residual_step=step,
-                          width=width, seed=seed)
-            config["depth"] = layers + 2 if mlp else 2 + args.num_levels * convs
-            config["run_name"] = derive_run_name(config)
-            configs.append(config)
+    depths = args.num_hidden_layers if mlp else args.num_conv_per_level
+    for layers, step, width, seed in itertools.product(depths, args.residual_step, args.width if mlp else [None],
+                                                       args.seed):
+        config = dict(base, residual_step=step, seed=seed, width=width,
+                      num_hidden_layers=layers if mlp else None, num_conv_per_level=None if mlp else layers)
+        config["depth"] = layers + 2 if mlp else 2 + args.num_levels * layers
+        config["run_name"] = derive_run_name(config)
+        configs.append(config)
     if args.run_name is not None:
         for config in configs:
             config["run_name"] = args.run_name if len(configs) == 1 else f"{args.run_name}_{config['run_name']}"
