@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 from functools import partial
@@ -20,7 +19,7 @@ import torch
 from data import DATASETS, RawData, augment, load_dataset, make_splits
 from models import build_model
 from train import evaluate, logged_weights, train_one_epoch
-from utils import (ArgumentParser, UsageError, load_checkpoint, load_model, plot_curves, plot_grad_norms, resolve_device, rng_state,
+from utils import (ArgumentParser, UsageError, check_writable, load_checkpoint, load_model, plot_curves, plot_grad_norms, resolve_device, rng_state,
                    first_line, run_cli, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 SWEEP_FLAGS = ("num_hidden_layers", "num_conv_per_level", "residual_step", "width", "seed")
@@ -122,17 +121,6 @@ def check_args(args: argparse.Namespace) -> None:
     check_writable(Path(args.out_dir), "--out_dir")
     if args.plots_dir is not None:
         check_writable(Path(args.plots_dir), "--plots_dir")
-
-
-def check_writable(path: Path, flag: str) -> None:
-    """A folder we will create or write into must be (under) a writable folder."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
 def sweep_configs(args: argparse.Namespace, device: torch.device) -> list[dict]:

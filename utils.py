@@ -108,6 +108,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_writable(path: Path, flag: str) -> None:
+    """A folder we will create or write into must be (under) a writable folder."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file next to `path`, then move it into place in one step."""
     path = Path(path)
@@ -116,6 +127,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the mode a plain open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

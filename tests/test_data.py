@@ -1,7 +1,6 @@
 """Loading the official formats, splits, batches and batch-level augmentation."""
 import pickle
 
-import numpy as np
 import pytest
 import torch
 

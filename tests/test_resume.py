@@ -1,6 +1,5 @@
 """Nothing lost, nothing run: resume, interruption, atomic files, divergence and hostile checkpoints."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,0 +1,315 @@
+"""Class activation maps (Zhou et al. 2016): where a trained CNN looked when it chose a class.
+
+    python cam.py --checkpoint runs/<run>/checkpoint.pt --num_images_to_save 8 --out_dir img_show/cam
+    python cam.py --checkpoint runs/<run>/checkpoint.pt --indices 0 1 3 6 --class true
+    python cam.py --checkpoint runs/<run>/checkpoint.pt --image photos/cat.jpg --label cat --out_dir img_show/cam
+
+For a network that ends in global average pooling and one linear layer, the logit of class c is
+y_c = sum_k w_k^c mean_xy A_k(x, y) + b_c, so the map M_c = sum_k w_k^c A_k over the last feature map A says how
+much each position contributed to y_c: its spatial mean plus the bias is exactly the logit.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+
+from data import DATASETS, DatasetInfo, load_dataset, normalize
+from models import MLP, build_model
+from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, load_checkpoint, load_model,
+                   resolve_device, run_cli, savefig)
+
+MAX_PIXELS = 50_000_000  # a bigger photo would need several GB for its float map and overlay
+MAX_IMAGES = 100  # the grid has one row per image
+KINDS = ("orig", "actv_map", "mix")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The CAM tool's flags; each `--snake_case` flag is also accepted as `--kebab-case`."""
+    parser = ArgumentParser(description="Class activation maps of a trained CNN, for test images or a photo.",
+                            add_help=add_help)
+
+    def add(name: str, *aliases: str, **kwargs) -> None:
+        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(aliases)
+        parser.add_argument(*names, **kwargs)
+
+    add("--checkpoint", "--saved_model", "--saved-model", required=True,
+        help="checkpoint.pt written by pipeline.py, of a ResNet (CAM needs GAP + one linear layer) "
+             "(default: none, required)")
+    add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
+    add("--download", action=argparse.BooleanOptionalAction, default=True,
+        help="download the dataset through torchvision when it is missing")
+    add("--indices", type=int, nargs="+", default=None, metavar="INDEX",
+        help="test-set images to explain (default: the first --num_images_to_save)")
+    add("--num_images_to_save", type=int, default=8, help="explain the first N test images when --indices is not given")
+    add("--image", default=None,
+        help=f"explain this JPEG/PNG instead of test images (at most {MAX_PIXELS:,} pixels; transparency is "
+             "composited on white; squashed to the training resolution for the model) (default: none)")
+    add("--label", default="unknown", help="true class of --image, used in file names (and by --class true)")
+    add("--class", dest="target", default="pred", metavar="CLASS",
+        help="class whose map is drawn: pred (each image's prediction), true (its label), or a class index or name")
+    add("--alpha", type=float, default=0.5, help="weight of the coloured map in the overlay (0 = image only)")
+    add("--display_scale", type=int, default=8,
+        help="test images are saved this many times larger (pixels repeated, map upsampled smoothly)")
+    add("--batch_size", type=int, default=128, help="images per forward pass")
+    add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    add("--out_dir", default="runs/cam", help="folder for the PNGs")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad flag values before anything is loaded."""
+    for flag in ("num_images_to_save", "batch_size", "display_scale"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if not 0 <= args.alpha <= 1:
+        raise UsageError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    if args.image is not None and args.indices is not None:
+        raise UsageError("--image and --indices choose different inputs; give one of them")
+    count = len(args.indices) if args.indices is not None else args.num_images_to_save
+    if args.image is None and count > MAX_IMAGES:
+        raise UsageError(f"at most {MAX_IMAGES} test images per run (the grid has a row per image), got {count}")
+    check_writable(Path(args.out_dir), "--out_dir")
+
+
+def check_cam_model(model: nn.Module, path: str | Path) -> None:
+    """CAM needs `forward_features` (the last feature map) followed by GAP and one linear layer `fc`."""
+    if not (callable(getattr(model, "forward_features", None)) and isinstance(getattr(model, "fc", None), nn.Linear)
+            and isinstance(getattr(model, "pool", None), nn.AdaptiveAvgPool2d)):
+        what = "an MLP" if isinstance(model, MLP) else f"a {type(model).__name__}"
+        raise UsageError(f"CAM needs a convolutional network ending in global average pooling and one linear "
+                         f"layer; {path} holds {what}")
+
+
+@torch.no_grad()
+def class_activation_maps(model: nn.Module, images: torch.Tensor,
+                          classes: torch.Tensor | list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw maps M_c = sum_k w_k^c A_k, (N, h, w), for one class per image (None: its prediction), and the logits.
+
+    The maps are neither normalised nor upsampled; put the model in eval mode first.
+    """
+    features = model.forward_features(images)
+    logits = model.forward_head(features)
+    classes = logits.argmax(1) if classes is None else torch.as_tensor(classes, device=logits.device)
+    weights = model.fc.weight[classes].to(features.dtype)
+    return torch.einsum("nk,nkhw->nhw", weights, features), logits
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of (N, h, w) maps to (N, *size)."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each map of (N, H, W) to [0, 1]; a constant map becomes zeros."""
+    low = maps.amin((1, 2), keepdim=True)
+    span = maps.amax((1, 2), keepdim=True) - low
+    return (maps - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def colorize(maps: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) maps in [0, 1] to uint8 RGB heatmaps (N, H, W, 3) with matplotlib's jet colormap."""
+    import matplotlib
+    rgba = matplotlib.colormaps["jet"](maps.cpu().numpy(), bytes=True)
+    return torch.from_numpy(np.ascontiguousarray(rgba[..., :3]))
+
+
+def overlay(images: torch.Tensor, heatmaps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Blend uint8 RGB heatmaps over uint8 RGB images (both (N, H, W, 3)): alpha * heatmap + (1 - alpha) * image."""
+    blend = heatmaps.float().mul_(alpha).add_(images.float().mul_(1 - alpha))
+    return blend.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def render(images: torch.Tensor, maps: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heatmaps and overlays for uint8 RGB images (N, H, W, 3): each raw map upsampled to H x W and normalised."""
+    heatmaps = colorize(normalize_maps(upsample(maps.cpu(), tuple(images.shape[1:3]))))
+    return heatmaps, overlay(images, heatmaps, alpha)
+
+
+def to_display(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) images to uint8 RGB (N, H * scale, W * scale, 3), each pixel repeated scale x scale."""
+    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    return rgb.permute(0, 2, 3, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2).contiguous()
+
+
+def class_name(index: int, info: DatasetInfo) -> str:
+    """A class's name, or its index for classes beyond the dataset's (a model with extra outputs)."""
+    return info.classes[index] if index < len(info.classes) else str(index)
+
+
+def parse_target(target: str, info: DatasetInfo, num_classes: int) -> int | str:
+    """--class: "pred", "true", or a class index in range or a class name, as an index."""
+    if target in ("pred", "true"):
+        return target
+    if target in info.classes:
+        return info.classes.index(target)
+    if re.fullmatch(r"\d+", target) and int(target) < num_classes:
+        return int(target)
+    raise UsageError(f"--class {target!r} is not pred, true, a class index below {num_classes} or one of "
+                     f"{', '.join(info.classes)}")
+
+
+def target_classes(target: int | str, labels: torch.Tensor) -> torch.Tensor | None:
+    """The class whose map is drawn for each image: None (its prediction), its label, or one fixed class."""
+    if target == "pred":
+        return None
+    if target == "true":
+        return labels
+    return torch.full_like(labels, target)
+
+
+def safe_name(text: str) -> str:
+    """A label usable inside a file name: anything but letters, digits, '.', '-' and '_' becomes '_'."""
+    return re.sub(r"[^\w.-]", "_", text)
+
+
+def save_png(path: Path, rgb: torch.Tensor) -> None:
+    """Save a uint8 (H, W, 3) RGB tensor as a PNG, atomically."""
+    image = Image.fromarray(np.ascontiguousarray(rgb.numpy()), "RGB")
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def load_photo(path: str | Path, in_channels: int, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read a JPEG/PNG upright as RGB (in_channels 3) or L (1): transparency on white, 16-bit scaled to 8."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--image {path}: no such file")
+    too_big = UsageError(f"--image {path} has more than {max_pixels:,} pixels; shrink it first")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own limit, as an error
+            with Image.open(path) as image:
+                if image.width * image.height > max_pixels:
+                    raise too_big
+                image = ImageOps.exif_transpose(image)  # upright, as viewers show it; also decodes the pixels
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_big from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"--image {path}: cannot read it as an image ({first_line(e)})") from None
+    return convert_photo(image, "RGB" if in_channels == 3 else "L")
+
+
+def convert_photo(image: Image.Image, mode: str) -> Image.Image:
+    """Any PIL image as RGB or L: 16-bit grey scaled (PIL would clip it), transparency composited on white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert(mode)
+
+
+def photo_tensor(photo: Image.Image) -> torch.Tensor:
+    """An RGB or L PIL image as a uint8 (1, C, H, W) tensor."""
+    array = np.asarray(photo)
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)[None]
+
+
+def plot_cam_grid(rows: list[tuple[torch.Tensor, ...]], titles: list[list[str]], path: Path) -> None:
+    """One row per image: the image, its map and the overlay, each with its title."""
+    from matplotlib.figure import Figure  # no pyplot: the figure renders with Agg whatever the backend
+    fig = Figure(figsize=(4.2, 1.6 * len(rows)))
+    for ax_row, images, row_titles in zip(fig.subplots(len(rows), 3, squeeze=False), rows, titles):
+        for ax, image, title in zip(ax_row, images, row_titles):
+            ax.imshow(image.numpy())
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    savefig(fig, path)
+
+
+def explain_test_images(args: argparse.Namespace, model: nn.Module, info: DatasetInfo, dataset: str,
+                        target: int | str, device: torch.device) -> list[Path]:
+    """CAMs of test-set images: three PNGs per image and cam_grid.png; return the files written."""
+    raw = load_dataset(dataset, args.data_root, args.download)
+    n = len(raw.test_labels)
+    indices = list(dict.fromkeys(args.indices)) if args.indices is not None else list(range(args.num_images_to_save))
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"--indices {' '.join(map(str, bad))}: the {dataset} test set has images 0 to {n - 1}")
+    if args.indices is None and args.num_images_to_save > n:
+        raise UsageError(f"--num_images_to_save {args.num_images_to_save}: the {dataset} test set has {n} images")
+    images, labels = raw.test_images[indices], raw.test_labels[indices]
+    classes = target_classes(target, labels)
+    maps, logits = [], []
+    for start in range(0, len(indices), args.batch_size):
+        stop = start + args.batch_size
+        batch_classes = None if classes is None else classes[start:stop].to(device)
+        batch_maps, batch_logits = class_activation_maps(model, normalize(images[start:stop], info, device),
+                                                         batch_classes)
+        maps.append(batch_maps.cpu())
+        logits.append(batch_logits.cpu())
+    probabilities, predictions = torch.cat(logits).softmax(1).max(1)
+    classes = predictions if classes is None else classes
+    display = to_display(images, args.display_scale)
+    heatmaps, mixes = render(display, torch.cat(maps), args.alpha)
+    out_dir = Path(args.out_dir)
+    written, titles = [], []
+    for row, i in enumerate(indices):
+        true, pred = class_name(labels[row].item(), info), class_name(predictions[row].item(), info)
+        shown = class_name(classes[row].item(), info)
+        for kind, image in zip(KINDS, (display[row], heatmaps[row], mixes[row])):
+            written.append(out_dir / f"{i}_{kind}_{true}_p_{pred}_{i}.png")
+            save_png(written[-1], image)
+        titles.append([f"#{i} true: {true}\npred: {pred} ({probabilities[row]:.0%})", f"map of {shown}", "overlay"])
+        print(f"test image {i}: true {true}, predicted {pred} ({probabilities[row]:.1%}), map of {shown}")
+    written.append(out_dir / "cam_grid.png")
+    plot_cam_grid(list(zip(display, heatmaps, mixes)), titles, written[-1])
+    return written
+
+
+def explain_photo(args: argparse.Namespace, model: nn.Module, info: DatasetInfo, input_size: int,
+                  target: int | str, device: torch.device) -> list[Path]:
+    """CAM of one photo, computed at the training resolution and drawn at the photo's own; return the files."""
+    if target == "true" and args.label not in info.classes:
+        raise UsageError(f"--class true needs --label to be one of {', '.join(info.classes)}, got {args.label!r}")
+    photo = load_photo(args.image, info.in_channels)
+    small = photo.resize((input_size, input_size), Image.Resampling.BILINEAR)
+    classes = None if target == "pred" else torch.tensor(
+        [info.classes.index(args.label) if target == "true" else target], device=device)
+    maps, logits = class_activation_maps(model, normalize(photo_tensor(small), info, device), classes)
+    probability, prediction = logits.softmax(1).max(1)
+    pred = class_name(prediction.item(), info)
+    shown = class_name((prediction if classes is None else classes).item(), info)
+    original = photo_tensor(photo.convert("RGB")).permute(0, 2, 3, 1)
+    heatmaps, mixes = render(original, maps, args.alpha)
+    written = []
+    for kind, image in zip(KINDS, (original[0], heatmaps[0], mixes[0])):
+        written.append(Path(args.out_dir) / f"single_{kind}_{safe_name(args.label)}_p_{pred}.png")
+        save_png(written[-1], image)
+    print(f"{args.image}: predicted {pred} ({probability.item():.1%}), map of {shown}")
+    return written
+
+
+@torch.no_grad()
+def main(args: argparse.Namespace) -> list[Path]:
+    """Load the checkpoint's model and write the CAM PNGs for test images or a photo; return the files written."""
+    check_args(args)
+    device = resolve_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = checkpoint["config"]
+    if not isinstance(config, dict) or config.get("dataset") not in DATASETS:
+        raise UsageError(f"--checkpoint {args.checkpoint}: its config names no known dataset")
+    model = load_model(checkpoint, args.checkpoint, build_model)
+    check_cam_model(model, args.checkpoint)
+    model.to(device).eval()
+    info = DATASETS[config["dataset"]]
+    target = parse_target(args.target, info, model.fc.out_features)
+    if args.image is not None:
+        written = explain_photo(args, model, info, config["input_size"], target, device)
+    else:
+        written = explain_test_images(args, model, info, config["dataset"], target, device)
+    print(f"wrote {len(written)} files to {args.out_dir}")
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

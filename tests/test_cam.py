@@ -1,0 +1,277 @@
+"""Class activation maps: the CAM identity, batching, image sizes, photo reading, and the CLI end to end."""
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cam
+import pipeline
+import utils
+from conftest import ROOT
+from data import DATASETS, load_dataset, normalize
+from models import build_model
+
+TINY_RESNET = {"model_name": "ResNet", "dataset": "CIFAR10", "in_channels": 3, "input_size": 32, "num_classes": 10,
+               "out_channels": 4, "num_levels": 2, "num_conv_per_level": 2, "residual_step": 2, "stem": "cifar"}
+
+
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(TINY_RESNET).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(cifar_root, tmp_path_factory):
+    """A tiny residual CNN trained for one epoch by pipeline.py on the tiny CIFAR-10.
+
+    16 channels, not 4: on the CPU, oneDNN's weight gradient of a channels_last 1x1 stride-2 convolution (the
+    shortcut into level 2) with fewer input channels than its block (8 with AVX2, 16 with AVX-512) hangs,
+    crashes or is wrong (uxlfoundation/oneDNN#6035).
+    """
+    out_dir = tmp_path_factory.mktemp("cam_runs")
+    pipeline.main(pipeline.get_args_parser().parse_args([
+        "--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root), "--no-download",
+        "--val_size", "50", "--limit_train", "64", "--num_epochs", "1", "--batch_size", "32", "--out_channels",
+        "16", "--num_levels", "2", "--num_conv_per_level", "2", "--residual_step", "2", "--stem", "imagenet",
+        "--grad_log_every", "0", "--device", "cpu", "--out_dir", str(out_dir), "--run_name", "tiny"]))
+    return out_dir / "tiny" / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def mlp_checkpoint(tmp_path_factory):
+    config = {"model_name": "MLP", "dataset": "CIFAR10", "in_channels": 3, "input_size": 32, "width": 8,
+              "num_hidden_layers": 2, "num_classes": 10, "residual_step": 0}
+    path = tmp_path_factory.mktemp("mlp") / "checkpoint.pt"
+    utils.save_checkpoint(path, {"model": build_model(config).state_dict(), "optimizer": {}, "epoch": 1,
+                                 "config": config, "history": {}})
+    return path
+
+
+def run_main(*args: str):
+    return cam.main(cam.get_args_parser().parse_args(list(args)))
+
+
+def run_cli_in_process(capsys, *args: str) -> tuple[int, str]:
+    """Run cam.py's CLI path in this process: (exit status, stderr)."""
+    try:
+        utils.run_cli(cam.main, cam.get_args_parser().parse_args(list(args)))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def test_map_mean_plus_bias_is_the_logit(tiny_model):
+    images = random_images(4)
+    for c in range(10):
+        maps, logits = cam.class_activation_maps(tiny_model, images, [c] * 4)
+        assert maps.shape == (4, 16, 16)
+        torch.testing.assert_close(maps.mean((1, 2)) + tiny_model.fc.bias[c], logits[:, c], atol=1e-4, rtol=0)
+
+
+def test_batch_matches_one_by_one_and_honours_each_target(tiny_model):
+    images = random_images(5, seed=1)
+    classes = torch.tensor([3, 0, 9, 3, 7])
+    maps, logits = cam.class_activation_maps(tiny_model, images, classes)
+    for i in range(5):
+        one, one_logits = cam.class_activation_maps(tiny_model, images[i:i + 1], classes[i:i + 1])
+        torch.testing.assert_close(one[0], maps[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one_logits[0], logits[i], atol=1e-5, rtol=1e-5)
+    fixed = torch.stack([cam.class_activation_maps(tiny_model, images, [c] * 5)[0][i] for i, c in enumerate(classes)])
+    torch.testing.assert_close(maps, fixed)
+    predicted, _ = cam.class_activation_maps(tiny_model, images)
+    torch.testing.assert_close(predicted, cam.class_activation_maps(tiny_model, images, logits.argmax(1))[0])
+
+
+def test_normalize_maps_range_and_constant_map():
+    maps = torch.stack([torch.arange(12.0).view(3, 4) - 5, torch.full((3, 4), 2.5)])
+    out = cam.normalize_maps(maps)
+    assert out[0].min() == 0 and out[0].max() == 1
+    assert torch.equal(out[1], torch.zeros(3, 4))
+    heatmaps = cam.colorize(out)
+    assert heatmaps.dtype == torch.uint8 and heatmaps.shape == (2, 3, 4, 3)
+
+
+def test_colorize_is_rgb_jet_and_overlay_blends():
+    heat = cam.colorize(torch.tensor([[[0.0, 1.0]]]))
+    assert heat[0, 0, 0].tolist() == [0, 0, 127]  # jet starts dark blue: blue is the last RGB channel
+    assert heat[0, 0, 1].tolist() == [127, 0, 0]  # and ends dark red
+    image = torch.full((1, 1, 2, 3), 200, dtype=torch.uint8)
+    assert torch.equal(cam.overlay(image, heat, 0.0), image)
+    assert torch.equal(cam.overlay(image, heat, 1.0), heat)
+    assert cam.overlay(image, heat, 0.5)[0, 0, 0].tolist() == [100, 100, 164]
+
+
+@pytest.mark.parametrize("size", [(45, 77), (256, 256), (32, 32)])
+def test_render_keeps_the_image_size(tiny_model, size):
+    maps, _ = cam.class_activation_maps(tiny_model, random_images(2))
+    images = torch.randint(0, 256, (2, *size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    heatmaps, mixes = cam.render(images, maps, 0.5)
+    assert heatmaps.shape == mixes.shape == (2, *size, 3)
+    assert heatmaps.dtype == mixes.dtype == torch.uint8
+    heatmaps, mixes = cam.render(images, torch.zeros(2, 4, 4), 0.5)  # a constant map: finite, valid, blue
+    assert (heatmaps == torch.tensor([0, 0, 127], dtype=torch.uint8)).all()
+
+
+def test_to_display_repeats_pixels_and_greys_become_rgb():
+    grey = torch.arange(6, dtype=torch.uint8).view(1, 1, 2, 3)
+    shown = cam.to_display(grey, 4)
+    assert shown.shape == (1, 8, 12, 3)
+    assert torch.equal(shown[0, ::4, ::4], grey[0, 0, :, :, None].expand(2, 3, 3))
+    assert torch.equal(shown[0, 4:8, 8:12], torch.full((4, 4, 3), 5, dtype=torch.uint8))
+
+
+def test_upsample_is_smooth_and_exact_in_size():
+    maps = torch.tensor([[[0.0, 1.0], [1.0, 2.0]]])
+    up = cam.upsample(maps, (45, 77))
+    assert up.shape == (1, 45, 77)
+    assert up.min() >= 0 and up.max() <= 2 and len(up.unique()) > 4  # interpolated, not repeated blocks
+
+
+@pytest.mark.parametrize("mode,channels,expect", [("LA", 3, "RGB"), ("RGBA", 1, "L"), ("P", 3, "RGB"),
+                                                  ("CMYK", 3, "RGB"), ("1", 1, "L"), ("I;16", 1, "L")])
+def test_load_photo_converts_any_mode(tmp_path, mode, channels, expect):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 77, 3), dtype=np.uint8))
+    image = rgb.convert(mode) if mode not in ("LA", "I;16") else None
+    if mode == "LA":
+        image = Image.merge("LA", (rgb.convert("L"), Image.new("L", rgb.size, 0)))  # fully transparent
+    if mode == "I;16":
+        image = Image.fromarray(np.full((45, 77), 40000, dtype=np.uint16))
+    path = tmp_path / ("photo.jpg" if mode == "CMYK" else "photo.png")
+    image.save(path)
+    photo = cam.load_photo(path, channels)
+    assert photo.mode == expect and photo.size == (77, 45)
+    if mode == "LA":  # transparent pixels are composited on white
+        assert np.asarray(photo).min() == 255
+    if mode == "I;16":  # scaled from 16 bits, not clipped to white
+        assert np.asarray(photo).max() == round(40000 / 257)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that announces a size but holds no pixels: enough for PIL's size checks, which run before decoding."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"") + png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width,height", [(20_000, 20_000), (8_000, 7_000)])
+def test_load_photo_refuses_huge_images(tmp_path, width, height):
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header_only(width, height))
+    with pytest.raises(utils.UsageError, match="more than 50,000,000 pixels"):
+        cam.load_photo(path, 3)
+
+
+def test_cli_test_set_writes_the_documented_files(checkpoint, cifar_root, tmp_path):
+    out_dir = tmp_path / "cam"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("mine")
+    written = run_main("--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download",
+                       "--num-images-to-save", "8", "--batch_size", "3", "--device", "cpu", "--out_dir", str(out_dir))
+    ckpt = utils.load_checkpoint(checkpoint)
+    model = utils.load_model(ckpt, checkpoint, build_model).eval()
+    raw = load_dataset("CIFAR10", cifar_root, download=False)
+    predictions = model(normalize(raw.test_images[:8], DATASETS["CIFAR10"])).argmax(1).tolist()
+    names = DATASETS["CIFAR10"].classes
+    expected = {f"{i}_{kind}_{names[raw.test_labels[i]]}_p_{names[p]}_{i}.png"
+                for i, p in enumerate(predictions) for kind in ("orig", "actv_map", "mix")}
+    assert {p.name for p in out_dir.iterdir()} == expected | {"cam_grid.png", "notes.txt"}
+    assert {p.name for p in written} == expected | {"cam_grid.png"}
+    assert (out_dir / "notes.txt").read_text() == "mine"
+    for name in expected:
+        with Image.open(out_dir / name) as image:
+            assert image.mode == "RGB" and image.size == (256, 256)
+    with Image.open(out_dir / f"0_orig_{names[raw.test_labels[0]]}_p_{names[predictions[0]]}_0.png") as image:
+        shown = np.asarray(image)[::8, ::8].transpose(2, 0, 1)
+    assert np.array_equal(shown, raw.test_images[0].numpy())  # the test image itself, each pixel 8 x 8
+
+
+def test_cli_indices_and_true_class(checkpoint, cifar_root, tmp_path):
+    written = run_main("--checkpoint", str(checkpoint), "--data-root", str(cifar_root), "--no-download",
+                       "--indices", "0", "1", "3", "6", "--class", "true", "--device", "cpu",
+                       "--out-dir", str(tmp_path))
+    assert len(written) == 13 and {p.name.split("_")[0] for p in written} == {"0", "1", "3", "6", "cam"}
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in written}
+
+
+@pytest.mark.parametrize("name,make", [
+    ("grey_alpha.png", lambda: Image.merge("LA", (Image.linear_gradient("L").resize((77, 45)),
+                                                  Image.new("L", (77, 45), 128)))),
+    ("photo.jpg", lambda: Image.radial_gradient("L").resize((45, 77)).convert("RGB")),
+])
+def test_cli_photo_keeps_every_pixel(checkpoint, tmp_path, name, make):
+    make().save(tmp_path / name)
+    out_dir = tmp_path / "out"
+    written = run_main("--saved_model", str(checkpoint), "--image", str(tmp_path / name), "--device", "cpu",
+                       "--out_dir", str(out_dir), *(["--label", "cat"] if name.endswith("jpg") else []))
+    label = "cat" if name.endswith("jpg") else "unknown"
+    assert {p.name for p in out_dir.iterdir()} == {p.name for p in written}
+    assert len(written) == 3 and all(p.name.startswith(f"single_{kind}_{label}_p_")
+                                      for p, kind in zip(written, ("orig", "actv_map", "mix")))
+    with Image.open(tmp_path / name) as photo:
+        size = photo.size
+    for path in written:
+        with Image.open(path) as image:
+            assert image.mode == "RGB" and image.size == size
+
+
+def test_help_states_defaults_and_dashed_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cam.get_args_parser().parse_args(["-h"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "--num-images-to-save" in out and "--saved_model" in out and "(default: 0.5)" in out
+
+
+def error_cases(tmp_path, checkpoint, mlp_checkpoint, cifar_root) -> dict[str, tuple[list[str], str]]:
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), "red").save(photo)
+    (tmp_path / "cut.png").write_bytes(photo.read_bytes()[:60])
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    data = ["--data_root", str(cifar_root), "--no-download", "--device", "cpu"]
+    ckpt = ["--checkpoint", str(checkpoint), "--out_dir", str(tmp_path / "out"), *data]
+    return {
+        "missing checkpoint": (["--checkpoint", str(tmp_path / "nope.pt"), *data], "no such file"),
+        "not a checkpoint": (["--checkpoint", str(tmp_path / "garbage.pt"), *data], "not a loadable checkpoint"),
+        "MLP": (["--checkpoint", str(mlp_checkpoint), *data], "holds an MLP"),
+        "empty image": ([*ckpt, "--image", str(tmp_path / "empty.png")], "cannot read it as an image"),
+        "not an image": ([*ckpt, "--image", str(tmp_path / "notes.txt")], "cannot read it as an image"),
+        "truncated image": ([*ckpt, "--image", str(tmp_path / "cut.png")], "cannot read it as an image"),
+        "index": ([*ckpt, "--indices", "3", "100"], "test set has images 0 to 99"),
+        "class name": ([*ckpt, "--class", "unicorn"], "--class 'unicorn'"),
+        "alpha": ([*ckpt, "--alpha", "1.5"], "--alpha"),
+        "out_dir is a file": ([*ckpt, "--out_dir", str(tmp_path / "notes.txt")], "is not a folder"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "MLP", "empty image", "not an image",
+                                  "truncated image", "index", "class name", "alpha", "out_dir is a file"])
+def test_errors_exit_2_with_one_line(capsys, tmp_path, checkpoint, mlp_checkpoint, cifar_root, case):
+    args, message = error_cases(tmp_path, checkpoint, mlp_checkpoint, cifar_root)[case]
+    status, err = run_cli_in_process(capsys, *args)
+    assert status == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_subprocess_refuses_an_mlp(tmp_path, mlp_checkpoint):
+    result = subprocess.run([sys.executable, "cam.py", "--checkpoint", str(mlp_checkpoint), "--out_dir",
+                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("cam.py: error: CAM needs a convolutional network ending in global average pooling and "
+                             f"one linear layer; {mlp_checkpoint} holds an MLP\n")
+    assert not (tmp_path / "out").exists()
