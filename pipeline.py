@@ -24,6 +24,7 @@ from utils import (ArgumentParser, UsageError, check_writable, load_checkpoint, 
 
 SWEEP_FLAGS = ("num_hidden_layers", "num_conv_per_level", "residual_step", "width", "seed")
 GRAD_PLOT_LAYERS = 5
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -65,6 +66,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="CNN stem: cifar = 3x3 conv at full resolution, imagenet = 7x7/2 conv + 3x3/2 max-pool")
     add("--seed", type=int, nargs="+", default=[0], help="random seed" + sweep)
     add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    add("--threads", type=int, default=0,
+        help="CPU threads; 0 = 1 for the MLP (its tiny matmuls only lose to a second thread), every core for CNNs")
     add("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
     add("--grad_log_every", type=int, default=1, help="log gradient norms every N steps (0 = never)")
     add("--train", action=argparse.BooleanOptionalAction, default=True,
@@ -96,6 +99,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.weight_decay < 0 or args.momentum < 0:
         raise UsageError("--weight_decay and --momentum must not be negative")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be 0 (automatic) or positive, got {args.threads}")
     if args.grad_log_every < 0:
         raise UsageError(f"--grad_log_every must be 0 (off) or positive, got {args.grad_log_every}")
     info = DATASETS[args.dataset]
@@ -163,11 +168,29 @@ def curve_label(config: dict) -> str:
 
 
 def build_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
-    """Adam or SGD with the config's learning rate, momentum and weight decay."""
+    """Adam or SGD with the config's learning rate, momentum and weight decay, as one fused kernel per step."""
     if config["optimizer"] == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                               weight_decay=config["weight_decay"], foreach=True)
-    return torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], foreach=True)
+                               weight_decay=config["weight_decay"], fused=True)
+    return torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], fused=True)
+
+
+def cpu_threads(config: dict) -> int:
+    """Torch CPU threads for a run: --threads, or 1 for the MLP and every physical core for CNNs.
+
+    The MLP's 16-wide matmuls are too small to split; a second thread only adds synchronisation, and when another
+    process holds the other core it spin-waits for it (measured: 8 ms a step on 1 thread, 55 ms on 2).
+    """
+    if config["threads"]:
+        return config["threads"]
+    return 1 if config["model_name"] == "MLP" else DEFAULT_THREADS
+
+
+def uses_channels_last(config: dict) -> bool:
+    """Whether a run keeps images and weights channels_last (faster convolutions): CNNs, except on the CPU below
+    16 channels, where oneDNN's weight gradient of the channels_last 1x1 stride-2 shortcut convolution hangs or
+    is wrong (uxlfoundation/oneDNN#6035)."""
+    return config["model_name"] == "ResNet" and (config["device"].startswith("cuda") or config["out_channels"] >= 16)
 
 
 def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -> dict:
@@ -175,7 +198,7 @@ def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -
     run_dir = Path(config["out_dir"]) / config["run_name"]
     device = torch.device(config["device"])
     info = DATASETS[config["dataset"]]
-    channels_last = config["model_name"] == "ResNet"
+    channels_last = uses_channels_last(config)
     train, val, test = make_splits(raw, info, config["val_size"], config["seed"], config["limit_train"], device,
                                    channels_last)
     seed_everything(config["seed"])
@@ -312,6 +335,8 @@ def main(args: argparse.Namespace) -> list[tuple[dict, dict]]:
                              "replace it, or --run_name/--out_dir to keep both")
         plan.append((config, checkpoint_path))
     raw = load_dataset(args.dataset, args.data_root, args.download)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(configs[0]))
     runs = []
     for config, checkpoint_path in plan:
         finished = is_finished(out_dir / config["run_name"] / "history.json", config["num_epochs"])

@@ -50,7 +50,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train: S
     row = 0
     for i, index in enumerate(bar):
         index = index.to(device, non_blocking=True)
-        images, labels = train.images[index], train.labels[index]
+        images, labels = train.images.index_select(0, index), train.labels.index_select(0, index)
         if augment_fn is not None:
             images = augment_fn(images, generator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

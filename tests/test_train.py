@@ -93,3 +93,60 @@ def test_non_finite_loss_names_epoch_and_step():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(NonFiniteLoss, match=r"epoch 3, step \d+"):
         train_one_epoch(model, optimizer, train, 16, torch.Generator().manual_seed(0), 3, progress=False)
+
+
+def plain_steps(model, optimizer, split: Split, steps: int) -> list[float]:
+    """The textbook loop: zero, forward, backward, step."""
+    losses = []
+    for index in batch_indices(len(split), 32, torch.Generator().manual_seed(0))[:steps]:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(split.images[index]), split.labels[index])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_fused_optimizer_steps_like_the_plain_one(name):
+    """pipeline.py's fused optimizer gives the losses and weights of a plain for-loop optimizer."""
+    import pipeline
+    split = random_split(128)
+    torch.manual_seed(0)
+    fast, plain = MLP(784, 8, 2, 10, residual_step=2), MLP(784, 8, 2, 10, residual_step=2)
+    plain.load_state_dict(fast.state_dict())
+    config = {"optimizer": name, "lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4}
+    reference = (torch.optim.Adam(plain.parameters(), lr=1e-2, weight_decay=1e-4, foreach=False) if name == "adam"
+                 else torch.optim.SGD(plain.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4, foreach=False))
+    fast_losses = plain_steps(fast, pipeline.build_optimizer(fast, config), split, 4)
+    assert fast_losses == pytest.approx(plain_steps(plain, reference, split, 4), rel=1e-5)
+    for p, q in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_gives_the_same_loss_and_gradients():
+    split = random_split(32, (3, 16, 16))
+    torch.manual_seed(0)
+    model = ResNet(3, 10, out_channels=16, num_levels=2, num_conv_per_level=2, residual_step=2)
+    fast = ResNet(3, 10, out_channels=16, num_levels=2, num_conv_per_level=2, residual_step=2)
+    fast.load_state_dict(model.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    losses = []
+    for net, images in ((model, split.images), (fast, split.images.contiguous(memory_format=torch.channels_last))):
+        loss = F.cross_entropy(net(images), split.labels)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), fast.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_amp_trains_on_cpu():
+    train = random_split(64, (3, 16, 16))
+    model = ResNet(3, 10, out_channels=16, num_levels=2, num_conv_per_level=1, residual_step=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    result = train_one_epoch(model, optimizer, train, 32, torch.Generator().manual_seed(0), 1, amp=True,
+                             progress=False)
+    assert torch.isfinite(torch.tensor(result.loss)) and result.grad_norms.shape[0] == 2
+    loss, acc = evaluate(model, train, amp=True)
+    assert loss > 0 and 0 <= acc <= 1
