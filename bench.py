@@ -36,6 +36,7 @@ from torchvision import transforms
 import pipeline
 from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, RawData, Split, augment, batch_indices,
                   load_dataset, make_splits, normalize, read_cifar10_batches)
+from cam import class_activation_maps
 from models import build_model
 from train import evaluate, train_one_epoch
 from utils import UsageError, resolve_device, run_cli, seed_everything, write_json
@@ -336,10 +337,6 @@ def bench_cnn(raw: RawData, data_root: str | Path, device: torch.device, sizes: 
 
 def bench_cam(raw: RawData, device: torch.device, sizes: Sizes) -> dict:
     """Section 3: class activation maps per second for a batch of test images, on a random ResNet-20."""
-    try:
-        from cam import class_activation_maps
-    except ImportError as e:
-        return {"skipped": True, "note": f"cam.class_activation_maps is not available yet ({e})"}
     print("CAM ...", file=sys.stderr, flush=True)
     config = pipeline_config(RESNET20_FLAGS, device, sizes)
     info = DATASETS["CIFAR10"]
@@ -348,12 +345,11 @@ def bench_cam(raw: RawData, device: torch.device, sizes: Sizes) -> dict:
     classes = raw.test_labels[:sizes.cam_images].to(device)
 
     def maps() -> torch.Tensor:
-        result = class_activation_maps(model, images, classes)
-        return result[0] if isinstance(result, tuple) else result  # cam.py also returns the logits
+        return class_activation_maps(model, images, classes)[0]
 
     shape = list(maps().shape)
     seconds = best_seconds({"cam": maps}, sizes.repeats, device)["cam"]
-    return {"skipped": False, "images": len(images), "map_shape": shape, "seconds": seconds,
+    return {"images": len(images), "map_shape": shape, "seconds": seconds,
             "maps_per_s": len(images) / seconds}
 
 
@@ -474,11 +470,8 @@ def format_table(results: dict) -> str:
                         "conventional": "conventional (PIL transforms, 2 workers)"},
                   lambda key: f"{cnn['gflops'][key]:.1f} GFLOP/s")
     rows.append((f"  float32 matmul {cnn['matmul_size']}^3 (ceiling)", f"{cnn['matmul_gflops']:.1f} GFLOP/s", ""))
-    if cam["skipped"]:
-        rows.append(("CAM, ResNet-20 shape", "skipped", cam["note"]))
-    else:
-        rows.append((f"CAM, ResNet-20 shape, batch of {cam['images']}", f"{cam['maps_per_s']:,.0f} maps/s",
-                     f"maps {tuple(cam['map_shape'])}"))
+    rows.append((f"CAM, ResNet-20 shape, batch of {cam['images']}", f"{cam['maps_per_s']:,.0f} maps/s",
+                 f"maps {tuple(cam['map_shape'])}"))
     for key, label in (("exercise1", "Exercise 1 (9 MLP depths x 10 epochs)"),
                        ("exercise2_epoch", "Exercise 2, one epoch (train + val)")):
         rows.append((label, f"{ex[key]['seconds']:.1f} s", "estimate" if ex[key]["estimated"] else "measured"))

@@ -170,6 +170,9 @@ def load_model(checkpoint: dict, path: str | Path, build: Callable[[dict], torch
     return model
 
 
+ZERO_FLOOR = 1e-12
+
+
 def savefig(fig, path: str | Path) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
@@ -194,7 +197,7 @@ def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, p
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     savefig(fig, path)
 
 
@@ -204,7 +207,9 @@ def plot_grad_norms(steps: list[int], grad_norms: dict[str, list[float]], title:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, norms in grad_norms.items():
         # a gradient that vanished to exactly zero is drawn at a floor rather than dropped by the log scale
-        ax.plot(steps, np.maximum(norms, 1e-12), linewidth=0.8, label=name)
+        norms = np.asarray(norms, dtype=float)
+        label = f"{name} (exactly 0 drawn at {ZERO_FLOOR:g})" if (norms == 0).any() else name
+        ax.plot(steps, np.maximum(norms, ZERO_FLOOR), linewidth=0.8, label=label)
     ax.set(xlabel="training step", ylabel="gradient L2 norm", title=title, yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
