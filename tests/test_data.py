@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import SHARED_DATASETS, write_cifar10
+from conftest import SHARED_DATASETS, write_cifar10, write_mnist
 from data import DATASETS, augment, batch_indices, load_dataset, make_splits, normalize
 from utils import UsageError
 
@@ -44,6 +44,29 @@ def test_cifar_reader_refuses_code_in_pickles(tmp_path):
 def test_missing_data_without_download_says_where(tmp_path, name, expected):
     with pytest.raises(UsageError, match=expected):
         load_dataset(name, tmp_path / "nowhere", download=False)
+
+
+@pytest.mark.parametrize("name", ["MNIST", "CIFAR10"])
+def test_failed_download_is_a_usage_error(tmp_path, monkeypatch, name):
+    import urllib.error
+
+    import torchvision
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(UsageError, match="download failed.*no route to host"):
+        load_dataset(name, tmp_path, download=True)
+
+
+def test_truncated_idx_file_is_a_usage_error(tmp_path):
+    root = write_mnist(tmp_path, n_train=20, n_test=10)
+    path = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UsageError, match="truncated"):
+        load_dataset("MNIST", root, download=False)
 
 
 def test_splits_are_seeded_disjoint_and_complete(mnist_root):

@@ -116,6 +116,7 @@ def test_help_states_defaults_and_both_spellings():
     (["--out_dir", "{file}/runs"], "--out_dir"),
     (["--data_root", "{tmp}/nowhere"], "MNIST"),
     (["--model_name", "VGG"], "--model_name"),
+    (["--dataset", "ImageNet"], "--dataset"),
     (["--optimizer", "lbfgs"], "--optimizer"),
     (["--no-train"], "--checkpoint"),
     (["--no-train", "--checkpoint", "{file}"], "checkpoint"),
