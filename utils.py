@@ -184,6 +184,7 @@ def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, p
                 logy: bool = False) -> None:
     """One line per label over epochs; several runs under one label (seeds) are drawn as mean and min-max band."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, runs in curves.items():
         length = min(len(r) for r in runs)
@@ -194,6 +195,7 @@ def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, p
             label = f"{label} (mean of {len(runs)})"
         ax.plot(epochs, values.mean(0), marker="o", markersize=3, label=label)
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
