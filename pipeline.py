@@ -252,7 +252,8 @@ def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -
 
 def check_resumable(saved: dict, config: dict, path: Path) -> None:
     """A run resumes only with the settings it was started with (the epoch count and paths may change)."""
-    changeable = {"num_epochs", "device", "data_root", "download", "out_dir", "plots_dir", "checkpoint", "num_params"}
+    changeable = {"num_epochs", "device", "threads", "data_root", "download", "out_dir", "plots_dir", "checkpoint",
+                  "num_params"}
     changed = sorted(k for k in config.keys() - changeable if saved.get(k) != config[k])
     if changed:
         k = changed[0]
