@@ -39,7 +39,7 @@ from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, RawData, Split,
 from cam import class_activation_maps
 from models import build_model
 from train import evaluate, train_one_epoch
-from utils import UsageError, resolve_device, run_cli, seed_everything, write_json
+from utils import ArgumentParser, UsageError, resolve_device, run_cli, seed_everything, write_json
 
 BATCH_SIZE = 128
 MLP_FLAGS = ["--model_name", "MLP", "--dataset", "MNIST", "--width", "16", "--num_hidden_layers", "22",
@@ -81,22 +81,19 @@ FULL = Sizes(mlp_steps=200, cnn_steps=8, warmup_steps=5, repeats=5, matmul_size=
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The benchmark's flags; each `--snake_case` flag is also accepted as `--kebab-case`."""
-    parser = argparse.ArgumentParser(description="Benchmark the lab's training code against the conventional "
-                                     "DataLoader loop, the machine's matmul ceiling, CAM and whole exercises.",
-                                     add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def add(name: str, **kwargs) -> None:
-        parser.add_argument(*[name] + ([name.replace("_", "-")] if "_" in name else []), **kwargs)
-
-    add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py (nothing is downloaded)")
-    add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    add("--quick", action="store_true", default=False,
-        help="short run: fewer steps, and Exercise 1 and the Exercise 2 epoch estimated rather than run")
-    add("--out", default="bench_results/bench.json", help="JSON file for the results")
-    add("--threads", type=int, default=0, help="torch.set_num_threads for this process (0 = torch's default)")
-    add("--compile", action="store_true", default=False,
-        help="torch.compile the model in our code's rows (the conventional loops and Exercise 1 stay eager)")
-    add("--amp", action="store_true", default=False, help="bfloat16 autocast in our code's rows and the exercises")
+    parser = ArgumentParser(description="Benchmark the lab's training code against the conventional DataLoader "
+                            "loop, the machine's matmul ceiling, CAM and whole exercises.", add_help=add_help)
+    parser.add("--data_root", default="data",
+               help="folder holding MNIST/raw and cifar-10-batches-py (nothing is downloaded)")
+    parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add("--quick", action="store_true", default=False,
+               help="short run: fewer steps, and Exercise 1 and the Exercise 2 epoch estimated rather than run")
+    parser.add("--out", default="bench_results/bench.json", help="JSON file for the results")
+    parser.add("--threads", type=int, default=0, help="torch.set_num_threads for this process (0 = torch's default)")
+    parser.add("--compile", action="store_true", default=False,
+               help="torch.compile the model in our code's rows (the conventional loops and Exercise 1 stay eager)")
+    parser.add("--amp", action="store_true", default=False,
+               help="bfloat16 autocast in our code's rows and the exercises")
     return parser
 
 
@@ -401,7 +398,8 @@ def estimate_exercise1(raw: RawData, data_root: str | Path, device: torch.device
         train_seconds = best_seconds({"train": trainer.train_epoch}, sizes.repeats, device)["train"]
         eval_seconds = best_seconds({"eval": lambda: evaluate(trainer.model, trainer.val, amp=amp)}, 1,
                                     device)["eval"]
-        per_depth[str(depth)] = steps_per_epoch(raw, config, sizes) * train_seconds / sizes.exercise1_sample_steps + eval_seconds
+        step_seconds = train_seconds / sizes.exercise1_sample_steps
+        per_depth[str(depth)] = steps_per_epoch(raw, config, sizes) * step_seconds + eval_seconds
     test_seconds = len(raw.test_labels) / config["val_size"] * eval_seconds  # the last depth's, once per run
     seconds = sizes.exercise1_epochs * sum(per_depth.values()) + len(per_depth) * test_seconds
     return {"estimated": True, "seconds": seconds, "epoch_seconds_per_depth": per_depth,

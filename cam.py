@@ -37,31 +37,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Class activation maps of a trained CNN, for test images or a photo.",
                             add_help=add_help)
 
-    def add(name: str, *aliases: str, **kwargs) -> None:
-        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(aliases)
-        parser.add_argument(*names, **kwargs)
-
-    add("--checkpoint", "--saved_model", "--saved-model", required=True,
-        help="checkpoint.pt written by pipeline.py, of a ResNet (CAM needs GAP + one linear layer) "
+    parser.add("--checkpoint", "--saved_model", "--saved-model", required=True,
+               help="checkpoint.pt written by pipeline.py, of a ResNet (CAM needs GAP + one linear layer) "
              "(default: none, required)")
-    add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
-    add("--download", action=argparse.BooleanOptionalAction, default=True,
-        help="download the dataset through torchvision when it is missing")
-    add("--indices", type=int, nargs="+", default=None, metavar="INDEX",
-        help="test-set images to explain (default: the first --num_images_to_save)")
-    add("--num_images_to_save", type=int, default=8, help="explain the first N test images when --indices is not given")
-    add("--image", default=None,
-        help=f"explain this JPEG/PNG instead of test images (at most {MAX_PIXELS:,} pixels; transparency is "
+    parser.add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
+    parser.add("--download", action=argparse.BooleanOptionalAction, default=True,
+               help="download the dataset through torchvision when it is missing")
+    parser.add("--indices", type=int, nargs="+", default=None, metavar="INDEX",
+               help="test-set images to explain (default: the first --num_images_to_save)")
+    parser.add("--num_images_to_save", type=int, default=8,
+               help="explain the first N test images when --indices is not given")
+    parser.add("--image", default=None,
+               help=f"explain this JPEG/PNG instead of test images (at most {MAX_PIXELS:,} pixels; transparency is "
              "composited on white; squashed to the training resolution for the model) (default: none)")
-    add("--label", default="unknown", help="true class of --image, used in file names (and by --class true)")
-    add("--class", dest="target", default="pred", metavar="CLASS",
-        help="class whose map is drawn: pred (each image's prediction), true (its label), or a class index or name")
-    add("--alpha", type=float, default=0.5, help="weight of the coloured map in the overlay (0 = image only)")
-    add("--display_scale", type=int, default=8,
-        help="test images are saved this many times larger (pixels repeated, map upsampled smoothly)")
-    add("--batch_size", type=int, default=128, help="images per forward pass")
-    add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    add("--out_dir", default="runs/cam", help="folder for the PNGs")
+    parser.add("--label", default="unknown", help="true class of --image, used in file names (and by --class true)")
+    parser.add("--class", dest="target", default="pred", metavar="CLASS",
+               help="class whose map is drawn: pred (each image's prediction), true (its label), or a class index "
+                    "or name")
+    parser.add("--alpha", type=float, default=0.5, help="weight of the coloured map in the overlay (0 = image only)")
+    parser.add("--display_scale", type=int, default=8,
+               help="test images are saved this many times larger (pixels repeated, map upsampled smoothly)")
+    parser.add("--batch_size", type=int, default=128, help="images per forward pass")
+    parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add("--out_dir", default="runs/cam", help="folder for the PNGs")
     return parser
 
 

@@ -19,8 +19,9 @@ import torch
 from data import DATASETS, RawData, augment, load_dataset, make_splits
 from models import build_model
 from train import evaluate, logged_weights, train_one_epoch
-from utils import (ArgumentParser, UsageError, check_writable, load_checkpoint, load_model, plot_curves, plot_grad_norms, resolve_device, rng_state,
-                   first_line, run_cli, save_checkpoint, seed_everything, set_rng_state, write_json)
+from utils import (ArgumentParser, UsageError, check_writable, first_line, load_checkpoint, load_model, plot_curves,
+                   plot_grad_norms, resolve_device, rng_state, run_cli, save_checkpoint, seed_everything,
+                   set_rng_state, write_json)
 
 SWEEP_FLAGS = ("num_hidden_layers", "num_conv_per_level", "residual_step", "width", "seed")
 GRAD_PLOT_LAYERS = 5
@@ -30,56 +31,55 @@ DEFAULT_THREADS = torch.get_num_threads()
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The pipeline's flags; each `--snake_case` flag is also accepted as `--kebab-case`."""
     parser = ArgumentParser(description="Depth, residual connections and convolutions: train, evaluate, "
-                                     "sweep and plot.", add_help=add_help)
-
-    def add(name: str, *aliases: str, **kwargs) -> None:
-        names = [name] + ([name.replace("_", "-")] if "_" in name else []) + list(aliases)
-        parser.add_argument(*names, **kwargs)
+                            "sweep and plot.", add_help=add_help)
 
     sweep = "; several values run every combination"
-    add("--model_name", choices=["MLP", "ResNet"], default="MLP", help="model family")
-    add("--dataset", choices=list(DATASETS), default="MNIST", help="dataset")
-    add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
-    add("--download", action=argparse.BooleanOptionalAction, default=True,
-        help="download the dataset through torchvision when it is missing")
-    add("--val_size", type=int, default=5000, help="validation images held out of the training set")
-    add("--limit_train", type=int, default=None, help="train on the first N images of the training split only (default: all)")
-    add("--num_epochs", type=int, default=1, help="training epochs")
-    add("--lr", type=float, default=3e-4, help="learning rate")
-    add("--batch_size", type=int, default=128, help="training batch size")
-    add("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
-    add("--weight_decay", type=float, default=0.0, help="weight decay")
-    add("--augment", action=argparse.BooleanOptionalAction, default=False,
-        help="random 4-pixel-padded crops and horizontal flips (CIFAR-10 only)")
-    add("--num_classes", type=int, default=10, help="output classes")
-    add("--residual_step", type=int, nargs="+", default=[0],
-        help="layers per residual block, 0 = plain (no shortcuts)" + sweep)
-    add("--width", type=int, nargs="+", default=[16], help="MLP hidden width" + sweep)
-    add("--num_hidden_layers", type=int, nargs="+", default=[4], help="MLP hidden layers" + sweep)
-    add("--in_channels", type=int, default=None, help="input channels (default: the dataset's)")
-    add("--input_size", type=int, default=None, help="input height and width (default: the dataset's)")
-    add("--out_channels", type=int, default=64, help="CNN channels of the first level (doubling per level)")
-    add("--num_levels", type=int, default=4, help="CNN levels")
-    add("--num_conv_per_level", type=int, nargs="+", default=[4], help="CNN 3x3 convolutions per level" + sweep)
-    add("--stem", choices=["cifar", "imagenet"], default="cifar",
-        help="CNN stem: cifar = 3x3 conv at full resolution, imagenet = 7x7/2 conv + 3x3/2 max-pool")
-    add("--seed", type=int, nargs="+", default=[0], help="random seed" + sweep)
-    add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    add("--threads", type=int, default=0,
-        help="CPU threads; 0 = 1 for the MLP (its tiny matmuls only lose to a second thread), every core for CNNs")
-    add("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
-    add("--grad_log_every", type=int, default=1, help="log gradient norms every N steps (0 = never)")
-    add("--train", action=argparse.BooleanOptionalAction, default=True,
-        help="train; --no-train evaluates --checkpoint on the test set")
-    add("--checkpoint", "--load_model_as", "--save_model_as", "--load-model-as", "--save-model-as", default=None,
-        help="checkpoint to write (default: <out_dir>/<run_name>/checkpoint.pt), or to evaluate with --no-train")
-    add("--out_dir", default="runs", help="folder for run folders")
-    add("--plots_dir", default=None, help="folder for plots (default: <out_dir>/plots)")
-    add("--run_name", default=None, help="run folder name (default: derived from the config; a prefix in sweeps)")
-    add("--resume", action="store_true", default=False,
-        help="continue unfinished runs from their checkpoints and skip finished ones")
-    add("--overwrite", action="store_true", default=False, help="replace existing run folders")
+    parser.add("--model_name", choices=["MLP", "ResNet"], default="MLP", help="model family")
+    parser.add("--dataset", choices=list(DATASETS), default="MNIST", help="dataset")
+    parser.add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
+    parser.add("--download", action=argparse.BooleanOptionalAction, default=True,
+               help="download the dataset through torchvision when it is missing")
+    parser.add("--val_size", type=int, default=5000, help="validation images held out of the training set")
+    parser.add("--limit_train", type=int, default=None,
+               help="train on the first N images of the training split only (default: all)")
+    parser.add("--num_epochs", type=int, default=1, help="training epochs")
+    parser.add("--lr", type=float, default=3e-4, help="learning rate")
+    parser.add("--batch_size", type=int, default=128, help="training batch size")
+    parser.add("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer")
+    parser.add("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add("--weight_decay", type=float, default=0.0, help="weight decay")
+    parser.add("--augment", action=argparse.BooleanOptionalAction, default=False,
+               help="random 4-pixel-padded crops and horizontal flips (CIFAR-10 only)")
+    parser.add("--num_classes", type=int, default=10, help="output classes")
+    parser.add("--residual_step", type=int, nargs="+", default=[0],
+               help="layers per residual block, 0 = plain (no shortcuts)" + sweep)
+    parser.add("--width", type=int, nargs="+", default=[16], help="MLP hidden width" + sweep)
+    parser.add("--num_hidden_layers", type=int, nargs="+", default=[4], help="MLP hidden layers" + sweep)
+    parser.add("--in_channels", type=int, default=None, help="input channels (default: the dataset's)")
+    parser.add("--input_size", type=int, default=None, help="input height and width (default: the dataset's)")
+    parser.add("--out_channels", type=int, default=64, help="CNN channels of the first level (doubling per level)")
+    parser.add("--num_levels", type=int, default=4, help="CNN levels")
+    parser.add("--num_conv_per_level", type=int, nargs="+", default=[4], help="CNN 3x3 convolutions per level" + sweep)
+    parser.add("--stem", choices=["cifar", "imagenet"], default="cifar",
+               help="CNN stem: cifar = 3x3 conv at full resolution, imagenet = 7x7/2 conv + 3x3/2 max-pool")
+    parser.add("--seed", type=int, nargs="+", default=[0], help="random seed" + sweep)
+    parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add("--threads", type=int, default=0,
+               help="CPU threads; 0 = 1 for the MLP (its tiny matmuls only lose to a second thread), every core "
+                    "for CNNs")
+    parser.add("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
+    parser.add("--grad_log_every", type=int, default=1, help="log gradient norms every N steps (0 = never)")
+    parser.add("--train", action=argparse.BooleanOptionalAction, default=True,
+               help="train; --no-train evaluates --checkpoint on the test set")
+    parser.add("--checkpoint", "--load_model_as", "--save_model_as", "--load-model-as", "--save-model-as",
+               help="checkpoint to write (default: <out_dir>/<run_name>/checkpoint.pt), or to evaluate with --no-train")
+    parser.add("--out_dir", default="runs", help="folder for run folders")
+    parser.add("--plots_dir", default=None, help="folder for plots (default: <out_dir>/plots)")
+    parser.add("--run_name", default=None,
+               help="run folder name (default: derived from the config; a prefix in sweeps)")
+    parser.add("--resume", action="store_true", default=False,
+               help="continue unfinished runs from their checkpoints and skip finished ones")
+    parser.add("--overwrite", action="store_true", default=False, help="replace existing run folders")
     return parser
 
 

@@ -39,6 +39,11 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add(self, name: str, *aliases: str, **kwargs) -> argparse.Action:
+        """Add a `--snake_case` flag that is also accepted as `--kebab-case` (and as any `aliases`)."""
+        kebab = [name.replace("_", "-")] if "_" in name else []
+        return self.add_argument(name, *kebab, *aliases, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -154,7 +159,8 @@ def load_checkpoint(path: str | Path, flag: str = "--checkpoint") -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
-        raise UsageError(f"{flag} {path} is not a loadable checkpoint (refused or unreadable: {first_line(e)})") from None
+        raise UsageError(f"{flag} {path} is not a loadable checkpoint (refused or unreadable: "
+                         f"{first_line(e)})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UsageError(f"{flag} {path} is not a checkpoint written by pipeline.py (no model and config)")
     return checkpoint
