@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import pipeline
-from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, RawData, Split, augment, batch_indices,
-                  load_dataset, make_splits, normalize, read_cifar10_batches)
+from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, RawData, Split, batch_indices,
+                  load_dataset, normalize, read_cifar10_batches)
 from cam import class_activation_maps
 from models import build_model
 from train import evaluate, train_one_epoch
-from utils import ArgumentParser, UsageError, resolve_device, run_cli, seed_everything, write_json
+from utils import ArgumentParser, UsageError, resolve_device, run_cli, write_json
 
 BATCH_SIZE = 128
 MLP_FLAGS = ["--model_name", "MLP", "--dataset", "MNIST", "--width", "16", "--num_hidden_layers", "22",
@@ -124,13 +123,6 @@ def pipeline_config(flags: list[str], device: torch.device, sizes: Sizes, amp: b
     return pipeline.sweep_configs(args, device)[0]
 
 
-def fresh_model(config: dict, device: torch.device) -> nn.Module:
-    """A freshly initialised model of `config` on `device`, in the memory format pipeline.train_run uses."""
-    seed_everything(config["seed"])
-    channels_last = pipeline.uses_channels_last(config)
-    return build_model(config).to(device, memory_format=torch.channels_last if channels_last else None)
-
-
 @dataclass
 class Trainer:
     """Our training code set up and warmed up: `train_epoch()` trains one epoch over `train`."""
@@ -143,16 +135,11 @@ class Trainer:
 
 def our_trainer(config: dict, raw: RawData, device: torch.device, limit_train: int | None, warmup_steps: int,
                 compile_model: bool = False) -> Trainer:
-    """Our training code as pipeline.train_run drives it (make_splits, build_optimizer, train_one_epoch) on the
+    """Our training code as pipeline.train_run drives it (pipeline.prepare_run, train_one_epoch) on the
     first `limit_train` training images, warmed up on `warmup_steps` batches."""
-    info = DATASETS[config["dataset"]]
-    channels_last = pipeline.uses_channels_last(config)
-    train, val, _ = make_splits(raw, info, config["val_size"], config["seed"], limit_train, device, channels_last)
-    model = fresh_model(config, device)
-    optimizer = pipeline.build_optimizer(model, config)
-    net = torch.compile(model) if compile_model else model
-    augment_fn = partial(augment, info=info) if config["augment"] else None
-    generator = torch.Generator().manual_seed(config["seed"])
+    run = pipeline.prepare_run(dict(config, limit_train=limit_train), raw)
+    train, optimizer, generator = run.train, run.optimizer, run.generator
+    net = torch.compile(run.model) if compile_model else run.model
 
     threads = pipeline.cpu_threads(config) if device.type == "cpu" else torch.get_num_threads()
 
@@ -161,7 +148,7 @@ def our_trainer(config: dict, raw: RawData, device: torch.device, limit_train: i
         torch.set_num_threads(threads)  # what pipeline.py uses for this model
         try:
             return train_one_epoch(net, optimizer, split, config["batch_size"], generator, 1,
-                                   grad_log_every=config["grad_log_every"], augment_fn=augment_fn,
+                                   grad_log_every=config["grad_log_every"], augment_fn=run.augment_fn,
                                    amp=config["amp"], progress=False)
         finally:
             torch.set_num_threads(default)
@@ -169,7 +156,7 @@ def our_trainer(config: dict, raw: RawData, device: torch.device, limit_train: i
     warm = min(warmup_steps * config["batch_size"], len(train))
     warmup = best_seconds({"warmup": lambda: train_epoch(Split(train.images[:warm], train.labels[:warm]))}, 1,
                           device)["warmup"]
-    return Trainer(train_epoch, net, train, val, warmup)
+    return Trainer(train_epoch, net, train, run.val, warmup)
 
 
 class CIFAR10Images(Dataset):
@@ -313,7 +300,7 @@ def bench_cnn(raw: RawData, data_root: str | Path, device: torch.device, sizes: 
     config = pipeline_config(RESNET20_FLAGS, device, sizes, amp)
     limit = sizes.cnn_steps * config["batch_size"]
     ours = our_trainer(config, raw, device, limit, sizes.warmup_steps, compile_model)
-    flops = training_flops(fresh_model(config, device), ours.train.images[:config["batch_size"]],
+    flops = training_flops(pipeline.build_run_model(config), ours.train.images[:config["batch_size"]],
                            ours.train.labels[:config["batch_size"]])
     conventional = conventional_trainer(config, conventional_cifar10_loader(data_root, sizes.batch_size), device,
                                         sizes.cnn_steps, sizes.warmup_steps, log_grad_norms=False)
@@ -337,7 +324,7 @@ def bench_cam(raw: RawData, device: torch.device, sizes: Sizes) -> dict:
     print("CAM ...", file=sys.stderr, flush=True)
     config = pipeline_config(RESNET20_FLAGS, device, sizes)
     info = DATASETS["CIFAR10"]
-    model = fresh_model(config, device).eval()
+    model = pipeline.build_run_model(config).eval()
     images = normalize(raw.test_images[:sizes.cam_images], info, device, channels_last=True)
     classes = raw.test_labels[:sizes.cam_images].to(device)
 
@@ -418,7 +405,7 @@ def exercise2_epoch(raw: RawData, device: torch.device, sizes: Sizes, cnn: dict,
                                                                                   amp=amp))}, 1, device)["epoch"]
         return {"estimated": False, "seconds": seconds, "train_images": len(trainer.train)}
     info = DATASETS["CIFAR10"]
-    model = fresh_model(config, device)
+    model = pipeline.build_run_model(config)
     sample = Split(normalize(raw.train_images[:sizes.eval_sample], info, device, channels_last=True),
                    raw.train_labels[:sizes.eval_sample].to(device))
     evaluate(model, sample, amp=amp)

@@ -166,6 +166,12 @@ def normalize(images: torch.Tensor, info: DatasetInfo, device: torch.device | st
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def to_split(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, device: torch.device | str,
+             channels_last: bool = False) -> Split:
+    """uint8 images and their labels as a normalised Split on `device`."""
+    return Split(normalize(images, info, device, channels_last), labels.to(device))
+
+
 def make_splits(raw: RawData, info: DatasetInfo, val_size: int, seed: int, limit_train: int | None,
                 device: torch.device | str, channels_last: bool = False) -> tuple[Split, Split, Split]:
     """Train, validation and test splits: `val_size` training images chosen by a seeded permutation
@@ -181,12 +187,9 @@ def make_splits(raw: RawData, info: DatasetInfo, val_size: int, seed: int, limit
                              f"({len(train_index)} images after --val_size {val_size})")
         train_index = train_index[:limit_train]
 
-    def split(images: torch.Tensor, labels: torch.Tensor) -> Split:
-        return Split(normalize(images, info, device, channels_last), labels.to(device))
-
-    return (split(raw.train_images[train_index], raw.train_labels[train_index]),
-            split(raw.train_images[val_index], raw.train_labels[val_index]),
-            split(raw.test_images, raw.test_labels))
+    return (to_split(raw.train_images[train_index], raw.train_labels[train_index], info, device, channels_last),
+            to_split(raw.train_images[val_index], raw.train_labels[val_index], info, device, channels_last),
+            to_split(raw.test_images, raw.test_labels, info, device, channels_last))
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -11,12 +11,14 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from data import DATASETS, RawData, augment, load_dataset, make_splits
+from data import DATASETS, RawData, Split, augment, load_dataset, make_splits, to_split
 from models import build_model
 from train import evaluate, logged_weights, train_one_epoch
 from utils import (ArgumentParser, UsageError, check_writable, first_line, load_checkpoint, load_model, plot_curves,
@@ -140,7 +142,7 @@ def sweep_configs(args: argparse.Namespace, device: torch.device) -> list[dict]:
                                                        args.seed):
         config = dict(base, residual_step=step, seed=seed, width=width,
                       num_hidden_layers=layers if mlp else None, num_conv_per_level=None if mlp else layers)
-        config["depth"] = layers + 2 if mlp else 2 + args.num_levels * layers
+        config["depth"] = build_model(config).depth
         config["run_name"] = derive_run_name(config)
         configs.append(config)
     if args.run_name is not None:
@@ -193,19 +195,43 @@ def uses_channels_last(config: dict) -> bool:
     return config["model_name"] == "ResNet" and (config["device"].startswith("cuda") or config["out_channels"] >= 16)
 
 
+@dataclass
+class RunSetup:
+    """Everything one run trains with: its splits on the device, a fresh model and optimizer, the data-order
+    generator and the batch augmentation (or None)."""
+    train: Split
+    val: Split
+    test: Split
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
+
+
+def build_run_model(config: dict) -> torch.nn.Module:
+    """The seeded, freshly initialised model of a run, on its device and in its memory format."""
+    seed_everything(config["seed"])
+    memory_format = torch.channels_last if uses_channels_last(config) else torch.preserve_format
+    return build_model(config).to(config["device"], memory_format=memory_format)
+
+
+def prepare_run(config: dict, raw: RawData) -> RunSetup:
+    """Set up a run from its config: splits, model, optimizer, data order and augmentation."""
+    info = DATASETS[config["dataset"]]
+    train, val, test = make_splits(raw, info, config["val_size"], config["seed"], config["limit_train"],
+                                   config["device"], uses_channels_last(config))
+    model = build_run_model(config)
+    return RunSetup(train, val, test, model, build_optimizer(model, config),
+                    torch.Generator().manual_seed(config["seed"]),
+                    partial(augment, info=info) if config["augment"] else None)
+
+
 def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -> dict:
     """Train one config, checkpointing every epoch; return its history (with the test result)."""
     run_dir = Path(config["out_dir"]) / config["run_name"]
-    device = torch.device(config["device"])
-    info = DATASETS[config["dataset"]]
-    channels_last = uses_channels_last(config)
-    train, val, test = make_splits(raw, info, config["val_size"], config["seed"], config["limit_train"], device,
-                                   channels_last)
-    seed_everything(config["seed"])
-    model = build_model(config).to(device, memory_format=torch.channels_last if channels_last else None)
+    run = prepare_run(config, raw)
+    model, optimizer, generator = run.model, run.optimizer, run.generator
     config = dict(config, num_params=sum(p.numel() for p in model.parameters()))
-    optimizer = build_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config["seed"])
     history = {"epochs": [], "grad_steps": [], "grad_norms": {name: [] for name in logged_weights(model)}}
     if resume and checkpoint_path.is_file():
         checkpoint = load_checkpoint(checkpoint_path)
@@ -222,14 +248,13 @@ def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -
         history.pop("test", None)  # a finished run asked for more epochs goes on training
         print(f"{config['run_name']}: resuming after epoch {len(history['epochs'])}")
     write_json(run_dir / "config.json", config)
-    augment_fn = partial(augment, info=info) if config["augment"] else None
     progress = sys.stderr.isatty()
     for epoch in range(len(history["epochs"]) + 1, config["num_epochs"] + 1):
         start = time.perf_counter()
         steps_done = history["epochs"][-1]["steps"] if history["epochs"] else 0
-        result = train_one_epoch(model, optimizer, train, config["batch_size"], generator, epoch, steps_done,
-                                 config["grad_log_every"], augment_fn, config["amp"], progress)
-        val_loss, val_acc = evaluate(model, val, amp=config["amp"])
+        result = train_one_epoch(model, optimizer, run.train, config["batch_size"], generator, epoch, steps_done,
+                                 config["grad_log_every"], run.augment_fn, config["amp"], progress)
+        val_loss, val_acc = evaluate(model, run.val, amp=config["amp"])
         seconds = time.perf_counter() - start
         history["epochs"].append({"epoch": epoch, "train_loss": result.loss, "val_loss": val_loss,
                                   "val_acc": val_acc, "seconds": seconds,
@@ -243,7 +268,7 @@ def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -
                                           "epoch": epoch, "config": config, "history": history,
                                           "rng": dict(rng_state(), data=generator.get_state())})
         write_json(run_dir / "history.json", history)
-    test_loss, test_acc = evaluate(model, test, amp=config["amp"])
+    test_loss, test_acc = evaluate(model, run.test, amp=config["amp"])
     history["test"] = {"loss": test_loss, "acc": test_acc}
     write_json(run_dir / "history.json", history)
     print(f"{config['run_name']}: depth {config['depth']}, test loss {test_loss:.4f}, test acc {test_acc:.2%}")
@@ -309,7 +334,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     config = checkpoint["config"]
     info = DATASETS[config["dataset"]]
     raw = load_dataset(config["dataset"], args.data_root, args.download)
-    _, _, test = make_splits(raw, info, config["val_size"], config["seed"], None, device)
+    test = to_split(raw.test_images, raw.test_labels, info, device)
     test_loss, test_acc = evaluate(model, test)
     print(f"{config['run_name']} ({config['model_name']}, depth {config['depth']}) on the {config['dataset']} "
           f"test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}")

@@ -151,18 +151,18 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path: str | Path, flag: str = "--checkpoint") -> dict:
+def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with `weights_only=True`; anything that is not one of ours is a UsageError."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"--checkpoint {path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
-        raise UsageError(f"{flag} {path} is not a loadable checkpoint (refused or unreadable: "
+        raise UsageError(f"--checkpoint {path} is not a loadable checkpoint (refused or unreadable: "
                          f"{first_line(e)})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-        raise UsageError(f"{flag} {path} is not a checkpoint written by pipeline.py (no model and config)")
+        raise UsageError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
     return checkpoint
 
 
@@ -176,22 +176,26 @@ def load_model(checkpoint: dict, path: str | Path, build: Callable[[dict], torch
     return model
 
 
-ZERO_FLOOR = 1e-12
+ZERO_FLOOR = 1e-12  # where a gradient norm of exactly zero is drawn on a log scale
+
+
+def new_axes():
+    """A figure and its axes, without pyplot: it renders to PNG (Agg) whatever backend or display there is."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4.5))
+    return fig, fig.subplots()
 
 
 def savefig(fig, path: str | Path) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
+    """Save a matplotlib figure as PNG atomically."""
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
 
 
 def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, path: str | Path,
                 logy: bool = False) -> None:
     """One line per label over epochs; several runs under one label (seeds) are drawn as mean and min-max band."""
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_axes()
     for label, runs in curves.items():
         length = min(len(r) for r in runs)
         values = np.array([r[:length] for r in runs], dtype=float)
@@ -211,8 +215,7 @@ def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, p
 
 def plot_grad_norms(steps: list[int], grad_norms: dict[str, list[float]], title: str, path: str | Path) -> None:
     """Gradient L2 norm of each named weight tensor over training steps, log scale."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_axes()
     for name, norms in grad_norms.items():
         # a gradient that vanished to exactly zero is drawn at a floor rather than dropped by the log scale
         norms = np.asarray(norms, dtype=float)
