@@ -141,9 +141,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write `obj` as indented JSON, atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Write `obj` as JSON (indented unless `indent` is None), atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent) + "\n"))
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
