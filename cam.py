@@ -22,9 +22,10 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from data import DATASETS, DatasetInfo, load_dataset, normalize
-from models import MLP, build_model
-from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, load_checkpoint, load_model,
-                   resolve_device, run_cli, savefig)
+from models import MLP, load_model
+from plots import savefig
+from utils import (ArgumentParser, CheckpointError, UsageError, atomic_write, check_writable, first_line,
+                   load_checkpoint, resolve_device, run_cli)
 
 MAX_PIXELS = 50_000_000  # a bigger photo would need several GB for its float map and overlay
 MAX_IMAGES = 100  # the grid has one row per image
@@ -292,19 +293,20 @@ def main(args: argparse.Namespace) -> list[Path]:
     """Load the checkpoint's model and write the CAM PNGs for test images or a photo; return the files written."""
     check_args(args)
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint)
-    config = checkpoint["config"]
-    if not isinstance(config, dict) or config.get("dataset") not in DATASETS:
+    try:
+        config, model = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    if config.dataset not in DATASETS:
         raise UsageError(f"--checkpoint {args.checkpoint}: its config names no known dataset")
-    model = load_model(checkpoint, args.checkpoint, build_model)
     check_cam_model(model, args.checkpoint)
     model.to(device).eval()
-    info = DATASETS[config["dataset"]]
+    info = DATASETS[config.dataset]
     target = parse_target(args.target, info, model.fc.out_features)
     if args.image is not None:
-        written = explain_photo(args, model, info, config["input_size"], target, device)
+        written = explain_photo(args, model, info, config.input_size, target, device)
     else:
-        written = explain_test_images(args, model, info, config["dataset"], target, device)
+        written = explain_test_images(args, model, info, config.dataset, target, device)
     print(f"wrote {len(written)} files to {args.out_dir}")
     return written
 

@@ -214,4 +214,5 @@ def augment(images: torch.Tensor, generator: torch.Generator, info: DatasetInfo,
     cols = torch.where(flip, cols.flip(1), cols)
     crops = padded[torch.arange(n, device=device).view(n, 1, 1, 1), torch.arange(c, device=device).view(1, c, 1, 1),
                    rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
-    return crops
+    channels_last = images.is_contiguous(memory_format=torch.channels_last) and c > 1
+    return crops.contiguous(memory_format=torch.channels_last) if channels_last else crops

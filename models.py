@@ -1,8 +1,13 @@
 """The lab's two model families: a (residual) MLP and a plain or residual CNN ending in GAP + Linear."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from config import RunConfig
+from utils import CheckpointError, first_line
 
 
 def block_sizes(num_layers: int, residual_step: int) -> list[int]:
@@ -131,12 +136,23 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_model(config: dict) -> nn.Module:
-    """Build the model a run's config describes (the config is what `config.json` and checkpoints hold)."""
-    if config["model_name"] == "MLP":
-        return MLP(config["in_channels"] * config["input_size"] ** 2, config["width"],
-                   config["num_hidden_layers"], config["num_classes"], config["residual_step"])
-    if config["model_name"] == "ResNet":
-        return ResNet(config["in_channels"], config["num_classes"], config["out_channels"], config["num_levels"],
-                      config["num_conv_per_level"], config["residual_step"], config["stem"])
-    raise ValueError(f"unknown model {config['model_name']!r}; choose MLP or ResNet")
+def build_model(config: RunConfig) -> nn.Module:
+    """Build the model a run's config describes."""
+    if config.model_name == "MLP":
+        return MLP(config.in_channels * config.input_size ** 2, config.width, config.num_hidden_layers,
+                   config.num_classes, config.residual_step)
+    if config.model_name == "ResNet":
+        return ResNet(config.in_channels, config.num_classes, config.out_channels, config.num_levels,
+                      config.num_conv_per_level, config.residual_step, config.stem)
+    raise ValueError(f"unknown model {config.model_name!r}; choose MLP or ResNet")
+
+
+def load_model(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
+    """The config of a loaded checkpoint and its model with the saved weights; a mismatch is a CheckpointError."""
+    try:
+        config = RunConfig.from_dict(checkpoint["config"])
+        model = build_model(config)
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
+    return config, model

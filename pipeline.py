@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from data import DATASETS, RawData, Split, augment, load_dataset, make_splits, to_split
-from models import build_model
-from train import evaluate, logged_weights, train_one_epoch
-from utils import (ArgumentParser, UsageError, check_writable, first_line, load_checkpoint, load_model, plot_curves,
-                   plot_grad_norms, resolve_device, rng_state, run_cli, save_checkpoint, seed_everything,
-                   set_rng_state, write_json)
-
-SWEEP_FLAGS = ("num_hidden_layers", "num_conv_per_level", "residual_step", "width", "seed")
-GRAD_PLOT_LAYERS = 5
-DEFAULT_THREADS = torch.get_num_threads()
+from config import RunConfig
+from data import DATASETS, load_dataset, to_split
+from models import load_model
+from plots import plot_sweep
+from sweep import SWEEP_FLAGS, RunConflict, expand, plan, run_planned, with_prefix
+from train import NonFiniteLoss, ResumeError, cpu_threads, evaluate
+from utils import (ArgumentParser, CheckpointError, CLIError, UsageError, check_writable, load_checkpoint,
+                   resolve_device, run_cli)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -49,7 +41,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--batch_size", type=int, default=128, help="training batch size")
     parser.add("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer")
     parser.add("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add("--weight_decay", type=float, default=0.0, help="weight decay")
+    parser.add("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum (SGD)")
+    parser.add("--weight_decay", type=float, default=0.0, help="weight decay of conv and linear weights (biases and "
+               "batch norm are not decayed)")
+    parser.add("--lr_schedule", choices=["constant", "onecycle", "cosine", "step"], default="constant",
+               help="learning-rate schedule, stepped every batch: onecycle rises from lr/25 to --lr over the "
+                    "warm-up and anneals to lr/25e4; cosine decays to 0; step divides by 10 at 50%% and 75%%")
+    parser.add("--warmup_epochs", type=float, default=None,
+               help="epochs of linear warm-up (default: 30%% of training for onecycle, none otherwise)")
+    parser.add("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     parser.add("--augment", action=argparse.BooleanOptionalAction, default=False,
                help="random 4-pixel-padded crops and horizontal flips (CIFAR-10 only)")
     parser.add("--num_classes", type=int, default=10, help="output classes")
@@ -85,6 +85,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+SINGLE_VALUED = ("model_name", "dataset", "num_classes", "out_channels", "num_levels", "stem", "val_size",
+                 "limit_train", "augment", "num_epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
+                 "weight_decay", "lr_schedule", "label_smoothing", "amp", "grad_log_every", "threads")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad flag values before anything is loaded or written."""
     for flag in ("val_size", "num_epochs", "batch_size", "num_classes", "out_channels", "num_levels",
@@ -101,6 +106,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.weight_decay < 0 or args.momentum < 0:
         raise UsageError("--weight_decay and --momentum must not be negative")
+    if args.nesterov and (args.optimizer != "sgd" or args.momentum == 0):
+        raise UsageError("--nesterov needs --optimizer sgd and a positive --momentum")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.warmup_epochs is not None and not 0 <= args.warmup_epochs < args.num_epochs:
+        raise UsageError(f"--warmup_epochs must be at least 0 and below --num_epochs {args.num_epochs}, "
+                         f"got {args.warmup_epochs}")
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (automatic) or positive, got {args.threads}")
     if args.grad_log_every < 0:
@@ -130,200 +142,21 @@ def check_args(args: argparse.Namespace) -> None:
         check_writable(Path(args.plots_dir), "--plots_dir")
 
 
-def sweep_configs(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """One config per combination of the sweep flags' values, with the derived settings filled in."""
+def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfig]:
+    """The sweep's run configs from the flags, with the dataset's shape and the warm-up filled in."""
     info = DATASETS[args.dataset]
-    mlp = args.model_name == "MLP"
-    base = {k: v for k, v in vars(args).items() if k not in SWEEP_FLAGS + ("train", "resume", "overwrite")}
-    base.update(in_channels=info.in_channels, input_size=info.input_size, device=str(device))
-    configs = []
-    depths = args.num_hidden_layers if mlp else args.num_conv_per_level
-    for layers, step, width, seed in itertools.product(depths, args.residual_step, args.width if mlp else [None],
-                                                       args.seed):
-        config = dict(base, residual_step=step, seed=seed, width=width,
-                      num_hidden_layers=layers if mlp else None, num_conv_per_level=None if mlp else layers)
-        config["depth"] = build_model(config).depth
-        config["run_name"] = derive_run_name(config)
-        configs.append(config)
-    if args.run_name is not None:
-        for config in configs:
-            config["run_name"] = args.run_name if len(configs) == 1 else f"{args.run_name}_{config['run_name']}"
-    return configs
-
-
-def derive_run_name(config: dict) -> str:
-    """A run folder name that states the model, dataset, depth, width, shortcuts and seed."""
-    shortcuts = f"res{config['residual_step']}" if config["residual_step"] else "plain"
-    if config["model_name"] == "MLP":
-        shape = f"w{config['width']}"
-    else:
-        shape = f"c{config['out_channels']}x{config['num_levels']}" + ("_in" if config["stem"] == "imagenet" else "")
-    return (f"{config['model_name'].lower()}_{config['dataset'].lower()}_d{config['depth']}_{shape}_{shortcuts}"
-            f"_s{config['seed']}")
-
-
-def curve_label(config: dict) -> str:
-    """How a run is named in plot legends: depth, width and plain/residual."""
-    shortcuts = f"residual (step {config['residual_step']})" if config["residual_step"] else "plain"
-    width = f", width {config['width']}" if config["model_name"] == "MLP" else ""
-    return f"depth {config['depth']}{width}, {shortcuts}"
-
-
-def build_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
-    """Adam or SGD with the config's learning rate, momentum and weight decay, as one fused kernel per step."""
-    if config["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
-                               weight_decay=config["weight_decay"], fused=True)
-    return torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"], fused=True)
-
-
-def cpu_threads(config: dict) -> int:
-    """Torch CPU threads for a run: --threads, or 1 for the MLP and every physical core for CNNs.
-
-    The MLP's 16-wide matmuls are too small to split; a second thread only adds synchronisation, and when another
-    process holds the other core it spin-waits for it (measured: 8 ms a step on 1 thread, 55 ms on 2).
-    """
-    if config["threads"]:
-        return config["threads"]
-    return 1 if config["model_name"] == "MLP" else DEFAULT_THREADS
-
-
-def uses_channels_last(config: dict) -> bool:
-    """Whether a run keeps images and weights channels_last (faster convolutions): CNNs, except on the CPU below
-    16 channels, where oneDNN's weight gradient of the channels_last 1x1 stride-2 shortcut convolution hangs or
-    is wrong (uxlfoundation/oneDNN#6035)."""
-    return config["model_name"] == "ResNet" and (config["device"].startswith("cuda") or config["out_channels"] >= 16)
-
-
-@dataclass
-class RunSetup:
-    """Everything one run trains with: its splits on the device, a fresh model and optimizer, the data-order
-    generator and the batch augmentation (or None)."""
-    train: Split
-    val: Split
-    test: Split
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
-
-
-def build_run_model(config: dict) -> torch.nn.Module:
-    """The seeded, freshly initialised model of a run, on its device and in its memory format."""
-    seed_everything(config["seed"])
-    memory_format = torch.channels_last if uses_channels_last(config) else torch.preserve_format
-    return build_model(config).to(config["device"], memory_format=memory_format)
-
-
-def prepare_run(config: dict, raw: RawData) -> RunSetup:
-    """Set up a run from its config: splits, model, optimizer, data order and augmentation."""
-    info = DATASETS[config["dataset"]]
-    train, val, test = make_splits(raw, info, config["val_size"], config["seed"], config["limit_train"],
-                                   config["device"], uses_channels_last(config))
-    model = build_run_model(config)
-    return RunSetup(train, val, test, model, build_optimizer(model, config),
-                    torch.Generator().manual_seed(config["seed"]),
-                    partial(augment, info=info) if config["augment"] else None)
-
-
-def train_run(config: dict, raw: RawData, checkpoint_path: Path, resume: bool) -> dict:
-    """Train one config, checkpointing every epoch; return its history (with the test result)."""
-    run_dir = Path(config["out_dir"]) / config["run_name"]
-    run = prepare_run(config, raw)
-    model, optimizer, generator = run.model, run.optimizer, run.generator
-    config = dict(config, num_params=sum(p.numel() for p in model.parameters()))
-    history = {"epochs": [], "grad_steps": [], "grad_norms": {name: [] for name in logged_weights(model)}}
-    if resume and checkpoint_path.is_file():
-        checkpoint = load_checkpoint(checkpoint_path)
-        check_resumable(checkpoint["config"], config, checkpoint_path)
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            history = checkpoint["history"]
-            set_rng_state(checkpoint["rng"])
-            generator.set_state(checkpoint["rng"]["data"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise UsageError(f"{checkpoint_path} cannot be resumed ({first_line(e)}); use --overwrite to start "
-                             "again") from None
-        history.pop("test", None)  # a finished run asked for more epochs goes on training
-        print(f"{config['run_name']}: resuming after epoch {len(history['epochs'])}")
-    write_json(run_dir / "config.json", config)
-    progress = sys.stderr.isatty()
-    for epoch in range(len(history["epochs"]) + 1, config["num_epochs"] + 1):
-        start = time.perf_counter()
-        steps_done = history["epochs"][-1]["steps"] if history["epochs"] else 0
-        result = train_one_epoch(model, optimizer, run.train, config["batch_size"], generator, epoch, steps_done,
-                                 config["grad_log_every"], run.augment_fn, config["amp"], progress)
-        val_loss, val_acc = evaluate(model, run.val, amp=config["amp"])
-        seconds = time.perf_counter() - start
-        history["epochs"].append({"epoch": epoch, "train_loss": result.loss, "val_loss": val_loss,
-                                  "val_acc": val_acc, "seconds": seconds,
-                                  "steps": steps_done + result.steps})
-        history["grad_steps"] += result.grad_steps
-        for name, column in zip(history["grad_norms"], result.grad_norms.T.tolist()):
-            history["grad_norms"][name] += column
-        print(f"{config['run_name']} epoch {epoch}/{config['num_epochs']}: train loss {result.loss:.4f}, "
-              f"val loss {val_loss:.4f}, val acc {val_acc:.2%}, {seconds:.1f} s", flush=True)
-        save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "epoch": epoch, "config": config, "history": history,
-                                          "rng": dict(rng_state(), data=generator.get_state())})
-        # unindented: it holds every logged gradient norm and is rewritten each epoch (half the time of indent=2)
-        write_json(run_dir / "history.json", history, indent=None)
-    test_loss, test_acc = evaluate(model, run.test, amp=config["amp"])
-    history["test"] = {"loss": test_loss, "acc": test_acc}
-    write_json(run_dir / "history.json", history, indent=None)
-    print(f"{config['run_name']}: depth {config['depth']}, test loss {test_loss:.4f}, test acc {test_acc:.2%}")
-    return history
-
-
-def check_resumable(saved: dict, config: dict, path: Path) -> None:
-    """A run resumes only with the settings it was started with (the epoch count and paths may change)."""
-    changeable = {"num_epochs", "device", "threads", "data_root", "download", "out_dir", "plots_dir", "checkpoint",
-                  "num_params"}
-    changed = sorted(k for k in config.keys() - changeable if saved.get(k) != config[k])
-    if changed:
-        k = changed[0]
-        raise UsageError(f"{path} was trained with --{k} {saved.get(k)}, not {config[k]}; resume with the same "
-                         "flags, or pass --overwrite to start again")
-
-
-def is_finished(history_path: Path, num_epochs: int) -> dict | None:
-    """The history of a run that completed `num_epochs` epochs and its test evaluation, else None."""
-    if not history_path.is_file():
-        return None
+    warmup = args.warmup_epochs
+    if warmup is None:
+        warmup = 0.3 * args.num_epochs if args.lr_schedule == "onecycle" else 0.0
+    settings = {flag: getattr(args, flag) for flag in SINGLE_VALUED}
+    settings.update(in_channels=info.in_channels, input_size=info.input_size, warmup_epochs=warmup,
+                    sync_bn=False, device=str(device))
+    sweep = {flag: getattr(args, flag) for flag in {f for flags in SWEEP_FLAGS.values() for f in flags}}
     try:
-        history = json.loads(history_path.read_text())
-    except (OSError, ValueError):
-        return None
-    return history if "test" in history and len(history.get("epochs", [])) >= num_epochs else None
-
-
-def plot_sweep(runs: list[tuple[dict, dict]], plots_dir: Path) -> list[Path]:
-    """The lab's comparison plots over every run of a sweep; return the files written."""
-    mlp = runs[0][0]["model_name"] == "MLP"
-    loss_curves: dict[str, list[list[float]]] = {}
-    acc_curves: dict[str, list[list[float]]] = {}
-    for config, history in runs:
-        label = curve_label(config)
-        loss_curves.setdefault(label, []).append([e["train_loss"] for e in history["epochs"]])
-        acc_curves.setdefault(label, []).append([e["val_acc"] for e in history["epochs"]])
-    family = "MLP" if mlp else "CNN"
-    paths = [plots_dir / ("mlp_training_loss.png" if mlp else "Conv_train_loss.png"),
-             plots_dir / ("mlp_Val_acc.png" if mlp else "Conv_val_accuracy.png")]
-    plot_curves(loss_curves, "training loss", f"{family} training loss", paths[0], logy=True)
-    plot_curves(acc_curves, "validation accuracy", f"{family} validation accuracy", paths[1])
-    if mlp:
-        for config, history in runs:
-            if not history["grad_steps"]:
-                continue
-            name = f"gradients_mlp_d{config['depth']}"
-            if sum(c["depth"] == config["depth"] for c, _ in runs) > 1:
-                name = f"gradients_{config['run_name']}"
-            first = {n: history["grad_norms"][n] for n in list(history["grad_norms"])[:GRAD_PLOT_LAYERS]}
-            paths.append(plots_dir / f"{name}.png")
-            plot_grad_norms(history["grad_steps"], first,
-                            f"gradients of the first layers, {curve_label(config)}", paths[-1])
-    return paths
+        configs = expand(settings, sweep)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return with_prefix(configs, args.run_name)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
@@ -331,54 +164,56 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     if args.checkpoint is None:
         raise UsageError("--no-train needs --checkpoint PATH (a checkpoint.pt written by a training run)")
     checkpoint = load_checkpoint(args.checkpoint)
-    model = load_model(checkpoint, args.checkpoint, build_model).to(device)
-    config = checkpoint["config"]
-    info = DATASETS[config["dataset"]]
-    raw = load_dataset(config["dataset"], args.data_root, args.download)
+    config, model = load_model(checkpoint, args.checkpoint)
+    model.to(device)
+    info = DATASETS[config.dataset]
+    raw = load_dataset(config.dataset, args.data_root, args.download)
     test = to_split(raw.test_images, raw.test_labels, info, device)
     test_loss, test_acc = evaluate(model, test)
-    print(f"{config['run_name']} ({config['model_name']}, depth {config['depth']}) on the {config['dataset']} "
+    print(f"{config.run_name} ({config.model_name}, depth {config.depth}) on the {config.dataset} "
           f"test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}")
 
 
-def main(args: argparse.Namespace) -> list[tuple[dict, dict]]:
+def main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     """Train and evaluate every config of the sweep, then plot; return (config, history) per run."""
+    try:
+        return sweep_main(args)
+    except (RunConflict, ResumeError, CheckpointError) as e:
+        raise UsageError(str(e)) from None
+    except NonFiniteLoss as e:
+        raise CLIError(f"{e}; the last good epoch is kept in its checkpoint; lower --lr") from None
+
+
+def sweep_main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
+    """main() without the translation of library errors into CLI messages."""
     device = resolve_device(args.device)
     if not args.train:
         evaluate_checkpoint(args, device)
         return []
     check_args(args)
-    configs = sweep_configs(args, device)
-    if args.checkpoint is not None and len(configs) > 1:
-        raise UsageError(f"--checkpoint names one file but the sweep has {len(configs)} runs; leave it out")
+    configs = run_configs(args, device)
     out_dir = Path(args.out_dir)
-    plan = []
-    for config in configs:
-        run_dir = out_dir / config["run_name"]
-        checkpoint_path = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoint.pt"
-        if (run_dir.exists() and any(run_dir.iterdir()) or checkpoint_path.exists()) and not (
-                args.resume or args.overwrite):
-            raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                             "replace it, or --run_name/--out_dir to keep both")
-        plan.append((config, checkpoint_path))
+    planned = plan(configs, out_dir, Path(args.checkpoint) if args.checkpoint else None, args.resume,
+                   args.overwrite)
     raw = load_dataset(args.dataset, args.data_root, args.download)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(configs[0]))
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions once
+    resume = args.resume and not args.overwrite
     runs = []
-    for config, checkpoint_path in plan:
-        finished = is_finished(out_dir / config["run_name"] / "history.json", config["num_epochs"])
-        if args.resume and finished:
-            print(f"{config['run_name']}: already finished, skipped")
-            runs.append((config, finished))
+    for run in planned:
+        if run.finished is not None:
+            print(f"{run.config.run_name}: already finished with these settings, skipped")
+            runs.append((run.config, run.finished))
             continue
         try:
-            runs.append((config, train_run(config, raw, checkpoint_path, args.resume)))
+            runs.append((run.config, run_planned(run, raw, resume)))
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"the last finished epoch of {config['run_name']} is saved in "
-                                    f"{checkpoint_path}; run the same command with --resume to continue") from None
+            raise KeyboardInterrupt(f"the last finished epoch of {run.config.run_name} is saved in "
+                                    f"{run.files.checkpoint}; run the same command with --resume to continue") from None
     plots_dir = Path(args.plots_dir) if args.plots_dir else out_dir / "plots"
-    for path in plot_sweep(runs, plots_dir):
+    figures = [(config, history, run.files.read_grad_norms()) for (config, history), run in zip(runs, planned)]
+    for path in plot_sweep(figures, plots_dir):
         print(f"wrote {path}")
     return runs
 

@@ -1,20 +1,131 @@
-"""One training epoch, evaluation, and the per-step gradient-norm log."""
+"""One training run: its setup, the epoch loop, evaluation, checkpoints and resume, and the files it writes."""
 from __future__ import annotations
 
+import json
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data import Split, batch_indices
-from utils import CLIError
+from config import RunConfig
+from data import DATASETS, RawData, Split, augment, batch_indices, make_splits
+from models import build_model
+from utils import first_line, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json
+
+FINITE_CHECK_EVERY = 10  # steps between checks that the loss is finite (each check waits for the device)
+DEFAULT_THREADS = torch.get_num_threads()
 
 
-class NonFiniteLoss(CLIError):
-    """The training loss became NaN or infinite."""
+class NonFiniteLoss(ArithmeticError):
+    """The training or validation loss became NaN or infinite."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot continue the run asked for."""
+
+
+def logged_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weight tensors whose gradient norms are logged: every parameter with more than one dimension."""
+    return {name: p for name, p in model.named_parameters() if p.ndim > 1}
+
+
+def cpu_threads(config: RunConfig) -> int:
+    """Torch CPU threads for a run: --threads, or 1 for the MLP and every core for CNNs.
+
+    The MLP's 16-wide matmuls are too small to split; a second thread only adds synchronisation, and when another
+    process holds the other core it spin-waits for it (measured: 8 ms a step on 1 thread, 55 ms on 2).
+    """
+    if config.threads:
+        return config.threads
+    return 1 if config.model_name == "MLP" else DEFAULT_THREADS
+
+
+def uses_channels_last(config: RunConfig) -> bool:
+    """Whether a run keeps images and weights channels_last (faster convolutions): CNNs, except on the CPU below
+    16 channels, where oneDNN's weight gradient of the channels_last 1x1 stride-2 shortcut convolution hangs or
+    is wrong (uxlfoundation/oneDNN#6035)."""
+    return config.model_name == "ResNet" and (config.device.startswith("cuda") or config.out_channels >= 16)
+
+
+def build_run_model(config: RunConfig) -> nn.Module:
+    """The seeded, freshly initialised model of a run, on its device and in its memory format."""
+    seed_everything(config.seed)
+    memory_format = torch.channels_last if uses_channels_last(config) else torch.preserve_format
+    return build_model(config).to(config.device, memory_format=memory_format)
+
+
+def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """Adam or SGD as one fused kernel per step; weight decay on conv and linear weights only (not on biases or
+    batch-norm parameters, as timm's param_groups_weight_decay does)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, fused=True)
+    return torch.optim.Adam(groups, lr=config.lr, fused=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule, stepped after every batch: a linear warm-up of `warmup_epochs`, then constant,
+    cosine to zero, or divided by 10 at 50% and 75% of training; `onecycle` is OneCycleLR rising for
+    `warmup_epochs` from lr/25 and annealing to lr/25e4."""
+    from torch.optim import lr_scheduler
+    total = config.num_epochs * steps_per_epoch
+    warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
+    if config.lr_schedule == "onecycle":
+        return lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
+                                       pct_start=max(warmup, 1) / total, cycle_momentum=False)
+    if config.lr_schedule == "constant":
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif config.lr_schedule == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    elif config.lr_schedule == "step":
+        main = lr_scheduler.MultiStepLR(optimizer, [total // 2 - warmup, total * 3 // 4 - warmup], gamma=0.1)
+    else:
+        raise ValueError(f"unknown learning-rate schedule {config.lr_schedule!r}")
+    if warmup == 0:
+        return main
+    rise = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
+    return lr_scheduler.SequentialLR(optimizer, [rise, main], milestones=[warmup])
+
+
+@dataclass
+class RunSetup:
+    """Everything one run trains with: its splits on the device, a fresh model, loss, optimizer and schedule,
+    the data-order generator and the batch augmentation (or None)."""
+    config: RunConfig
+    train: Split
+    val: Split
+    test: Split
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
+
+
+def prepare_run(config: RunConfig, raw: RawData) -> RunSetup:
+    """Set up a run from its config: splits, model, loss, optimizer, schedule, data order and augmentation."""
+    info = DATASETS[config.dataset]
+    train, val, test = make_splits(raw, info, config.val_size, config.seed, config.limit_train, config.device,
+                                   uses_channels_last(config))
+    model = build_run_model(config)
+    optimizer = build_optimizer(model, config)
+    steps = len(batch_indices(len(train), config.batch_size, torch.Generator()))
+    return RunSetup(config, train, val, test, model, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+                    optimizer, build_scheduler(optimizer, config, steps),
+                    torch.Generator().manual_seed(config.seed),
+                    partial(augment, info=info) if config.augment else None)
 
 
 @dataclass
@@ -26,23 +137,17 @@ class EpochResult:
     grad_steps: list[int]
 
 
-def logged_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weight tensors whose gradient norms are logged: every parameter with more than one dimension."""
-    return {name: p for name, p in model.named_parameters() if p.ndim > 1}
-
-
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train: Split, batch_size: int,
-                    generator: torch.Generator, epoch: int, start_step: int = 0, grad_log_every: int = 1,
-                    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                    amp: bool = False, progress: bool = True) -> EpochResult:
-    """Train for one epoch over seeded shuffled batches; log each weight's gradient L2 norm every
-    `grad_log_every` steps with one fused call, keeping everything on the device until the epoch ends."""
+def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool = False) -> EpochResult:
+    """Train for one epoch over seeded shuffled batches, stepping the schedule every batch; log each weight's
+    gradient L2 norm every `grad_log_every` steps with one fused call, kept on the device until the epoch ends.
+    The loss is checked every FINITE_CHECK_EVERY steps: a NaN stops training within that many steps."""
+    model, optimizer, config = run.model, run.optimizer, run.config
     model.train()
-    device = train.images.device
-    batches = batch_indices(len(train), batch_size, generator)
+    device = run.train.images.device
+    batches = batch_indices(len(run.train), config.batch_size, run.generator)
     weights = list(logged_weights(model).values())
-    steps = range(start_step, start_step + len(batches))
-    grad_steps = [s for s in steps if grad_log_every > 0 and s % grad_log_every == 0]
+    every = config.grad_log_every
+    grad_steps = [s for s in range(start_step, start_step + len(batches)) if every > 0 and s % every == 0]
     grad_norms = torch.zeros(len(grad_steps), len(weights), device=device)
     losses = torch.zeros(len(batches), device=device)
     sizes = torch.tensor([len(b) for b in batches], dtype=torch.float32)
@@ -50,27 +155,35 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train: S
     row = 0
     for i, index in enumerate(bar):
         index = index.to(device, non_blocking=True)
-        images, labels = train.images.index_select(0, index), train.labels.index_select(0, index)
-        if augment_fn is not None:
-            images = augment_fn(images, generator)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(images), labels)
+        images, labels = run.train.images.index_select(0, index), run.train.labels.index_select(0, index)
+        if run.augment_fn is not None:
+            images = run.augment_fn(images, run.generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+            loss = run.criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if row < len(grad_steps) and grad_steps[row] == start_step + i:
             grad_norms[row] = torch.stack(torch._foreach_norm([w.grad for w in weights]))
             row += 1
         optimizer.step()
+        run.scheduler.step()
         losses[i] = loss.detach()
+        if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == len(batches):
+            first = i - i % FINITE_CHECK_EVERY
+            check_finite(losses[first:i + 1], f"training loss at epoch {epoch}", start_step + first)
         if progress and i % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     losses = losses.cpu()
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        raise NonFiniteLoss(f"the training loss became {losses[bad[0, 0]].item()} at epoch {epoch}, "
-                            f"step {start_step + bad[0, 0].item()}; lower --lr")
     mean_loss = (losses * sizes).sum().item() / sizes.sum().item()
     return EpochResult(mean_loss, len(batches), grad_norms.cpu(), grad_steps)
+
+
+def check_finite(losses: torch.Tensor, what: str, first_step: int) -> None:
+    """Raise NonFiniteLoss naming the first step (counted from `first_step`) whose loss is NaN or infinite."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        step = first_step + bad[0, 0].item()
+        raise NonFiniteLoss(f"the {what} became {losses[bad[0, 0]].item()} at step {step}")
 
 
 @torch.inference_mode()
@@ -87,3 +200,135 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, amp: bool =
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
     return total_loss.item() / len(split), correct.item() / len(split)
+
+
+class RunFiles:
+    """A run folder's files: config.json, history.json (one entry per epoch and the test result), grad_norms.csv
+    (one row per logged step, appended every epoch) and the checkpoint, which may live elsewhere."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path | None = None):
+        self.run_dir = run_dir
+        self.config = run_dir / "config.json"
+        self.history = run_dir / "history.json"
+        self.grad_norms = run_dir / "grad_norms.csv"
+        self.checkpoint = checkpoint or run_dir / "checkpoint.pt"
+
+    def ours(self) -> list[Path]:
+        """The files a run writes, the one that marks it finished first."""
+        return [self.history, self.checkpoint, self.grad_norms, self.config]
+
+    def exist(self) -> bool:
+        return any(p.exists() for p in self.ours())
+
+    def remove(self) -> None:
+        """Delete the run's files (history first, so that no half-removed run reads as finished) and nothing else."""
+        for path in self.ours():
+            path.unlink(missing_ok=True)
+
+    def read_config(self) -> RunConfig | None:
+        """The config.json of the run, or None when there is none or it is not readable."""
+        try:
+            return RunConfig.from_dict(json.loads(self.config.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def read_history(self) -> dict | None:
+        """history.json, or None when there is none or it is not readable."""
+        try:
+            history = json.loads(self.history.read_text())
+        except (OSError, ValueError):
+            return None
+        return history if isinstance(history, dict) and isinstance(history.get("epochs"), list) else None
+
+    def start_grad_norms(self, names: list[str]) -> None:
+        """A new grad_norms.csv holding only its header: step, then one column per logged weight."""
+        self.grad_norms.parent.mkdir(parents=True, exist_ok=True)
+        self.grad_norms.write_text(",".join(["step", *names]) + "\n")
+
+    def append_grad_norms(self, steps: list[int], norms: torch.Tensor) -> None:
+        """Append one epoch's logged steps (constant cost however long the run has been)."""
+        rows = np.column_stack([np.asarray(steps, dtype=np.float64), norms.double().numpy()])
+        with self.grad_norms.open("a") as f:
+            np.savetxt(f, rows, fmt=["%d"] + ["%.9g"] * norms.shape[1], delimiter=",")
+
+    def truncate_grad_norms(self, steps_done: int) -> None:
+        """Keep only the rows of steps before `steps_done` (those a resumed checkpoint had trained)."""
+        lines = self.grad_norms.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < steps_done]
+        if len(kept) != len(lines):
+            self.grad_norms.write_text("".join(kept))
+
+    def read_grad_norms(self) -> tuple[list[int], dict[str, np.ndarray]]:
+        """The logged steps and, per weight, its gradient norm at each of them."""
+        with self.grad_norms.open() as f:
+            names = f.readline().strip().split(",")[1:]
+            rows = np.loadtxt(f, delimiter=",", ndmin=2).reshape(-1, len(names) + 1)
+        return rows[:, 0].astype(int).tolist(), {name: rows[:, i + 1] for i, name in enumerate(names)}
+
+
+def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, progress: bool | None = None) -> dict:
+    """Train one run, checkpointing every epoch (continuing its checkpoint when `resume`); return its history
+    with the test result."""
+    run = prepare_run(config, raw)
+    model, optimizer = run.model, run.optimizer
+    history: dict = {"epochs": []}
+    if resume and files.checkpoint.is_file():
+        history = restore(run, files.checkpoint)
+        files.truncate_grad_norms(history["epochs"][-1]["steps"] if history["epochs"] else 0)
+        print(f"{config.run_name}: resuming after epoch {len(history['epochs'])}", flush=True)
+    else:
+        files.start_grad_norms(list(logged_weights(model)))
+    write_json(files.config, config.to_dict())
+    progress = sys.stderr.isatty() if progress is None else progress
+    for epoch in range(len(history["epochs"]) + 1, config.num_epochs + 1):
+        start = time.perf_counter()
+        steps_done = history["epochs"][-1]["steps"] if history["epochs"] else 0
+        lr = optimizer.param_groups[0]["lr"]
+        result = train_one_epoch(run, epoch, steps_done, progress)
+        val_loss, val_acc = evaluate(model, run.val, amp=config.amp)
+        check_finite(torch.tensor([val_loss]), f"validation loss after epoch {epoch}", steps_done + result.steps)
+        seconds = time.perf_counter() - start
+        history["epochs"].append({"epoch": epoch, "train_loss": result.loss, "val_loss": val_loss, "val_acc": val_acc,
+                                  "lr": lr, "seconds": seconds, "steps": steps_done + result.steps})
+        print(f"{config.run_name} epoch {epoch}/{config.num_epochs}: train loss {result.loss:.4f}, "
+              f"val loss {val_loss:.4f}, val acc {val_acc:.2%}, {seconds:.1f} s", flush=True)
+        # grad norms first, then the checkpoint: a resume drops rows the checkpoint has not trained
+        files.append_grad_norms(result.grad_steps, result.grad_norms)
+        save_checkpoint(files.checkpoint, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": run.scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
+            "history": history, "rng": dict(rng_state(), data=run.generator.get_state())})
+        write_json(files.history, history)
+    test_loss, test_acc = evaluate(model, run.test, amp=config.amp)
+    history["test"] = {"loss": test_loss, "acc": test_acc}
+    write_json(files.history, history)
+    print(f"{config.run_name}: test loss {test_loss:.4f}, test acc {test_acc:.2%}", flush=True)
+    return history
+
+
+def restore(run: RunSetup, path: Path) -> dict:
+    """Load a checkpoint of the same run into `run` (model, optimizer, schedule, random states); return the
+    history of the epochs it holds."""
+    checkpoint = load_checkpoint(path)
+    try:
+        saved = RunConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as e:
+        raise ResumeError(f"{path}: {first_line(e)}; pass --overwrite to start again") from None
+    changed = saved.differences(run.config)
+    if changed:
+        name = changed[0]
+        raise ResumeError(f"{path} was trained with --{name} {getattr(saved, name)}, not {getattr(run.config, name)}; "
+                          "resume with the same flags, or pass --overwrite to start again")
+    if checkpoint.get("epoch", 0) > run.config.num_epochs:
+        raise ResumeError(f"{path} has trained {checkpoint['epoch']} epochs, more than --num_epochs "
+                          f"{run.config.num_epochs}; pass --overwrite to start again")
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        set_rng_state(checkpoint["rng"])
+        run.generator.set_state(checkpoint["rng"]["data"])
+        history = {"epochs": list(checkpoint["history"]["epochs"])}
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None
+    return history

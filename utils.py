@@ -1,4 +1,4 @@
-"""Shared plumbing: CLI errors, seeding, devices, atomic files, checkpoints and plots."""
+"""Shared plumbing: CLI errors, seeding, devices, atomic files and checkpoints."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,10 @@ class CLIError(Exception):
 class UsageError(CLIError):
     """Bad input from the user: exit status 2."""
     exit_status = 2
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this suite wrote, or one it cannot use."""
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -152,76 +156,15 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with `weights_only=True`; anything that is not one of ours is a UsageError."""
+    """Load a checkpoint with `weights_only=True`; anything that is not one of ours is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--checkpoint {path}: no such file")
+        raise CheckpointError(f"--checkpoint {path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
-        raise UsageError(f"--checkpoint {path} is not a loadable checkpoint (refused or unreadable: "
+        raise CheckpointError(f"--checkpoint {path} is not a loadable checkpoint (refused or unreadable: "
                          f"{first_line(e)})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-        raise UsageError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
+        raise CheckpointError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
     return checkpoint
-
-
-def load_model(checkpoint: dict, path: str | Path, build: Callable[[dict], torch.nn.Module]) -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights; a mismatch is a UsageError."""
-    try:
-        model = build(checkpoint["config"])
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UsageError(f"checkpoint {path}: its config does not match its weights ({first_line(e)})") from None
-    return model
-
-
-ZERO_FLOOR = 1e-12  # where a gradient norm of exactly zero is drawn on a log scale
-
-
-def new_axes():
-    """A figure and its axes, without pyplot: it renders to PNG (Agg) whatever backend or display there is."""
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 4.5))
-    return fig, fig.subplots()
-
-
-def savefig(fig, path: str | Path) -> None:
-    """Save a matplotlib figure as PNG atomically."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-
-
-def plot_curves(curves: dict[str, list[list[float]]], ylabel: str, title: str, path: str | Path,
-                logy: bool = False) -> None:
-    """One line per label over epochs; several runs under one label (seeds) are drawn as mean and min-max band."""
-    from matplotlib.ticker import MaxNLocator
-    fig, ax = new_axes()
-    for label, runs in curves.items():
-        length = min(len(r) for r in runs)
-        values = np.array([r[:length] for r in runs], dtype=float)
-        epochs = np.arange(1, length + 1)
-        if len(runs) > 1:
-            ax.fill_between(epochs, values.min(0), values.max(0), alpha=0.2)
-            label = f"{label} (mean of {len(runs)})"
-        ax.plot(epochs, values.mean(0), marker="o", markersize=3, label=label)
-    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    savefig(fig, path)
-
-
-def plot_grad_norms(steps: list[int], grad_norms: dict[str, list[float]], title: str, path: str | Path) -> None:
-    """Gradient L2 norm of each named weight tensor over training steps, log scale."""
-    fig, ax = new_axes()
-    for name, norms in grad_norms.items():
-        # a gradient that vanished to exactly zero is drawn at a floor rather than dropped by the log scale
-        norms = np.asarray(norms, dtype=float)
-        label = f"{name} (exactly 0 drawn at {ZERO_FLOOR:g})" if (norms == 0).any() else name
-        ax.plot(steps, np.maximum(norms, ZERO_FLOOR), linewidth=0.8, label=label)
-    ax.set(xlabel="training step", ylabel="gradient L2 norm", title=title, yscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    savefig(fig, path)

@@ -8,10 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def run_config(*flags: str):
+    """The first RunConfig pipeline.py plans from these flags, on the CPU (the real flag-to-config path)."""
+    import pipeline
+    args = pipeline.get_args_parser().parse_args(["--device", "cpu", *flags])
+    return pipeline.run_configs(args, torch.device("cpu"))[0]
 
 
 def class_images(labels: np.ndarray, channels: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,174 @@
+"""The lab's figures, drawn without pyplot (Agg, whatever display there is) and saved atomically."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from config import RunConfig
+from utils import atomic_write
+
+GRAD_PLOT_LAYERS = 5  # the first weights of an MLP shown in its gradient figure
+ZERO_FLOOR = 1e-12  # where a gradient norm of exactly zero is drawn on a log scale
+
+
+def new_figure(panels: int = 1, width: float = 7, sharey: bool = True):
+    """A figure and its row of axes (a list), without pyplot."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * panels if panels < 3 else 4.2 * panels, 4.5))
+    axes = fig.subplots(1, panels, sharey=sharey, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def savefig(fig, path: str | Path) -> None:
+    """Save a matplotlib figure as PNG atomically."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def shortcut_label(config: RunConfig) -> str:
+    return f"residual (step {config.residual_step})" if config.residual_step else "plain"
+
+
+def depth_label(config: RunConfig) -> str:
+    """How a network's depth is named: the MLP by its hidden layers (the lab's "depth"), the CNN by He et al.'s
+    count of weight layers."""
+    if config.model_name == "MLP":
+        return f"{config.num_hidden_layers} hidden layers, width {config.width}"
+    return f"depth {config.depth}"
+
+
+def plot_curves(panels: dict[str, dict[str, list[list[float]]]], ylabel: str, title: str, path: str | Path,
+                logy: bool = False) -> None:
+    """One panel per group (plain, residual), one colour per label, one line per run: seeds are drawn each on
+    its own, never averaged, so runs that train and runs that stall both stay visible."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = new_figure(len(panels))
+    for ax, (panel, curves) in zip(axes, panels.items()):
+        colours = colormaps["viridis"](np.linspace(0, 0.9, len(curves)))
+        for colour, (label, runs) in zip(colours, curves.items()):
+            for i, values in enumerate(runs):
+                name = (f"{label} ({len(runs)} seeds)" if len(runs) > 1 else label) if i == 0 else None
+                ax.plot(np.arange(1, len(values) + 1), values, color=colour, marker="o", markersize=2.5,
+                        linewidth=1.2 if len(runs) == 1 else 0.8, alpha=1 if len(runs) == 1 else 0.7, label=name)
+        ax.set(xlabel="epoch", title=f"{title}: {panel}" if len(panels) > 1 else title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(ylabel)
+    savefig(fig, path)
+
+
+def plot_grad_norms(panels: dict[str, tuple[list[int], dict[str, np.ndarray]]], title: str, path: str | Path,
+                    ylim: tuple[float, float] | None = None) -> None:
+    """Gradient L2 norm of named weight tensors over training steps, one panel per run, log scale."""
+    fig, axes = new_figure(len(panels))
+    for ax, (panel, (steps, grad_norms)) in zip(axes, panels.items()):
+        for name, norms in grad_norms.items():
+            # a gradient that vanished to exactly zero is drawn at a floor rather than dropped by the log scale
+            label = f"{name} (exactly 0 drawn at {ZERO_FLOOR:g})" if (norms == 0).any() else name
+            ax.plot(steps, np.maximum(norms, ZERO_FLOOR), linewidth=0.8, label=label)
+        ax.set(xlabel="training step", title=panel, yscale="log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("gradient L2 norm")
+    fig.suptitle(title)
+    savefig(fig, path)
+
+
+def plot_trainability(points: dict[str, list[tuple[int, float]]], xlabel: str, title: str, path: str | Path) -> None:
+    """Each run's final validation accuracy against depth, one mark per seed, one colour per group."""
+    fig, (ax,) = new_figure()
+    offsets = np.linspace(-0.3, 0.3, len(points))
+    for offset, (label, marks) in zip(offsets, points.items()):
+        x, y = np.array(marks, dtype=float).T
+        ax.scatter(x + offset, y, s=22, alpha=0.8, label=f"{label} ({len(marks)} runs)")
+    ax.set(xlabel=xlabel, ylabel="final validation accuracy", title=title, ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    savefig(fig, path)
+
+
+def grad_range(series: list[np.ndarray]) -> tuple[float, float]:
+    """One log-scale y range that holds every series (zeros at the floor), so figures can be compared."""
+    values = np.concatenate([np.maximum(s, ZERO_FLOOR) for s in series])
+    return float(values.min()) / 2, float(values.max()) * 2
+
+
+def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.ndarray]]]],
+               plots_dir: Path) -> list[Path]:
+    """The lab's comparison figures over every run of a sweep, from (config, history, gradient norms) per run;
+    return the files written."""
+    mlp = runs[0][0].model_name == "MLP"
+    loss: dict[str, dict[str, list[list[float]]]] = {}
+    acc: dict[str, dict[str, list[list[float]]]] = {}
+    for config, history, _ in runs:
+        loss.setdefault(shortcut_label(config), {}).setdefault(depth_label(config), []).append(
+            [e["train_loss"] for e in history["epochs"]])
+        acc.setdefault(shortcut_label(config), {}).setdefault(depth_label(config), []).append(
+            [e["val_acc"] for e in history["epochs"]])
+    family = "MLP" if mlp else "CNN"
+    paths = [plots_dir / ("mlp_training_loss.png" if mlp else "Conv_train_loss.png"),
+             plots_dir / ("mlp_Val_acc.png" if mlp else "Conv_val_accuracy.png")]
+    plot_curves(loss, "training loss", f"{family} training loss", paths[0], logy=True)
+    plot_curves(acc, "validation accuracy", f"{family} validation accuracy", paths[1])
+    logged = [(c, g) for c, _, g in runs if g[0]]
+    if not logged:
+        return paths
+    if mlp:
+        paths += plot_mlp_gradients(logged, plots_dir)
+        paths.append(plots_dir / "mlp_trainability.png")
+        points: dict[str, list[tuple[int, float]]] = {}
+        for config, history, _ in runs:
+            points.setdefault(shortcut_label(config), []).append(
+                (config.num_hidden_layers, history["epochs"][-1]["val_acc"]))
+        plot_trainability(points, "hidden layers (--num_hidden_layers)", "MLP: which depths train", paths[-1])
+    else:
+        paths += plot_cnn_gradients(logged, plots_dir)
+    return paths
+
+
+def plot_mlp_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np.ndarray]]]],
+                       plots_dir: Path) -> list[Path]:
+    """gradients_mlp_d<hidden layers>[_res<k>][_w<width>].png: the first layers' gradient norms, a panel per
+    seed, every figure on the same y range."""
+    groups: dict[str, list[tuple[RunConfig, tuple]]] = {}
+    widths = {c.width for c, _ in runs}
+    for config, grads in runs:
+        name = f"gradients_mlp_d{config.num_hidden_layers}" + (
+            f"_res{config.residual_step}" if config.residual_step else "") + (
+            f"_w{config.width}" if len(widths) > 1 else "")
+        groups.setdefault(name, []).append((config, grads))
+    first = [{n: norms for n, norms in list(g[1].items())[:GRAD_PLOT_LAYERS]} for _, g in runs]
+    ylim = grad_range([s for layers in first for s in layers.values()])
+    paths = []
+    for name, group in groups.items():
+        panels = {f"seed {c.seed}": (steps, dict(list(norms.items())[:GRAD_PLOT_LAYERS])) for c, (steps, norms) in group}
+        paths.append(plots_dir / f"{name}.png")
+        plot_grad_norms(panels, f"gradients of the first layers: {depth_label(group[0][0])}, "
+                        f"{shortcut_label(group[0][0])}", paths[-1], ylim)
+    return paths
+
+
+def plot_cnn_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np.ndarray]]]],
+                       plots_dir: Path) -> list[Path]:
+    """Conv_gradients_d<depth>.png: the first convolution's gradient norm of every run of that depth, plain
+    against residual, on one y range across depths."""
+    by_depth: dict[int, dict[str, np.ndarray]] = {}
+    steps_of: dict[int, list[int]] = {}
+    for config, (steps, norms) in runs:
+        first_name, first_norms = next(iter(norms.items()))
+        label = f"{shortcut_label(config)}, seed {config.seed}: {first_name}"
+        by_depth.setdefault(config.depth, {})[label] = first_norms
+        steps_of[config.depth] = steps
+    ylim = grad_range([s for series in by_depth.values() for s in series.values()])
+    paths = []
+    for depth, series in by_depth.items():
+        paths.append(plots_dir / f"Conv_gradients_d{depth}.png")
+        plot_grad_norms({f"depth {depth}": (steps_of[depth], series)},
+                        "gradient norm of the first convolution", paths[-1], ylim)
+    return paths
