@@ -16,10 +16,10 @@ from config import RunConfig
 from data import DATASETS, load_dataset, to_split
 from models import load_model
 from plots import plot_sweep
-from sweep import SWEEP_FLAGS, RunConflict, expand, plan, run_planned, with_prefix
-from train import NonFiniteLoss, ResumeError, cpu_threads, evaluate
-from utils import (ArgumentParser, CheckpointError, CLIError, UsageError, check_writable, load_checkpoint,
-                   resolve_device, run_cli)
+from sweep import SWEEP_FLAGS, RunConflict, execute, expand, plan, with_prefix
+from train import ResumeError, cpu_threads, evaluate
+from utils import (ArgumentParser, CheckpointError, CLIError, UsageError, check_writable, distributed_world,
+                   init_distributed, load_checkpoint, resolve_device, run_cli)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -69,6 +69,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--threads", type=int, default=0,
                help="CPU threads; 0 = 1 for the MLP (its tiny matmuls only lose to a second thread), every core "
                     "for CNNs")
+    parser.add("--jobs", type=int, default=1,
+               help="train a sweep's runs in N worker processes, longest first; on the CPU each gets cores // N "
+                    "threads (or --threads), on CUDA its own device (round robin)")
+    parser.add("--sync_bn", action=argparse.BooleanOptionalAction, default=False,
+               help="under torchrun: synchronise batch-norm statistics across processes (CUDA only)")
     parser.add("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
     parser.add("--grad_log_every", type=int, default=1, help="log gradient norms every N steps (0 = never)")
     parser.add("--train", action=argparse.BooleanOptionalAction, default=True,
@@ -87,7 +92,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 SINGLE_VALUED = ("model_name", "dataset", "num_classes", "out_channels", "num_levels", "stem", "val_size",
                  "limit_train", "augment", "num_epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
-                 "weight_decay", "lr_schedule", "label_smoothing", "amp", "grad_log_every", "threads")
+                 "weight_decay", "lr_schedule", "label_smoothing", "sync_bn", "amp", "grad_log_every", "threads")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -113,6 +118,19 @@ def check_args(args: argparse.Namespace) -> None:
     if args.warmup_epochs is not None and not 0 <= args.warmup_epochs < args.num_epochs:
         raise UsageError(f"--warmup_epochs must be at least 0 and below --num_epochs {args.num_epochs}, "
                          f"got {args.warmup_epochs}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
+    if args.jobs > 1 and distributed_world() > 1:
+        raise UsageError("--jobs runs a sweep in worker processes and torchrun spreads one run over processes; "
+                         "use one of them")
+    if args.sync_bn and distributed_world() == 1:
+        raise UsageError("--sync_bn synchronises batch norm across torchrun's processes; start with torchrun")
+    if args.sync_bn and not args.device.startswith("cuda") and not (args.device == "auto" and
+                                                                   torch.cuda.is_available()):
+        raise UsageError("--sync_bn needs CUDA: torch's SyncBatchNorm does not run on the CPU")
+    if distributed_world() > 1 and args.batch_size % distributed_world():
+        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of torchrun's {distributed_world()} "
+                         "processes: each trains on an equal share of every batch")
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (automatic) or positive, got {args.threads}")
     if args.grad_log_every < 0:
@@ -150,7 +168,7 @@ def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfi
         warmup = 0.3 * args.num_epochs if args.lr_schedule == "onecycle" else 0.0
     settings = {flag: getattr(args, flag) for flag in SINGLE_VALUED}
     settings.update(in_channels=info.in_channels, input_size=info.input_size, warmup_epochs=warmup,
-                    sync_bn=False, device=str(device))
+                    device=str(device))
     sweep = {flag: getattr(args, flag) for flag in {f for flags in SWEEP_FLAGS.values() for f in flags}}
     try:
         configs = expand(settings, sweep)
@@ -175,47 +193,52 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
-    """Train and evaluate every config of the sweep, then plot; return (config, history) per run."""
+    """Train and evaluate every config of the sweep, then plot; return (config, history) per finished run."""
     try:
         return sweep_main(args)
     except (RunConflict, ResumeError, CheckpointError) as e:
         raise UsageError(str(e)) from None
-    except NonFiniteLoss as e:
-        raise CLIError(f"{e}; the last good epoch is kept in its checkpoint; lower --lr") from None
 
 
 def sweep_main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     """main() without the translation of library errors into CLI messages."""
-    device = resolve_device(args.device)
     if not args.train:
-        evaluate_checkpoint(args, device)
+        evaluate_checkpoint(args, resolve_device(args.device))
         return []
     check_args(args)
+    rank, world_size = 0, distributed_world()
+    if world_size > 1:
+        rank, world_size, device_name = init_distributed(args.device)
+        device = torch.device(device_name)
+    else:
+        device = resolve_device(args.device)
     configs = run_configs(args, device)
     out_dir = Path(args.out_dir)
     planned = plan(configs, out_dir, Path(args.checkpoint) if args.checkpoint else None, args.resume,
                    args.overwrite)
+    if world_size > 1:
+        torch.distributed.barrier()  # every rank has planned before rank 0 replaces any file
     raw = load_dataset(args.dataset, args.data_root, args.download)
+    threads = cpu_threads(configs[0], args.jobs)
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(configs[0]))
+        torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions once
-    resume = args.resume and not args.overwrite
-    runs = []
-    for run in planned:
-        if run.finished is not None:
-            print(f"{run.config.run_name}: already finished with these settings, skipped")
-            runs.append((run.config, run.finished))
-            continue
-        try:
-            runs.append((run.config, run_planned(run, raw, resume)))
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"the last finished epoch of {run.config.run_name} is saved in "
-                                    f"{run.files.checkpoint}; run the same command with --resume to continue") from None
-    plots_dir = Path(args.plots_dir) if args.plots_dir else out_dir / "plots"
-    figures = [(config, history, run.files.read_grad_norms()) for (config, history), run in zip(runs, planned)]
-    for path in plot_sweep(figures, plots_dir):
-        print(f"wrote {path}")
-    return runs
+    devices = (str(device),)
+    if device.type == "cuda" and device.index is None:
+        devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    result = execute(planned, raw, args.resume and not args.overwrite, args.jobs, devices, threads, rank,
+                     world_size)
+    if rank == 0 and result.runs:
+        plots_dir = Path(args.plots_dir) if args.plots_dir else out_dir / "plots"
+        files = {run.config.run_name: run.files for run in planned}
+        figures = [(config, history, files[config.run_name].read_grad_norms()) for config, history in result.runs]
+        for path in plot_sweep(figures, plots_dir):
+            print(f"wrote {path}")
+    if result.failures:
+        failed = "; ".join(f"{name}: {error}" for name, error in result.failures)
+        raise CLIError(f"{len(result.failures)} of {len(planned)} runs failed ({failed})" if len(planned) > 1
+                       else f"{result.failures[0][0]} failed: {result.failures[0][1]}")
+    return result.runs
 
 
 if __name__ == "__main__":

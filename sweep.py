@@ -1,15 +1,24 @@
-"""Sweep planning: one RunConfig per combination of the swept values, run names, and what to do with each run
-folder that already exists (train, continue, skip, or refuse)."""
+"""Sweeps: one RunConfig per combination of the swept values, run names, what to do with each run folder that
+already exists (train, continue, skip, or refuse), and running the runs in this process or in --jobs workers."""
 from __future__ import annotations
 
 import itertools
+import os
+import queue
+import signal
+import sys
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from config import RunConfig
 from data import RawData
 from models import build_model
-from train import RunFiles, train_run
+from train import RunFiles, check_resumable, train_run
+from utils import CLIError, first_line, load_checkpoint
 
 # the flags that take several values, per model family; the order is the order of the runs
 SWEEP_FLAGS = {"MLP": ("num_hidden_layers", "residual_step", "width", "seed"),
@@ -87,6 +96,8 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, resum
                               "replace it, or --run_name/--out_dir to keep both")
         if resume and not overwrite:
             run.finished = finished_history(config, files)
+            if run.finished is None and files.checkpoint.is_file():
+                check_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
         planned.append(run)
     return planned
 
@@ -114,8 +125,120 @@ def finished_history(config: RunConfig, files: RunFiles) -> dict | None:
     return history if epochs == config.num_epochs else None
 
 
-def run_planned(run: PlannedRun, raw: RawData, resume: bool) -> dict:
+def run_planned(run: PlannedRun, raw: RawData, resume: bool, progress: bool | None = None, rank: int = 0,
+                world_size: int = 1) -> dict:
     """Train one planned run (replacing what an --overwrite'd folder held first); return its history."""
-    if not resume and run.files.exist():
+    if not resume and rank == 0 and run.files.exist():
         run.files.remove()
-    return train_run(run.config, raw, run.files, resume)
+    return train_run(run.config, raw, run.files, resume, progress, rank, world_size)
+
+
+@dataclass
+class SweepResult:
+    """The (config, history) of every run that finished or was skipped, and (run name, error) of those that
+    failed."""
+    runs: list[tuple[RunConfig, dict]]
+    failures: list[tuple[str, str]]
+
+
+def cost(config: RunConfig) -> int:
+    """A run's relative training time, for scheduling the longest first."""
+    return config.depth * config.num_epochs
+
+
+def execute(planned: list[PlannedRun], raw: RawData, resume: bool, jobs: int = 1,
+            devices: tuple[str, ...] = ("cpu",), threads: int = 1, rank: int = 0,
+            world_size: int = 1) -> SweepResult:
+    """Train the planned runs: in this process one after another, or in `jobs` spawned workers (longest first,
+    worker w on devices[w % len(devices)] with `threads` CPU threads, the data shared with them through shared
+    memory). A failed run does not stop the others."""
+    todo = [i for i, run in enumerate(planned) if run.finished is None]
+    for run in planned:
+        if run.finished is not None:
+            print(f"{run.config.run_name}: already finished with these settings, skipped", flush=True)
+    histories: dict[int, dict] = {i: run.finished for i, run in enumerate(planned) if run.finished is not None}
+    failures: dict[int, str] = {}
+    if jobs == 1:
+        for i in todo:
+            try:
+                histories[i] = run_planned(planned[i], raw, resume, None, rank, world_size)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"the last finished epoch of {planned[i].config.run_name} is saved in "
+                                        f"{planned[i].files.checkpoint}; run the same command with --resume to "
+                                        "continue") from None
+            except Exception as e:  # noqa: BLE001 -- one run's failure is reported; the sweep goes on
+                failures[i] = report_failure(planned[i], e)
+    elif todo:
+        histories.update(run_in_workers(planned, todo, raw, resume, jobs, devices, threads, failures))
+    return SweepResult([(planned[i].config, histories[i]) for i in sorted(histories)],
+                       [(planned[i].config.run_name, failures[i]) for i in sorted(failures)])
+
+
+def report_failure(run: PlannedRun, error: Exception) -> str:
+    """Print why a run failed (a traceback for what is not one of our own errors); return one line of it."""
+    if not isinstance(error, (ArithmeticError, ValueError, OSError, CLIError)):
+        traceback.print_exception(error)
+    line = first_line(error)
+    print(f"{run.config.run_name}: failed: {line}", file=sys.stderr, flush=True)
+    return line
+
+
+def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, resume: bool,
+                   jobs: int, devices: tuple[str, ...], threads: int, failures: dict[int, str]) -> dict[int, dict]:
+    """Train runs `todo` in `jobs` spawned worker processes; Ctrl-C or SIGTERM stops every worker after its
+    last checkpoint. Return the histories of the runs that finished, recording failures in `failures`."""
+    context = torch.multiprocessing.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    for i in sorted(todo, key=lambda i: -cost(planned[i].config)):
+        tasks.put(i)
+    workers = [context.Process(target=worker, daemon=True,
+                               args=(planned, raw, resume, devices[w % len(devices)], threads, tasks, results))
+               for w in range(min(jobs, len(todo)))]
+    for process in workers:
+        tasks.put(None)
+        process.start()
+    histories: dict[int, dict] = {}
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True)
+    try:
+        while len(histories) + len(failures) < len(todo):
+            try:
+                i, history, error = results.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in workers):
+                    for i in set(todo) - histories.keys() - failures.keys():
+                        failures[i] = "its worker process died"
+                continue
+            if error is None:
+                histories[i] = history
+            else:
+                failures[i] = error
+            bar.update()
+    except KeyboardInterrupt:
+        for process in workers:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        for process in workers:
+            process.join(timeout=60)
+        raise KeyboardInterrupt("every run keeps its last finished epoch; run the same command with --resume to "
+                                "continue") from None
+    finally:
+        bar.close()
+    for process in workers:
+        process.join()
+    return histories
+
+
+def worker(planned: list[PlannedRun], raw: RawData, resume: bool, device: str, threads: int, tasks,
+           results) -> None:
+    """A worker process: take run indices from `tasks` until None, train each, and put (index, history, error)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        torch.set_num_threads(threads)
+        while (i := tasks.get()) is not None:
+            run = replace(planned[i], config=replace(planned[i].config, device=device))
+            try:
+                results.put((i, run_planned(run, raw, resume, progress=False), None))
+            except Exception as e:  # noqa: BLE001 -- reported to the sweep, which goes on
+                results.put((i, None, report_failure(run, e)))
+    except KeyboardInterrupt:
+        pass

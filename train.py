@@ -37,15 +37,16 @@ def logged_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.ndim > 1}
 
 
-def cpu_threads(config: RunConfig) -> int:
-    """Torch CPU threads for a run: --threads, or 1 for the MLP and every core for CNNs.
+def cpu_threads(config: RunConfig, jobs: int = 1) -> int:
+    """Torch CPU threads for a run: --threads, or 1 for the MLP and, for CNNs, every core shared among `jobs`
+    worker processes.
 
     The MLP's 16-wide matmuls are too small to split; a second thread only adds synchronisation, and when another
     process holds the other core it spin-waits for it (measured: 8 ms a step on 1 thread, 55 ms on 2).
     """
     if config.threads:
         return config.threads
-    return 1 if config.model_name == "MLP" else DEFAULT_THREADS
+    return 1 if config.model_name == "MLP" else max(1, DEFAULT_THREADS // jobs)
 
 
 def uses_channels_last(config: RunConfig) -> bool:
@@ -101,31 +102,43 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig,
 @dataclass
 class RunSetup:
     """Everything one run trains with: its splits on the device, a fresh model, loss, optimizer and schedule,
-    the data-order generator and the batch augmentation (or None)."""
+    the data-order generator and the batch augmentation (or None). Under torchrun, `net` is the model wrapped in
+    DistributedDataParallel and this process trains on its `rank`'s share of every batch."""
     config: RunConfig
     train: Split
     val: Split
     test: Split
     model: nn.Module
+    net: nn.Module
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
+    rank: int = 0
+    world_size: int = 1
 
 
-def prepare_run(config: RunConfig, raw: RawData) -> RunSetup:
-    """Set up a run from its config: splits, model, loss, optimizer, schedule, data order and augmentation."""
+def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int = 1) -> RunSetup:
+    """Set up a run from its config: splits, model, loss, optimizer, schedule, data order and augmentation;
+    with `world_size` > 1 (torchrun) the model is wrapped in DistributedDataParallel."""
     info = DATASETS[config.dataset]
     train, val, test = make_splits(raw, info, config.val_size, config.seed, config.limit_train, config.device,
                                    uses_channels_last(config))
     model = build_run_model(config)
+    net = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        if config.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device = torch.device(config.device)
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, config)
     steps = len(batch_indices(len(train), config.batch_size, torch.Generator()))
-    return RunSetup(config, train, val, test, model, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
-                    optimizer, build_scheduler(optimizer, config, steps),
-                    torch.Generator().manual_seed(config.seed),
-                    partial(augment, info=info) if config.augment else None)
+    return RunSetup(config, train, val, test, model, net,
+                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer,
+                    build_scheduler(optimizer, config, steps), torch.Generator().manual_seed(config.seed),
+                    partial(augment, info=info) if config.augment else None, rank, world_size)
 
 
 @dataclass
@@ -140,9 +153,12 @@ class EpochResult:
 def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool = False) -> EpochResult:
     """Train for one epoch over seeded shuffled batches, stepping the schedule every batch; log each weight's
     gradient L2 norm every `grad_log_every` steps with one fused call, kept on the device until the epoch ends.
-    The loss is checked every FINITE_CHECK_EVERY steps: a NaN stops training within that many steps."""
+    The loss is checked every FINITE_CHECK_EVERY steps: a NaN stops training within that many steps.
+
+    Under torchrun every rank draws the same global batch (same generator, same augmentation) and trains on every
+    world_size-th image of it, its loss weighted so that DDP's gradient average is the global batch's gradient."""
     model, optimizer, config = run.model, run.optimizer, run.config
-    model.train()
+    run.net.train()
     device = run.train.images.device
     batches = batch_indices(len(run.train), config.batch_size, run.generator)
     weights = list(logged_weights(model).values())
@@ -158,8 +174,12 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
         images, labels = run.train.images.index_select(0, index), run.train.labels.index_select(0, index)
         if run.augment_fn is not None:
             images = run.augment_fn(images, run.generator)
+        if run.world_size > 1:
+            images, labels = images[run.rank::run.world_size], labels[run.rank::run.world_size]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-            loss = run.criterion(model(images), labels)
+            loss = run.criterion(run.net(images), labels)
+        if run.world_size > 1:
+            loss = loss * (len(labels) * run.world_size / len(index))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if row < len(grad_steps) and grad_steps[row] == start_step + i:
@@ -173,6 +193,9 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
             check_finite(losses[first:i + 1], f"training loss at epoch {epoch}", start_step + first)
         if progress and i % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    if run.world_size > 1:
+        torch.distributed.all_reduce(losses)
+        losses /= run.world_size
     losses = losses.cpu()
     mean_loss = (losses * sizes).sum().item() / sizes.sum().item()
     return EpochResult(mean_loss, len(batches), grad_norms.cpu(), grad_steps)
@@ -183,7 +206,8 @@ def check_finite(losses: torch.Tensor, what: str, first_step: int) -> None:
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         step = first_step + bad[0, 0].item()
-        raise NonFiniteLoss(f"the {what} became {losses[bad[0, 0]].item()} at step {step}")
+        raise NonFiniteLoss(f"the {what} became {losses[bad[0, 0]].item()} at step {step}; its checkpoint keeps the "
+                            "last good epoch; lower --lr")
 
 
 @torch.inference_mode()
@@ -266,20 +290,24 @@ class RunFiles:
         return rows[:, 0].astype(int).tolist(), {name: rows[:, i + 1] for i, name in enumerate(names)}
 
 
-def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, progress: bool | None = None) -> dict:
+def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, progress: bool | None = None,
+              rank: int = 0, world_size: int = 1) -> dict:
     """Train one run, checkpointing every epoch (continuing its checkpoint when `resume`); return its history
-    with the test result."""
-    run = prepare_run(config, raw)
+    with the test result. Under torchrun every rank trains and only rank 0 writes."""
+    run = prepare_run(config, raw, rank, world_size)
     model, optimizer = run.model, run.optimizer
+    writes = rank == 0
     history: dict = {"epochs": []}
     if resume and files.checkpoint.is_file():
         history = restore(run, files.checkpoint)
-        files.truncate_grad_norms(history["epochs"][-1]["steps"] if history["epochs"] else 0)
+        if writes:
+            files.truncate_grad_norms(history["epochs"][-1]["steps"] if history["epochs"] else 0)
         print(f"{config.run_name}: resuming after epoch {len(history['epochs'])}", flush=True)
-    else:
+    elif writes:
         files.start_grad_norms(list(logged_weights(model)))
-    write_json(files.config, config.to_dict())
-    progress = sys.stderr.isatty() if progress is None else progress
+    if writes:
+        write_json(files.config, config.to_dict())
+    progress = sys.stderr.isatty() and writes if progress is None else progress
     for epoch in range(len(history["epochs"]) + 1, config.num_epochs + 1):
         start = time.perf_counter()
         steps_done = history["epochs"][-1]["steps"] if history["epochs"] else 0
@@ -292,36 +320,44 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
                                   "lr": lr, "seconds": seconds, "steps": steps_done + result.steps})
         print(f"{config.run_name} epoch {epoch}/{config.num_epochs}: train loss {result.loss:.4f}, "
               f"val loss {val_loss:.4f}, val acc {val_acc:.2%}, {seconds:.1f} s", flush=True)
-        # grad norms first, then the checkpoint: a resume drops rows the checkpoint has not trained
-        files.append_grad_norms(result.grad_steps, result.grad_norms)
-        save_checkpoint(files.checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": run.scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
-            "history": history, "rng": dict(rng_state(), data=run.generator.get_state())})
-        write_json(files.history, history)
+        if writes:
+            # grad norms first, then the checkpoint: a resume drops rows the checkpoint has not trained
+            files.append_grad_norms(result.grad_steps, result.grad_norms)
+            save_checkpoint(files.checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": run.scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
+                "history": history, "rng": dict(rng_state(), data=run.generator.get_state())})
+            write_json(files.history, history)
     test_loss, test_acc = evaluate(model, run.test, amp=config.amp)
     history["test"] = {"loss": test_loss, "acc": test_acc}
-    write_json(files.history, history)
+    if writes:
+        write_json(files.history, history)
     print(f"{config.run_name}: test loss {test_loss:.4f}, test acc {test_acc:.2%}", flush=True)
     return history
+
+
+def check_resumable(checkpoint: dict, config: RunConfig, path: Path) -> None:
+    """A checkpoint continues a run only with the settings it was trained with, up to `config.num_epochs`;
+    otherwise ResumeError."""
+    try:
+        saved = RunConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as e:
+        raise ResumeError(f"{path}: {first_line(e)}; pass --overwrite to start again") from None
+    changed = saved.differences(config)
+    if changed:
+        name = changed[0]
+        raise ResumeError(f"{path} was trained with --{name} {getattr(saved, name)}, not {getattr(config, name)}; "
+                          "resume with the same flags, or pass --overwrite to start again")
+    if checkpoint.get("epoch", 0) > config.num_epochs:
+        raise ResumeError(f"{path} has trained {checkpoint['epoch']} epochs, more than --num_epochs "
+                          f"{config.num_epochs}; pass --overwrite to start again")
 
 
 def restore(run: RunSetup, path: Path) -> dict:
     """Load a checkpoint of the same run into `run` (model, optimizer, schedule, random states); return the
     history of the epochs it holds."""
     checkpoint = load_checkpoint(path)
-    try:
-        saved = RunConfig.from_dict(checkpoint["config"])
-    except (TypeError, ValueError) as e:
-        raise ResumeError(f"{path}: {first_line(e)}; pass --overwrite to start again") from None
-    changed = saved.differences(run.config)
-    if changed:
-        name = changed[0]
-        raise ResumeError(f"{path} was trained with --{name} {getattr(saved, name)}, not {getattr(run.config, name)}; "
-                          "resume with the same flags, or pass --overwrite to start again")
-    if checkpoint.get("epoch", 0) > run.config.num_epochs:
-        raise ResumeError(f"{path} has trained {checkpoint['epoch']} epochs, more than --num_epochs "
-                          f"{run.config.num_epochs}; pass --overwrite to start again")
+    check_resumable(checkpoint, run.config, path)
     try:
         run.model.load_state_dict(checkpoint["model"])
         run.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -168,3 +168,24 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise CheckpointError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
     return checkpoint
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on the
+    CPU. Return (rank, world size, this rank's device); printing is silenced off rank 0."""
+    import builtins
+
+    import torch.distributed as dist
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    if rank != 0:
+        builtins.print = lambda *args, **kwargs: None
+    return rank, world_size, f"cuda:{local_rank}" if cuda else "cpu"
+
+
+def distributed_world() -> int:
+    """How many processes torchrun started for this run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

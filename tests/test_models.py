@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import run_config
 from models import MLP, ResNet, block_sizes, build_model
 
 
@@ -85,9 +86,9 @@ def test_mlp_shortcut_is_added():
 
 
 def test_build_model_from_config():
-    mlp = build_model({"model_name": "MLP", "in_channels": 1, "input_size": 28, "width": 8, "num_hidden_layers": 2,
-                       "num_classes": 10, "residual_step": 2})
-    assert mlp.depth == 4
-    cnn = build_model({"model_name": "ResNet", "in_channels": 3, "num_classes": 10, "out_channels": 4,
-                       "num_levels": 2, "num_conv_per_level": 3, "residual_step": 2, "stem": "cifar"})
-    assert cnn.depth == 8
+    mlp = build_model(run_config("--num_hidden_layers", "2", "--width", "8", "--residual_step", "2"))
+    assert isinstance(mlp, MLP) and mlp.depth == 4 and mlp.hidden[0].shortcut
+    assert mlp.input[1].in_features == 784 and mlp.input[1].out_features == 8
+    cnn = build_model(run_config("--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "4",
+                                 "--num_levels", "2", "--num_conv_per_level", "3", "--residual_step", "2"))
+    assert isinstance(cnn, ResNet) and cnn.depth == 8 and cnn.fc.in_features == 8
