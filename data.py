@@ -172,19 +172,24 @@ def to_split(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, devi
     return Split(normalize(images, info, device, channels_last), labels.to(device))
 
 
+def check_split_sizes(n: int, val_size: int, limit_train: int | None) -> None:
+    """A validation split and a training limit that fit a training set of `n` images, or a UsageError."""
+    if not 0 < val_size < n:
+        raise UsageError(f"--val_size {val_size} must be between 1 and {n - 1} (the training set has {n} images)")
+    if limit_train is not None and limit_train > n - val_size:
+        raise UsageError(f"--limit_train {limit_train} is larger than the training split "
+                         f"({n - val_size} images after --val_size {val_size})")
+
+
 def make_splits(raw: RawData, info: DatasetInfo, val_size: int, seed: int, limit_train: int | None,
                 device: torch.device | str, channels_last: bool = False) -> tuple[Split, Split, Split]:
     """Train, validation and test splits: `val_size` training images chosen by a seeded permutation
     are held out for validation; `limit_train` keeps the first N of the rest."""
     n = len(raw.train_labels)
-    if not 0 < val_size < n:
-        raise UsageError(f"--val_size {val_size} must be between 1 and {n - 1} (the training set has {n} images)")
+    check_split_sizes(n, val_size, limit_train)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_index, train_index = perm[:val_size].sort().values, perm[val_size:].sort().values
     if limit_train is not None:
-        if limit_train > len(train_index):
-            raise UsageError(f"--limit_train {limit_train} is larger than the training split "
-                             f"({len(train_index)} images after --val_size {val_size})")
         train_index = train_index[:limit_train]
 
     return (to_split(raw.train_images[train_index], raw.train_labels[train_index], info, device, channels_last),

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from config import RunConfig
-from data import DATASETS, load_dataset, to_split
+from data import DATASETS, check_split_sizes, load_dataset, to_split
 from models import load_model
 from plots import plot_sweep
 from sweep import SWEEP_FLAGS, RunConflict, execute, expand, plan, with_prefix
+from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
 from train import ResumeError, cpu_threads, evaluate
 from utils import (ArgumentParser, CheckpointError, CLIError, UsageError, check_writable, distributed_world,
                    init_distributed, load_checkpoint, resolve_device, run_cli)
@@ -87,6 +88,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--resume", action="store_true", default=False,
                help="continue unfinished runs from their checkpoints and skip finished ones")
     parser.add("--overwrite", action="store_true", default=False, help="replace existing run folders")
+    parser.add("--wandb", choices=["disabled", "offline", "online"], nargs="?", const="online", default="disabled",
+               help="track every run in Weights & Biases, grouped by --out_dir's name: offline writes "
+                    "<run folder>/wandb to upload later with wandb sync; online uploads as it trains (after wandb "
+                    "login); a bare --wandb, as in the original lab, means online")
+    parser.add("--wandb_proj_name", default=DEFAULT_PROJECT, help="W&B project (ignored without --wandb)")
+    parser.add("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+               help="write TensorBoard event files to <run folder>/tensorboard (tensorboard --logdir <out_dir>)")
     return parser
 
 
@@ -133,6 +141,10 @@ def check_args(args: argparse.Namespace) -> None:
                          "processes: each trains on an equal share of every batch")
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (automatic) or positive, got {args.threads}")
+    if args.wandb != "disabled" and (not args.wandb_proj_name or len(args.wandb_proj_name) > 128
+                                     or any(c in args.wandb_proj_name for c in "/\\#?%:")):
+        raise UsageError(f"--wandb_proj_name {args.wandb_proj_name!r} is not a W&B project name (1 to 128 "
+                         "characters, none of / \\ # ? % :)")
     if args.grad_log_every < 0:
         raise UsageError(f"--grad_log_every must be 0 (off) or positive, got {args.grad_log_every}")
     info = DATASETS[args.dataset]
@@ -192,6 +204,19 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
           f"test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}")
 
 
+def tracking_hints(tracking: TrackingOptions, out_dir: Path, plots_dir: Path) -> list[str]:
+    """How to look at a tracked sweep: the command that uploads W&B's offline runs, and TensorBoard's."""
+    hints = []
+    if tracking.wandb == "offline":
+        folders = [f"{out_dir}/*/wandb/offline-run-*"]
+        if plots_dir.parent != out_dir:
+            folders.append(f"{plots_dir}/wandb/offline-run-*")
+        hints.append(f"W&B runs are saved offline; upload them with: wandb sync {' '.join(folders)}")
+    if tracking.tensorboard:
+        hints.append(f"TensorBoard: tensorboard --logdir {out_dir}")
+    return hints
+
+
 def main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     """Train and evaluate every config of the sweep, then plot; return (config, history) per finished run."""
     try:
@@ -201,7 +226,16 @@ def main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
 
 
 def sweep_main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
-    """main() without the translation of library errors into CLI messages."""
+    """main() without the translation of library errors into CLI messages; torch's thread count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        return plan_and_train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
+    """Evaluate a checkpoint, or plan the sweep, train it and draw its figures."""
     if not args.train:
         evaluate_checkpoint(args, resolve_device(args.device))
         return []
@@ -219,6 +253,7 @@ def sweep_main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     if world_size > 1:
         torch.distributed.barrier()  # every rank has planned before rank 0 replaces any file
     raw = load_dataset(args.dataset, args.data_root, args.download)
+    check_split_sizes(len(raw.train_labels), args.val_size, args.limit_train)  # bad input, not a failed run
     threads = cpu_threads(configs[0], args.jobs)
     if device.type == "cpu":
         torch.set_num_threads(threads)
@@ -226,14 +261,21 @@ def sweep_main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     devices = (str(device),)
     if device.type == "cuda" and device.index is None:
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    tracking = TrackingOptions(args.wandb, args.wandb_proj_name, args.tensorboard, out_dir.resolve().name)
     result = execute(planned, raw, args.resume and not args.overwrite, args.jobs, devices, threads, rank,
-                     world_size)
+                     world_size, tracking)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
     if rank == 0 and result.runs:
         plots_dir = Path(args.plots_dir) if args.plots_dir else out_dir / "plots"
         files = {run.config.run_name: run.files for run in planned}
         figures = [(config, history, files[config.run_name].read_grad_norms()) for config, history in result.runs]
-        for path in plot_sweep(figures, plots_dir):
+        paths = plot_sweep(figures, plots_dir)
+        for path in paths:
             print(f"wrote {path}")
+        log_sweep_figures(tracking, plots_dir, paths)
+        for line in tracking_hints(tracking, out_dir, plots_dir):
+            print(line)
     if result.failures:
         failed = "; ".join(f"{name}: {error}" for name, error in result.failures)
         raise CLIError(f"{len(result.failures)} of {len(planned)} runs failed ({failed})" if len(planned) > 1

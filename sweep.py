@@ -17,6 +17,7 @@ from tqdm import tqdm
 from config import RunConfig
 from data import RawData
 from models import build_model
+from tracking import TrackingOptions
 from train import RunFiles, check_resumable, train_run
 from utils import CLIError, first_line, load_checkpoint
 
@@ -126,11 +127,11 @@ def finished_history(config: RunConfig, files: RunFiles) -> dict | None:
 
 
 def run_planned(run: PlannedRun, raw: RawData, resume: bool, progress: bool | None = None, rank: int = 0,
-                world_size: int = 1) -> dict:
+                world_size: int = 1, tracking: TrackingOptions = TrackingOptions()) -> dict:
     """Train one planned run (replacing what an --overwrite'd folder held first); return its history."""
     if not resume and rank == 0 and run.files.exist():
         run.files.remove()
-    return train_run(run.config, raw, run.files, resume, progress, rank, world_size)
+    return train_run(run.config, raw, run.files, resume, progress, rank, world_size, tracking)
 
 
 @dataclass
@@ -148,10 +149,10 @@ def cost(config: RunConfig) -> int:
 
 def execute(planned: list[PlannedRun], raw: RawData, resume: bool, jobs: int = 1,
             devices: tuple[str, ...] = ("cpu",), threads: int = 1, rank: int = 0,
-            world_size: int = 1) -> SweepResult:
+            world_size: int = 1, tracking: TrackingOptions = TrackingOptions()) -> SweepResult:
     """Train the planned runs: in this process one after another, or in `jobs` spawned workers (longest first,
     worker w on devices[w % len(devices)] with `threads` CPU threads, the data shared with them through shared
-    memory). A failed run does not stop the others."""
+    memory), each tracked as `tracking` asks. A failed run does not stop the others."""
     todo = [i for i, run in enumerate(planned) if run.finished is None]
     for run in planned:
         if run.finished is not None:
@@ -161,30 +162,34 @@ def execute(planned: list[PlannedRun], raw: RawData, resume: bool, jobs: int = 1
     if jobs == 1:
         for i in todo:
             try:
-                histories[i] = run_planned(planned[i], raw, resume, None, rank, world_size)
+                histories[i] = run_planned(planned[i], raw, resume, None, rank, world_size, tracking)
             except KeyboardInterrupt:
-                raise KeyboardInterrupt(f"the last finished epoch of {planned[i].config.run_name} is saved in "
-                                        f"{planned[i].files.checkpoint}; run the same command with --resume to "
-                                        "continue") from None
+                run = planned[i]
+                saved = (f"the last finished epoch of {run.config.run_name} is saved in {run.files.checkpoint}"
+                         if run.files.checkpoint.is_file() else f"{run.config.run_name} had finished no epoch")
+                raise KeyboardInterrupt(f"{saved}; run the same command with --resume to continue") from None
             except Exception as e:  # noqa: BLE001 -- one run's failure is reported; the sweep goes on
-                failures[i] = report_failure(planned[i], e)
+                failures[i] = report_failure(planned[i], e, announce=len(planned) > 1)
     elif todo:
-        histories.update(run_in_workers(planned, todo, raw, resume, jobs, devices, threads, failures))
+        histories.update(run_in_workers(planned, todo, raw, resume, jobs, devices, threads, failures, tracking))
     return SweepResult([(planned[i].config, histories[i]) for i in sorted(histories)],
                        [(planned[i].config.run_name, failures[i]) for i in sorted(failures)])
 
 
-def report_failure(run: PlannedRun, error: Exception) -> str:
-    """Print why a run failed (a traceback for what is not one of our own errors); return one line of it."""
+def report_failure(run: PlannedRun, error: Exception, announce: bool = True) -> str:
+    """Print a traceback for what is not one of our own errors and, when `announce` (a sweep goes on with other
+    runs), one line saying the run failed; return that line."""
     if not isinstance(error, (ArithmeticError, ValueError, OSError, CLIError)):
         traceback.print_exception(error)
     line = first_line(error)
-    print(f"{run.config.run_name}: failed: {line}", file=sys.stderr, flush=True)
+    if announce:
+        print(f"{run.config.run_name}: failed: {line}", file=sys.stderr, flush=True)
     return line
 
 
-def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, resume: bool,
-                   jobs: int, devices: tuple[str, ...], threads: int, failures: dict[int, str]) -> dict[int, dict]:
+def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, resume: bool, jobs: int,
+                   devices: tuple[str, ...], threads: int, failures: dict[int, str],
+                   tracking: TrackingOptions) -> dict[int, dict]:
     """Train runs `todo` in `jobs` spawned worker processes; Ctrl-C or SIGTERM stops every worker after its
     last checkpoint. Return the histories of the runs that finished, recording failures in `failures`."""
     context = torch.multiprocessing.get_context("spawn")
@@ -192,7 +197,8 @@ def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, res
     for i in sorted(todo, key=lambda i: -cost(planned[i].config)):
         tasks.put(i)
     workers = [context.Process(target=worker, daemon=True,
-                               args=(planned, raw, resume, devices[w % len(devices)], threads, tasks, results))
+                               args=(planned, raw, resume, devices[w % len(devices)], threads, tasks, results,
+                                     tracking))
                for w in range(min(jobs, len(todo)))]
     for process in workers:
         tasks.put(None)
@@ -229,7 +235,7 @@ def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, res
 
 
 def worker(planned: list[PlannedRun], raw: RawData, resume: bool, device: str, threads: int, tasks,
-           results) -> None:
+           results, tracking: TrackingOptions) -> None:
     """A worker process: take run indices from `tasks` until None, train each, and put (index, history, error)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -237,7 +243,7 @@ def worker(planned: list[PlannedRun], raw: RawData, resume: bool, device: str, t
         while (i := tasks.get()) is not None:
             run = replace(planned[i], config=replace(planned[i].config, device=device))
             try:
-                results.put((i, run_planned(run, raw, resume, progress=False), None))
+                results.put((i, run_planned(run, raw, resume, progress=False, tracking=tracking), None))
             except Exception as e:  # noqa: BLE001 -- reported to the sweep, which goes on
                 results.put((i, None, report_failure(run, e)))
     except KeyboardInterrupt:

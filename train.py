@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from config import RunConfig
 from data import DATASETS, RawData, Split, augment, batch_indices, make_splits
 from models import build_model
+from tracking import TrackingOptions, start_trackers
 from utils import first_line, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json
 
 FINITE_CHECK_EVERY = 10  # steps between checks that the loss is finite (each check waits for the device)
@@ -171,7 +173,8 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
     row = 0
     for i, index in enumerate(bar):
         index = index.to(device, non_blocking=True)
-        images, labels = run.train.images.index_select(0, index), run.train.labels.index_select(0, index)
+        # indexing keeps the split's channels_last layout (index_select would return a contiguous NCHW batch)
+        images, labels = run.train.images[index], run.train.labels.index_select(0, index)
         if run.augment_fn is not None:
             images = run.augment_fn(images, run.generator)
         if run.world_size > 1:
@@ -206,8 +209,7 @@ def check_finite(losses: torch.Tensor, what: str, first_step: int) -> None:
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         step = first_step + bad[0, 0].item()
-        raise NonFiniteLoss(f"the {what} became {losses[bad[0, 0]].item()} at step {step}; its checkpoint keeps the "
-                            "last good epoch; lower --lr")
+        raise NonFiniteLoss(f"the {what} became {losses[bad[0, 0]].item()} at step {step}")
 
 
 @torch.inference_mode()
@@ -236,6 +238,7 @@ class RunFiles:
         self.history = run_dir / "history.json"
         self.grad_norms = run_dir / "grad_norms.csv"
         self.checkpoint = checkpoint or run_dir / "checkpoint.pt"
+        self.tracking = [run_dir / "tensorboard", run_dir / "wandb"]  # what --tensorboard and --wandb write
 
     def ours(self) -> list[Path]:
         """The files a run writes, the one that marks it finished first."""
@@ -245,9 +248,12 @@ class RunFiles:
         return any(p.exists() for p in self.ours())
 
     def remove(self) -> None:
-        """Delete the run's files (history first, so that no half-removed run reads as finished) and nothing else."""
+        """Delete the run's files (history first, so that no half-removed run reads as finished) and its tracking
+        folders, and nothing else."""
         for path in self.ours():
             path.unlink(missing_ok=True)
+        for folder in self.tracking:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def read_config(self) -> RunConfig | None:
         """The config.json of the run, or None when there is none or it is not readable."""
@@ -284,56 +290,83 @@ class RunFiles:
 
     def read_grad_norms(self) -> tuple[list[int], dict[str, np.ndarray]]:
         """The logged steps and, per weight, its gradient norm at each of them."""
-        with self.grad_norms.open() as f:
-            names = f.readline().strip().split(",")[1:]
-            rows = np.loadtxt(f, delimiter=",", ndmin=2).reshape(-1, len(names) + 1)
+        header, *lines = self.grad_norms.read_text().splitlines()
+        names = header.split(",")[1:]
+        rows = np.loadtxt(lines, delimiter=",", ndmin=2).reshape(-1, len(names) + 1) if lines else np.zeros(
+            (0, len(names) + 1))
         return rows[:, 0].astype(int).tolist(), {name: rows[:, i + 1] for i, name in enumerate(names)}
 
 
 def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, progress: bool | None = None,
-              rank: int = 0, world_size: int = 1) -> dict:
-    """Train one run, checkpointing every epoch (continuing its checkpoint when `resume`); return its history
-    with the test result. Under torchrun every rank trains and only rank 0 writes."""
+              rank: int = 0, world_size: int = 1, tracking: TrackingOptions = TrackingOptions()) -> dict:
+    """Train one run, checkpointing every epoch (continuing its checkpoint when `resume`) and logging each
+    checkpointed epoch to the trackers of `tracking`; return its history with the test result. Under torchrun every
+    rank trains and only rank 0 writes and tracks."""
     run = prepare_run(config, raw, rank, world_size)
-    model, optimizer = run.model, run.optimizer
     writes = rank == 0
     history: dict = {"epochs": []}
+    wandb_run_id = None
     if resume and files.checkpoint.is_file():
-        history = restore(run, files.checkpoint)
+        history, wandb_run_id = restore(run, files.checkpoint)
         if writes:
             files.truncate_grad_norms(history["epochs"][-1]["steps"] if history["epochs"] else 0)
         print(f"{config.run_name}: resuming after epoch {len(history['epochs'])}", flush=True)
     elif writes:
-        files.start_grad_norms(list(logged_weights(model)))
+        files.start_grad_norms(list(logged_weights(run.model)))
     if writes:
         write_json(files.config, config.to_dict())
+    trackers = start_trackers(tracking if writes else TrackingOptions(), config.run_name, files.run_dir,
+                              config.to_dict(), run_id=wandb_run_id)
+    wandb_run_id = trackers.run_id or wandb_run_id
     progress = sys.stderr.isatty() and writes if progress is None else progress
-    for epoch in range(len(history["epochs"]) + 1, config.num_epochs + 1):
-        start = time.perf_counter()
-        steps_done = history["epochs"][-1]["steps"] if history["epochs"] else 0
-        lr = optimizer.param_groups[0]["lr"]
-        result = train_one_epoch(run, epoch, steps_done, progress)
-        val_loss, val_acc = evaluate(model, run.val, amp=config.amp)
-        check_finite(torch.tensor([val_loss]), f"validation loss after epoch {epoch}", steps_done + result.steps)
-        seconds = time.perf_counter() - start
-        history["epochs"].append({"epoch": epoch, "train_loss": result.loss, "val_loss": val_loss, "val_acc": val_acc,
-                                  "lr": lr, "seconds": seconds, "steps": steps_done + result.steps})
-        print(f"{config.run_name} epoch {epoch}/{config.num_epochs}: train loss {result.loss:.4f}, "
-              f"val loss {val_loss:.4f}, val acc {val_acc:.2%}, {seconds:.1f} s", flush=True)
+    try:
+        for epoch in range(len(history["epochs"]) + 1, config.num_epochs + 1):
+            result = train_epoch(run, epoch, history, files, progress)
+            if writes:
+                # grad norms first, then the checkpoint: a resume drops rows the checkpoint has not trained
+                files.append_grad_norms(result.grad_steps, result.grad_norms)
+                save_checkpoint(files.checkpoint, {
+                    "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                    "lr_scheduler": run.scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
+                    "history": history, "rng": dict(rng_state(), data=run.generator.get_state()),
+                    "wandb_run_id": wandb_run_id})
+                write_json(files.history, history)
+            # after the checkpoint: what a resumed run trains again was never logged, so no step is logged twice
+            trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms,
+                               list(logged_weights(run.model)))
+        test_loss, test_acc = evaluate(run.model, run.test, amp=config.amp)
+        history["test"] = {"loss": test_loss, "acc": test_acc}
         if writes:
-            # grad norms first, then the checkpoint: a resume drops rows the checkpoint has not trained
-            files.append_grad_norms(result.grad_steps, result.grad_norms)
-            save_checkpoint(files.checkpoint, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": run.scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
-                "history": history, "rng": dict(rng_state(), data=run.generator.get_state())})
             write_json(files.history, history)
-    test_loss, test_acc = evaluate(model, run.test, amp=config.amp)
-    history["test"] = {"loss": test_loss, "acc": test_acc}
-    if writes:
-        write_json(files.history, history)
+        trackers.log_summary({"test_loss": test_loss, "test_acc": test_acc}, len(history["epochs"]))
+    except BaseException:
+        trackers.finish(False)
+        raise
+    trackers.finish(True)
     print(f"{config.run_name}: test loss {test_loss:.4f}, test acc {test_acc:.2%}", flush=True)
     return history
+
+
+def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progress: bool) -> EpochResult:
+    """Train and validate one epoch, append its record to `history` and print it; a NaN or infinite loss says
+    which epoch the checkpoint keeps."""
+    config = run.config
+    start = time.perf_counter()
+    steps_done = history["epochs"][-1]["steps"] if history["epochs"] else 0
+    lr = run.optimizer.param_groups[0]["lr"]
+    try:
+        result = train_one_epoch(run, epoch, steps_done, progress)
+        val_loss, val_acc = evaluate(run.model, run.val, amp=config.amp)
+        check_finite(torch.tensor([val_loss]), f"validation loss after epoch {epoch}", steps_done + result.steps)
+    except NonFiniteLoss as e:
+        kept = f"{files.checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no epoch had finished"
+        raise NonFiniteLoss(f"{e}; {kept}; lower --lr") from None
+    seconds = time.perf_counter() - start
+    history["epochs"].append({"epoch": epoch, "train_loss": result.loss, "val_loss": val_loss, "val_acc": val_acc,
+                              "lr": lr, "seconds": seconds, "steps": steps_done + result.steps})
+    print(f"{config.run_name} epoch {epoch}/{config.num_epochs}: train loss {result.loss:.4f}, "
+          f"val loss {val_loss:.4f}, val acc {val_acc:.2%}, {seconds:.1f} s", flush=True)
+    return result
 
 
 def check_resumable(checkpoint: dict, config: RunConfig, path: Path) -> None:
@@ -353,9 +386,9 @@ def check_resumable(checkpoint: dict, config: RunConfig, path: Path) -> None:
                           f"{config.num_epochs}; pass --overwrite to start again")
 
 
-def restore(run: RunSetup, path: Path) -> dict:
+def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
     """Load a checkpoint of the same run into `run` (model, optimizer, schedule, random states); return the
-    history of the epochs it holds."""
+    history of the epochs it holds and its W&B run id (None when it was not tracked in W&B)."""
     checkpoint = load_checkpoint(path)
     check_resumable(checkpoint, run.config, path)
     try:
@@ -367,4 +400,4 @@ def restore(run: RunSetup, path: Path) -> dict:
         history = {"epochs": list(checkpoint["history"]["epochs"])}
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None
-    return history
+    return history, checkpoint.get("wandb_run_id")

@@ -22,6 +22,19 @@ def run_config(*flags: str):
     return pipeline.run_configs(args, torch.device("cpu"))[0]
 
 
+def image_of_step(run, step: int) -> int:
+    """The first training image of the batch that a run's data order puts at `step` steps from now (over epochs;
+    a run without --augment, whose crops draw from the same generator)."""
+    from data import batch_indices
+    order = torch.Generator()
+    order.set_state(run.generator.get_state())
+    while True:
+        batches = batch_indices(len(run.train), run.config.batch_size, order)
+        if step < len(batches):
+            return batches[step][0].item()
+        step -= len(batches)
+
+
 def class_images(labels: np.ndarray, channels: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Noisy uint8 images whose bright row band depends on the label, so that a model can learn them."""
     images = rng.integers(0, 60, (len(labels), channels, size, size))

@@ -12,12 +12,9 @@ from PIL import Image
 import cam
 import pipeline
 import utils
-from conftest import ROOT
+from conftest import ROOT, run_config
 from data import DATASETS, load_dataset, normalize
-from models import build_model
-
-TINY_RESNET = {"model_name": "ResNet", "dataset": "CIFAR10", "in_channels": 3, "input_size": 32, "num_classes": 10,
-               "out_channels": 4, "num_levels": 2, "num_conv_per_level": 2, "residual_step": 2, "stem": "cifar"}
+from models import build_model, load_model
 
 
 def random_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -27,7 +24,8 @@ def random_images(n: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(TINY_RESNET).eval()
+    return build_model(run_config("--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "4",
+                                  "--num_levels", "2", "--num_conv_per_level", "2", "--residual_step", "2")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +47,20 @@ def checkpoint(cifar_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlp_checkpoint(tmp_path_factory):
-    config = {"model_name": "MLP", "dataset": "CIFAR10", "in_channels": 3, "input_size": 32, "width": 8,
-              "num_hidden_layers": 2, "num_classes": 10, "residual_step": 0}
+    config = run_config("--dataset", "CIFAR10", "--width", "8", "--num_hidden_layers", "2")
     path = tmp_path_factory.mktemp("mlp") / "checkpoint.pt"
     utils.save_checkpoint(path, {"model": build_model(config).state_dict(), "optimizer": {}, "epoch": 1,
-                                 "config": config, "history": {}})
+                                 "config": config.to_dict(), "history": {}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint_without_lr(checkpoint, tmp_path_factory):
+    """The tiny CNN's checkpoint with one setting deleted from its config."""
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["config"]["lr"]
+    path = tmp_path_factory.mktemp("incomplete") / "checkpoint.pt"
+    utils.save_checkpoint(path, saved)
     return path
 
 
@@ -181,8 +188,8 @@ def test_cli_test_set_writes_the_documented_files(checkpoint, cifar_root, tmp_pa
     (out_dir / "notes.txt").write_text("mine")
     written = run_main("--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download",
                        "--num-images-to-save", "8", "--batch_size", "3", "--device", "cpu", "--out_dir", str(out_dir))
-    ckpt = utils.load_checkpoint(checkpoint)
-    model = utils.load_model(ckpt, checkpoint, build_model).eval()
+    _, model = load_model(utils.load_checkpoint(checkpoint), checkpoint)
+    model.eval()
     raw = load_dataset("CIFAR10", cifar_root, download=False)
     predictions = model(normalize(raw.test_images[:8], DATASETS["CIFAR10"])).argmax(1).tolist()
     names = DATASETS["CIFAR10"].classes
@@ -236,7 +243,29 @@ def test_help_states_defaults_and_dashed_flags(capsys):
     assert "--num-images-to-save" in out and "--saved_model" in out and "(default: 0.5)" in out
 
 
-def error_cases(tmp_path, checkpoint, mlp_checkpoint, cifar_root) -> dict[str, tuple[list[str], str]]:
+def test_cli_class_by_name_or_index_maps_that_class(checkpoint, cifar_root, tmp_path):
+    _, model = load_model(utils.load_checkpoint(checkpoint), checkpoint)
+    model.eval()
+    raw = load_dataset("CIFAR10", cifar_root, download=False)
+    images = raw.test_images[:2]
+    with torch.no_grad():
+        predicted = model(normalize(images, DATASETS["CIFAR10"])).argmax(1)
+    target = (predicted[0].item() + 1) % 10  # a class whose map is not the prediction's, for image 0 at least
+    maps, _ = cam.class_activation_maps(model, normalize(images, DATASETS["CIFAR10"]), [target, target])
+    expected, _ = cam.render(cam.to_display(images, 8), maps, 0.5)
+    for choice in (DATASETS["CIFAR10"].classes[target], str(target)):
+        written = run_main("--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download",
+                           "--indices", "0", "1", "--class", choice, "--device", "cpu",
+                           "--out_dir", str(tmp_path / choice))
+        maps_written = sorted((p for p in written if "_actv_map_" in p.name), key=lambda p: p.name)
+        for path, heatmap in zip(maps_written, expected):
+            with Image.open(path) as image:
+                assert np.array_equal(np.asarray(image), heatmap.numpy()), (choice, path.name)
+        assert len(maps_written) == 2
+
+
+def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
+                cifar_root) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not an image")
     photo = tmp_path / "photo.png"
@@ -249,6 +278,7 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, cifar_root) -> dict[str, t
         "missing checkpoint": (["--checkpoint", str(tmp_path / "nope.pt"), *data], "no such file"),
         "not a checkpoint": (["--checkpoint", str(tmp_path / "garbage.pt"), *data], "not a loadable checkpoint"),
         "MLP": (["--checkpoint", str(mlp_checkpoint), *data], "holds an MLP"),
+        "config without lr": (["--checkpoint", str(checkpoint_without_lr), *data], "missing lr"),
         "empty image": ([*ckpt, "--image", str(tmp_path / "empty.png")], "cannot read it as an image"),
         "not an image": ([*ckpt, "--image", str(tmp_path / "notes.txt")], "cannot read it as an image"),
         "truncated image": ([*ckpt, "--image", str(tmp_path / "cut.png")], "cannot read it as an image"),
@@ -259,10 +289,12 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, cifar_root) -> dict[str, t
     }
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "MLP", "empty image", "not an image",
-                                  "truncated image", "index", "class name", "alpha", "out_dir is a file"])
-def test_errors_exit_2_with_one_line(capsys, tmp_path, checkpoint, mlp_checkpoint, cifar_root, case):
-    args, message = error_cases(tmp_path, checkpoint, mlp_checkpoint, cifar_root)[case]
+@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "MLP", "config without lr", "empty image",
+                                  "not an image", "truncated image", "index", "class name", "alpha",
+                                  "out_dir is a file"])
+def test_errors_exit_2_with_one_line(capsys, tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root,
+                                     case):
+    args, message = error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root)[case]
     status, err = run_cli_in_process(capsys, *args)
     assert status == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()

@@ -128,6 +128,16 @@ def test_augment_keeps_shapes_and_pixels():
     assert centered < 30
 
 
+def test_augment_keeps_channels_last_and_the_crops():
+    info = DATASETS["CIFAR10"]
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = augment(images, torch.Generator().manual_seed(1), info)
+    fast = augment(images.contiguous(memory_format=torch.channels_last), torch.Generator().manual_seed(1), info)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fast, plain)
+
+
 @pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="needs ../shared/datasets")
 def test_real_datasets_load():
     mnist = load_dataset("MNIST", SHARED_DATASETS, download=False)

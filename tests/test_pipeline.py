@@ -9,6 +9,7 @@ import torch
 import pipeline
 import utils
 from conftest import ROOT
+from train import RunFiles
 
 
 def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -30,33 +31,35 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
                                     "0", "2", "--lr", "1e-2"))
     assert result.returncode == 0, result.stderr
     runs = sorted(p.name for p in tmp_path.iterdir() if p.name != "plots")
-    assert runs == ["mlp_mnist_d4_w8_plain_s0", "mlp_mnist_d4_w8_res2_s0",
-                    "mlp_mnist_d6_w8_plain_s0", "mlp_mnist_d6_w8_res2_s0"]
-    run_dir = tmp_path / "mlp_mnist_d6_w8_res2_s0"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "history.json"]
+    assert runs == ["mlp_mnist_h2_w8_plain_s0", "mlp_mnist_h2_w8_res2_s0",
+                    "mlp_mnist_h4_w8_plain_s0", "mlp_mnist_h4_w8_res2_s0"]
+    run_dir = tmp_path / "mlp_mnist_h4_w8_res2_s0"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "grad_norms.csv",
+                                                         "history.json"]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["depth"] == 6 and config["num_hidden_layers"] == 4 and config["in_channels"] == 1
     assert config["input_size"] == 28 and config["num_params"] > 0
     history = json.loads((run_dir / "history.json").read_text())
+    assert set(history) == {"epochs", "test"}
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
     assert set(history["epochs"][0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "seconds"}
     assert 0 <= history["test"]["acc"] <= 1 and history["test"]["loss"] > 0
-    assert history["grad_steps"] == list(range(20))  # 500 images / 50 per batch x 2 epochs
-    assert len(history["grad_norms"]) == 6 and all(len(v) == 20 for v in history["grad_norms"].values())
+    steps, grad_norms = RunFiles(run_dir).read_grad_norms()
+    assert steps == list(range(20))  # 500 images / 50 per batch x 2 epochs
+    assert len(grad_norms) == 6 and all(len(v) == 20 and (v > 0).all() for v in grad_norms.values())
     assert history["epochs"][1]["train_loss"] < history["epochs"][0]["train_loss"]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert checkpoint["epoch"] == 2 and checkpoint["config"]["run_name"] == "mlp_mnist_d6_w8_res2_s0"
-    assert {"model", "optimizer", "history", "rng"} <= checkpoint.keys()
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["run_name"] == "mlp_mnist_h4_w8_res2_s0"
+    assert {"model", "optimizer", "lr_scheduler", "history", "rng"} <= checkpoint.keys()
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert plots == ["gradients_mlp_mnist_d4_w8_plain_s0.png", "gradients_mlp_mnist_d4_w8_res2_s0.png",
-                     "gradients_mlp_mnist_d6_w8_plain_s0.png", "gradients_mlp_mnist_d6_w8_res2_s0.png",
-                     "mlp_Val_acc.png", "mlp_training_loss.png"]
-    assert "depth 6" in result.stdout and "test acc" in result.stdout
+    assert plots == ["gradients_mlp_d2.png", "gradients_mlp_d2_res2.png", "gradients_mlp_d4.png",
+                     "gradients_mlp_d4_res2.png", "mlp_Val_acc.png", "mlp_trainability.png", "mlp_training_loss.png"]
+    assert "mlp_mnist_h4_w8_res2_s0: test loss" in result.stdout and "test acc" in result.stdout
 
 
 def test_cli_evaluates_a_checkpoint(mnist_root, tmp_path):
     run_main(*tiny_mlp_args(mnist_root, tmp_path, "--plots_dir", str(tmp_path / "p")))
-    checkpoint = tmp_path / "mlp_mnist_d6_w8_plain_s0" / "checkpoint.pt"
+    checkpoint = tmp_path / "mlp_mnist_h4_w8_plain_s0" / "checkpoint.pt"
     history = json.loads(checkpoint.with_name("history.json").read_text())
     result = run_cli("--no-train", "--load_model_as", str(checkpoint), "--data_root", str(mnist_root),
                      "--no-download", "--device", "cpu")
@@ -72,10 +75,11 @@ def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
                     "--residual_step", "0", "2", "--seed", "0", "1", "--augment", "--stem", "imagenet",
                     "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--out_dir", str(tmp_path))
     assert len(runs) == 8
-    names = {config["run_name"] for config, _ in runs}
+    names = {config.run_name for config, _ in runs}
     assert "resnet_cifar10_d8_c4x2_in_res2_s1" in names and "resnet_cifar10_d4_c4x2_in_plain_s0" in names
     assert all(len(h["epochs"]) == 1 and "test" in h for _, h in runs)
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"Conv_train_loss.png", "Conv_val_accuracy.png"}
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"Conv_train_loss.png", "Conv_val_accuracy.png",
+                                                                "Conv_gradients_d4.png", "Conv_gradients_d8.png"}
 
 
 def test_same_seed_gives_the_same_history(mnist_root, tmp_path):
@@ -85,8 +89,34 @@ def test_same_seed_gives_the_same_history(mnist_root, tmp_path):
         histories.append(history)
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]
     assert strip(histories[0]) == strip(histories[1])
-    assert histories[0]["grad_norms"] == histories[1]["grad_norms"]
     assert histories[0]["test"] == histories[1]["test"]
+    grad_norms = [(tmp_path / out / config.run_name / "grad_norms.csv").read_text() for out in ("a", "b")]
+    assert grad_norms[0] == grad_norms[1] and len(grad_norms[0].splitlines()) == 21
+
+
+def test_run_name_is_the_folder_of_a_single_run_and_a_prefix_in_a_sweep(mnist_root, tmp_path):
+    one = tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "--run_name", "mine")
+    (config, _), = run_main(*one)
+    assert config.run_name == "mine" and (tmp_path / "mine" / "checkpoint.pt").is_file()
+    runs = run_main(*tiny_mlp_args(mnist_root, tmp_path / "sweep", "--num_epochs", "1", "--num_hidden_layers", "2",
+                                   "4", "--run_name", "exp"))
+    names = ["exp_mlp_mnist_h2_w8_plain_s0", "exp_mlp_mnist_h4_w8_plain_s0"]
+    assert [config.run_name for config, _ in runs] == names
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [*names, "plots"]
+    assert all((tmp_path / "sweep" / name / "history.json").is_file() for name in names)
+
+
+def test_checkpoint_flag_is_where_a_single_run_saves_and_resumes(mnist_root, tmp_path, capsys):
+    path = tmp_path / "elsewhere" / "model.pt"
+    args = tiny_mlp_args(mnist_root, tmp_path / "runs", "--checkpoint", str(path))
+    (_, first), = run_main(*args, "--num_epochs", "1")
+    run_dir = tmp_path / "runs" / "mlp_mnist_h4_w8_plain_s0"
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert not (run_dir / "checkpoint.pt").exists() and (run_dir / "history.json").is_file()
+    (_, history), = run_main(*args, "--num_epochs", "2", "--resume")
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert history["epochs"][0] == first["epochs"][0] and len(history["epochs"]) == 2
+    assert torch.load(path, weights_only=True)["epoch"] == 2 and not (run_dir / "checkpoint.pt").exists()
 
 
 def test_help_states_defaults_and_both_spellings():
@@ -120,6 +150,11 @@ def test_help_states_defaults_and_both_spellings():
     (["--optimizer", "lbfgs"], "--optimizer"),
     (["--no-train"], "--checkpoint"),
     (["--no-train", "--checkpoint", "{file}"], "checkpoint"),
+    (["--nesterov"], "--nesterov"),
+    (["--nesterov", "--optimizer", "sgd", "--momentum", "0"], "--nesterov"),
+    (["--model_name", "ResNet", "--width", "16", "32"], "--width"),
+    (["--num_conv_per_level", "1", "3"], "--num_conv_per_level"),
+    (["--lr_schedule", "onecycle", "--num_epochs", "2", "--warmup_epochs", "2"], "--warmup_epochs"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(mnist_root, tmp_path, capsys, args, message):
     (tmp_path / "file").write_text("not a folder, not a checkpoint")
@@ -145,7 +180,7 @@ def test_bad_input_from_a_real_process_is_one_line(tmp_path):
 
 def test_existing_run_is_not_overwritten(mnist_root, tmp_path):
     run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
-    before = (tmp_path / "mlp_mnist_d6_w8_plain_s0" / "checkpoint.pt").read_bytes()
+    before = (tmp_path / "mlp_mnist_h4_w8_plain_s0" / "checkpoint.pt").read_bytes()
     result = run_cli(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
     assert result.returncode == 2 and "--resume" in result.stderr and "--overwrite" in result.stderr
-    assert (tmp_path / "mlp_mnist_d6_w8_plain_s0" / "checkpoint.pt").read_bytes() == before
+    assert (tmp_path / "mlp_mnist_h4_w8_plain_s0" / "checkpoint.pt").read_bytes() == before

@@ -1,5 +1,7 @@
-"""Nothing lost, nothing run: resume, interruption, atomic files, divergence and hostile checkpoints."""
+"""Nothing lost, nothing run: resume, interruption, overwrite, atomic files, divergence and hostile checkpoints."""
+import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,9 +13,10 @@ import torch
 import pipeline
 import train
 import utils
-from conftest import ROOT
+from conftest import ROOT, image_of_step
 
-RUN = "mlp_mnist_d6_w8_plain_s0"
+RUN = "mlp_mnist_h4_w8_plain_s0"
+STEPS_PER_EPOCH = 10  # 500 training images in batches of 50
 
 
 def args_for(mnist_root, out_dir, *extra: str) -> list[str]:
@@ -27,13 +30,31 @@ def run_main(*args: str):
 
 def cli_exit(capsys, *args: str) -> tuple[int, list[str]]:
     """Run the pipeline CLI in-process as a user would; return its exit status and stderr lines."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(list(args)))
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Send this process a real SIGINT (Ctrl-C) when training reaches `step`, counted over the whole command."""
+    steps = itertools.count()
+
+    def counting_batches(batches, **kwargs):  # stands in for the progress bar, which is off in tests
+        for batch in batches:
+            if next(steps) == step:
+                signal.raise_signal(signal.SIGINT)
+            yield batch
+    monkeypatch.setattr(train, "tqdm", counting_batches)
+
+
 def without_seconds(history: dict) -> dict:
     return dict(history, epochs=[{k: v for k, v in e.items() if k != "seconds"} for e in history["epochs"]])
+
+
+def run_files(run_dir) -> dict[str, bytes]:
+    """Every file of a run folder, by name, with its bytes."""
+    return {p.name: p.read_bytes() for p in run_dir.iterdir()}
 
 
 def assert_same_run(dir_a, dir_b):
@@ -44,28 +65,119 @@ def assert_same_run(dir_a, dir_b):
     history_a = json.loads((dir_a / "history.json").read_text())
     history_b = json.loads((dir_b / "history.json").read_text())
     assert without_seconds(history_a) == without_seconds(history_b)
+    assert (dir_a / "grad_norms.csv").read_text() == (dir_b / "grad_norms.csv").read_text()
 
 
-def test_resume_is_bit_exact(mnist_root, tmp_path):
-    run_main(*args_for(mnist_root, tmp_path / "straight", "--num_epochs", "3"))
-    run_main(*args_for(mnist_root, tmp_path / "resumed", "--num_epochs", "1"))
-    run_main(*args_for(mnist_root, tmp_path / "resumed", "--num_epochs", "3", "--resume"))
-    assert_same_run(tmp_path / "straight" / RUN, tmp_path / "resumed" / RUN)
+@pytest.fixture(scope="module")
+def straight_run(mnist_root, tmp_path_factory):
+    """The folder of an uninterrupted 3-epoch run, to compare resumed runs with."""
+    out_dir = tmp_path_factory.mktemp("straight")
+    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "3"))
+    return out_dir / RUN
 
 
-def test_resume_with_other_settings_is_refused(mnist_root, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def finished_run(mnist_root, tmp_path_factory):
+    """The folder of a finished 1-epoch run; copy it before changing it."""
+    out_dir = tmp_path_factory.mktemp("finished")
+    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "1"))
+    return out_dir / RUN
+
+
+def test_resume_is_bit_exact(mnist_root, tmp_path, straight_run):
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "3", "--resume"))
+    assert_same_run(straight_run, tmp_path / RUN)
+
+
+def test_grad_norms_of_an_epoch_trained_again_are_not_duplicated(mnist_root, tmp_path, straight_run):
+    """A crash between appending an epoch's gradient norms and saving its checkpoint: the resumed run trains that
+    epoch again, and grad_norms.csv must hold each step once, as in a straight run."""
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    files = train.RunFiles(tmp_path / RUN)
+    epoch_2 = list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))
+    files.append_grad_norms(epoch_2, torch.rand(len(epoch_2), 6))
+    assert files.read_grad_norms()[0] == list(range(2 * STEPS_PER_EPOCH))
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "3", "--resume"))
+    assert_same_run(straight_run, tmp_path / RUN)
+
+
+def test_onecycle_resume_after_an_interruption_is_bit_exact(mnist_root, tmp_path, capsys, monkeypatch):
+    onecycle = ("--num_epochs", "3", "--lr_schedule", "onecycle", "--lr", "1e-2")
+    run_main(*args_for(mnist_root, tmp_path / "straight", *onecycle))
+    interrupt_at(monkeypatch, STEPS_PER_EPOCH + 4)  # in epoch 2
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path / "cut", *onecycle))
+    assert status == 130 and "--resume" in lines[-1]
+    assert torch.load(tmp_path / "cut" / RUN / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    run_main(*args_for(mnist_root, tmp_path / "cut", *onecycle, "--resume"))
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert_same_run(tmp_path / "straight" / RUN, tmp_path / "cut" / RUN)
+
+
+@pytest.mark.parametrize("state", ["finished", "interrupted"])
+def test_resume_with_other_settings_is_refused_and_trains_nothing(mnist_root, tmp_path, capsys, monkeypatch,
+                                                                  state):
+    if state == "interrupted":
+        interrupt_at(monkeypatch, STEPS_PER_EPOCH + 4)
+        assert cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2"))[0] == 130
+        monkeypatch.undo()
+    else:
+        run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "2"))
+    before = run_files(tmp_path / RUN)
     status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume", "--lr", "0.1"))
-    assert status == 2 and len(lines) == 1 and "--lr" in lines[0]
+    assert status == 2 and len(lines) == 1 and "--lr 0.0003, not 0.1" in lines[0], lines
+    assert run_files(tmp_path / RUN) == before
+
+
+def test_resume_of_a_finished_run_may_add_epochs_to_a_constant_schedule_only(mnist_root, tmp_path, capsys):
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "2"))
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert status == 2 and len(lines) == 1 and "--num_epochs 1" in lines[0], lines
+    assert run_files(tmp_path / RUN) == before
+    (_, history), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "3", "--resume"))
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    assert history["epochs"][:2] == json.loads(before["history.json"])["epochs"]
+    assert len(history["epochs"]) == 3 and "test" in history
+    assert torch.load(tmp_path / RUN / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+def test_resume_of_a_onecycle_run_may_not_change_its_length(mnist_root, tmp_path, capsys):
+    run_main(*args_for(mnist_root, tmp_path, "--lr_schedule", "onecycle", "--num_epochs", "2"))
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--lr_schedule", "onecycle", "--num_epochs", "3",
+                                               "--resume"))
+    assert status == 2 and len(lines) == 1 and "--num_epochs 2, not 3" in lines[0], lines
+    assert run_files(tmp_path / RUN) == before
+
+
+def test_overwrite_is_all_or_nothing(mnist_root, tmp_path, capsys, monkeypatch, finished_run):
+    """An --overwrite interrupted in its first epoch has already removed the old run's files (and no others):
+    a later --resume must not take the old run for a finished one."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    (tmp_path / RUN / "notes.txt").write_text("my own notes")
+    old_history = json.loads((tmp_path / RUN / "history.json").read_text())
+    interrupt_at(monkeypatch, 3)
+    status, _ = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--lr", "0.01",
+                                           "--overwrite"))
+    assert status == 130
+    assert not (tmp_path / RUN / "history.json").exists() and not (tmp_path / RUN / "checkpoint.pt").exists()
+    assert (tmp_path / RUN / "notes.txt").read_text() == "my own notes"
+    monkeypatch.undo()
+    (_, history), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert "already finished" not in capsys.readouterr().out
+    assert without_seconds(history) == without_seconds(old_history)  # trained again, from the start
+    assert (tmp_path / RUN / "notes.txt").read_text() == "my own notes"
 
 
 def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys):
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2"))
-    before = (tmp_path / "mlp_mnist_d4_w8_plain_s0" / "checkpoint.pt").stat().st_mtime_ns
+    before = (tmp_path / "mlp_mnist_h2_w8_plain_s0" / "checkpoint.pt").stat().st_mtime_ns
     runs = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "4",
                               "--resume"))
-    assert "mlp_mnist_d4_w8_plain_s0: already finished, skipped" in capsys.readouterr().out
-    assert (tmp_path / "mlp_mnist_d4_w8_plain_s0" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert "mlp_mnist_h2_w8_plain_s0: already finished with these settings, skipped" in capsys.readouterr().out
+    assert (tmp_path / "mlp_mnist_h2_w8_plain_s0" / "checkpoint.pt").stat().st_mtime_ns == before
     assert [len(h["epochs"]) for _, h in runs] == [1, 1] and all("test" in h for _, h in runs)
 
 
@@ -108,18 +220,16 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys, monkeypatch):
-    real = train.F.cross_entropy
-    calls = {"n": 0}
+    real_train_one_epoch = train.train_one_epoch
 
-    def poisoned(logits, labels, **kwargs):
-        calls["n"] += 1
-        loss = real(logits, labels, **kwargs)
-        # calls 1-10 train epoch 1, call 11 validates it, call 15 is the 4th step of epoch 2
-        return loss * float("nan") if calls["n"] == 15 else loss
-    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    def poisoned_in_epoch_2(run, epoch, *args):
+        if epoch == 2:
+            run.train.images[image_of_step(run, 3)] = float("nan")  # an image of the 4th step of epoch 2
+        return real_train_one_epoch(run, epoch, *args)
+    monkeypatch.setattr(train, "train_one_epoch", poisoned_in_epoch_2)
     status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "3"))
-    assert status == 1 and len(lines) == 1
-    assert "epoch 2, step 13" in lines[0]  # steps are counted from 0 over the run
+    assert status == 1 and not any("Traceback" in line for line in lines)
+    assert "epoch 2 became nan at step 13" in lines[-1]  # steps are counted from 0 over the run
     assert torch.load(tmp_path / RUN / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
@@ -149,6 +259,11 @@ def test_hostile_checkpoint_is_refused_and_its_code_never_runs(mnist_root, tmp_p
     assert marker.exists()
 
 
+# settings that the suite's checkpoints of before RunConfig lacked, and flags they held that are no settings
+NEW_SETTINGS = ("nesterov", "lr_schedule", "warmup_epochs", "label_smoothing", "sync_bn")
+OLD_FLAGS = {"data_root": "data", "download": True, "checkpoint": None, "out_dir": "runs", "plots_dir": None}
+
+
 def make_bad_checkpoint(kind: str, good, path):
     checkpoint = torch.load(good, weights_only=True)
     if kind == "config_mismatch":
@@ -158,6 +273,12 @@ def make_bad_checkpoint(kind: str, good, path):
         checkpoint["config"]["model_name"] = "ResNet"
         checkpoint["config"].update(out_channels=4, num_levels=1, num_conv_per_level=1, stem="cifar")
         torch.save(checkpoint, path)
+    elif kind == "missing_key":
+        del checkpoint["config"]["lr"]
+        torch.save(checkpoint, path)
+    elif kind == "old_format":
+        old = {k: v for k, v in checkpoint["config"].items() if k not in NEW_SETTINGS}
+        torch.save(dict(checkpoint, config=dict(old, **OLD_FLAGS)), path)
     elif kind == "not_our_dict":
         torch.save({"state_dict": checkpoint["model"]}, path)
     elif kind == "truncated":
@@ -168,12 +289,25 @@ def make_bad_checkpoint(kind: str, good, path):
         path.write_text("these are not the weights you are looking for\n")
 
 
-@pytest.mark.parametrize("kind", ["config_mismatch", "other_architecture", "not_our_dict", "truncated", "empty",
-                                  "text"])
-def test_broken_checkpoints_are_one_line_errors(mnist_root, tmp_path, capsys, kind):
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+@pytest.mark.parametrize("kind", ["config_mismatch", "other_architecture", "missing_key", "old_format",
+                                  "not_our_dict", "truncated", "empty", "text"])
+def test_broken_checkpoints_are_one_line_errors(mnist_root, tmp_path, capsys, finished_run, kind):
     bad = tmp_path / f"{kind}.pt"
-    make_bad_checkpoint(kind, tmp_path / RUN / "checkpoint.pt", bad)
+    make_bad_checkpoint(kind, finished_run / "checkpoint.pt", bad)
     status, lines = cli_exit(capsys, "--no-train", "--checkpoint", str(bad), "--data_root", str(mnist_root),
                              "--no-download", "--device", "cpu")
     assert status == 2 and len(lines) == 1 and str(bad) in lines[0], lines
+    if kind in ("missing_key", "old_format"):
+        assert "missing" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["missing_key", "old_format"])
+def test_resume_from_a_checkpoint_without_every_setting_is_a_one_line_error(mnist_root, tmp_path, capsys,
+                                                                             finished_run, kind):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    checkpoint = tmp_path / RUN / "checkpoint.pt"
+    make_bad_checkpoint(kind, checkpoint, checkpoint)
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
+    assert status == 2 and len(lines) == 1 and str(checkpoint) in lines[0] and "missing" in lines[0], lines
+    assert run_files(tmp_path / RUN) == before

@@ -1,0 +1,72 @@
+"""The sweep figures: their file names, and gradient figures that share one y range so they can be compared."""
+import numpy as np
+import pytest
+
+import plots
+from conftest import run_config
+
+
+def fake_run(config, norms: np.ndarray) -> tuple:
+    """(config, history, (steps, gradient norms)) of a 2-epoch run whose weights had these gradient norms."""
+    history = {"epochs": [{"train_loss": 2.0, "val_acc": 0.2}, {"train_loss": 1.0, "val_acc": 0.5}],
+               "test": {"loss": 1.0, "acc": 0.5}}
+    return config, history, (list(range(norms.shape[1])), {f"layer{i}.weight": row for i, row in enumerate(norms)})
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict[str, object]:
+    """Every figure plots.py saves, by file name (the files are written too)."""
+    saved = {}
+    real_savefig = plots.savefig
+
+    def recording_savefig(fig, path):
+        saved[path.name] = fig
+        real_savefig(fig, path)
+    monkeypatch.setattr(plots, "savefig", recording_savefig)
+    return saved
+
+
+def assert_shared_y_range(figures: list, series: list[np.ndarray]) -> None:
+    """Every axes of every figure has the same y range, and it holds every series (zeros at the floor)."""
+    ranges = {ax.get_ylim() for fig in figures for ax in fig.axes}
+    assert len(ranges) == 1
+    low, high = ranges.pop()
+    values = np.maximum(np.concatenate(series), plots.ZERO_FLOOR)
+    assert low <= values.min() and values.max() <= high
+
+
+def test_mlp_sweep_figures_are_named_by_hidden_layers_shortcuts_and_width(tmp_path, figures):
+    small = np.geomspace(1e-3, 1e-1, 4 * 7).reshape(7, 4)  # 7 weight layers, 4 logged steps
+    vanished = np.zeros((7, 4))
+    large = np.geomspace(1, 10, 4 * 7).reshape(7, 4)
+    runs = [fake_run(run_config("--num_hidden_layers", "5", "--width", "8", "--seed", "0"), vanished),
+            fake_run(run_config("--num_hidden_layers", "5", "--width", "8", "--seed", "1"), small),
+            fake_run(run_config("--num_hidden_layers", "4", "--residual_step", "2", "--width", "8"), small),
+            fake_run(run_config("--num_hidden_layers", "4", "--residual_step", "2", "--width", "16"), large)]
+    paths = plots.plot_sweep(runs, tmp_path)
+    gradients = ["gradients_mlp_d5_w8.png", "gradients_mlp_d4_res2_w8.png", "gradients_mlp_d4_res2_w16.png"]
+    assert sorted(p.name for p in paths) == sorted(["mlp_training_loss.png", "mlp_Val_acc.png",
+                                                    "mlp_trainability.png", *gradients])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+    assert [ax.get_title() for ax in figures["gradients_mlp_d5_w8.png"].axes] == ["seed 0", "seed 1"]
+    assert all(len(ax.lines) == plots.GRAD_PLOT_LAYERS for name in gradients for ax in figures[name].axes)
+    first_layers = [s[:plots.GRAD_PLOT_LAYERS] for s in (vanished, small, large)]
+    assert_shared_y_range([figures[name] for name in gradients], first_layers)
+
+
+def test_cnn_sweep_figures_are_named_by_depth_and_share_the_y_range(tmp_path, figures):
+    cnn = ("--model_name", "ResNet", "--out_channels", "4", "--num_levels", "1")
+    first_conv = [np.full((3, 5), 1e-4), np.full((3, 5), 2.0), np.full((3, 5), 0.5), np.full((3, 5), 30.0)]
+    runs = [fake_run(run_config(*cnn, "--num_conv_per_level", convs, "--residual_step", step), norms)
+            for (convs, step), norms in zip([("1", "0"), ("1", "1"), ("3", "0"), ("3", "1")], first_conv)]
+    paths = plots.plot_sweep(runs, tmp_path)
+    assert sorted(p.name for p in paths) == ["Conv_gradients_d3.png", "Conv_gradients_d5.png",
+                                             "Conv_train_loss.png", "Conv_val_accuracy.png"]
+    assert [len(figures[name].axes[0].lines) for name in ("Conv_gradients_d3.png", "Conv_gradients_d5.png")] == [2, 2]
+    assert_shared_y_range([figures["Conv_gradients_d3.png"], figures["Conv_gradients_d5.png"]],
+                          [s[0] for s in first_conv])
+
+
+def test_a_sweep_without_gradient_logs_draws_only_the_curves(tmp_path):
+    runs = [fake_run(run_config("--num_hidden_layers", "2", "--grad_log_every", "0"), np.zeros((4, 0)))]
+    assert [p.name for p in plots.plot_sweep(runs, tmp_path)] == ["mlp_training_loss.png", "mlp_Val_acc.png"]

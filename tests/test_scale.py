@@ -1,0 +1,168 @@
+"""Scaling out: a sweep in --jobs worker processes, one run data-parallel over processes as torchrun starts them."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import pipeline
+import utils
+from conftest import ROOT
+
+
+def flags(mnist_root, out_dir, *extra: str) -> list[str]:
+    return ["--data_root", str(mnist_root), "--no-download", "--val_size", "100", "--batch_size", "50", "--width", "8",
+            "--device", "cpu", "--out_dir", str(out_dir), *extra]
+
+
+def run_main(*args: str):
+    return pipeline.main(pipeline.get_args_parser().parse_args(list(args)))
+
+
+def histories(out_dir) -> dict[str, dict]:
+    """Every run's history (without wall-clock seconds) and grad_norms.csv text, by run folder name."""
+    runs = {}
+    for run_dir in sorted(p for p in out_dir.iterdir() if (p / "history.json").exists()):
+        history = json.loads((run_dir / "history.json").read_text())
+        epochs = [{k: v for k, v in e.items() if k != "seconds"} for e in history["epochs"]]
+        runs[run_dir.name] = {"epochs": epochs, "test": history["test"],
+                              "grad_norms": (run_dir / "grad_norms.csv").read_text()}
+    return runs
+
+
+SWEEP = ("--num_hidden_layers", "2", "4", "--residual_step", "0", "2", "--num_epochs", "2")
+
+
+def test_jobs_give_the_histories_of_one_process(mnist_root, tmp_path):
+    one = run_main(*flags(mnist_root, tmp_path / "one", *SWEEP))
+    two = run_main(*flags(mnist_root, tmp_path / "two", *SWEEP, "--jobs", "2"))
+    assert len(histories(tmp_path / "one")) == 4
+    assert histories(tmp_path / "one") == histories(tmp_path / "two")
+    assert [c.run_name for c, _ in one] == [c.run_name for c, _ in two]
+    assert (tmp_path / "two" / "plots" / "mlp_trainability.png").is_file()
+
+
+def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path):
+    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "6", "--batch_size", "5")
+    command = [sys.executable, str(ROOT / "pipeline.py"), *flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "cut").glob("*/history.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(subprocess.signal.SIGTERM)  # to the sweep's main process only: it stops the workers
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "--resume" in err.strip().splitlines()[-1]
+    unfinished = [h for h in histories_or_partial(tmp_path / "cut") if "test" not in h]
+    assert unfinished, "the signal came after every run had finished"
+    run_main(*flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2", "--resume"))
+    run_main(*flags(mnist_root, tmp_path / "straight", *sweep))
+    assert histories(tmp_path / "cut") == histories(tmp_path / "straight")
+
+
+def histories_or_partial(out_dir) -> list[dict]:
+    return [json.loads(p.read_text()) for p in out_dir.glob("*/history.json")]
+
+
+def test_a_failed_run_does_not_stop_the_others(mnist_root, tmp_path, capsys):
+    run_main(*flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "--num_epochs", "1"))
+    broken = tmp_path / "mlp_mnist_h2_w8_plain_s0"
+    (broken / "history.json").unlink()  # unfinished now, and its checkpoint cannot be read
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(
+            flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", "--num_epochs", "1", "--resume")))
+    assert exit_info.value.code == 2  # refused while planning: nothing trained
+    assert not (tmp_path / "mlp_mnist_h4_w8_plain_s0").exists()
+
+
+def test_a_diverging_run_is_reported_and_the_sweep_goes_on(mnist_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(flags(
+            mnist_root, tmp_path, "--num_hidden_layers", "2", "4", "--lr", "1e30", "--optimizer", "sgd",
+            "--num_epochs", "1", "--jobs", "2")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1
+    assert "error: 2 of 2 runs failed" in err[-1] and "became nan at step" in err[-1]
+
+
+@pytest.mark.parametrize("extra", [("--jobs", "2"), ("--sync_bn",)])
+def test_jobs_or_sync_bn_are_refused_where_they_cannot_work(mnist_root, tmp_path, capsys, monkeypatch, extra):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for two processes
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(flags(mnist_root, tmp_path, *extra)))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and extra[0] in lines[0]
+    assert not tmp_path.joinpath("mlp_mnist_h4_w8_plain_s0").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_rank(rank: int, world_size: int, port: int, root: str, args: list[str]) -> None:
+    """One process of a torchrun-like launch: torchrun's environment, its own working folder, pipeline.main."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    os.chdir(os.path.join(root, f"rank{rank}"))
+    pipeline.main(pipeline.get_args_parser().parse_args(args))
+
+
+def launch(root, args: list[str], world_size: int = 2) -> None:
+    for rank in range(world_size):
+        (root / f"rank{rank}").mkdir(parents=True)
+    mp.spawn(distributed_rank, args=(world_size, free_port(), str(root), args), nprocs=world_size)
+
+
+def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path):
+    # --out_dir is relative: each rank writes into its own working folder, so what rank 1 writes would show
+    args = flags(mnist_root, "runs", "--num_hidden_layers", "4", "--num_epochs", "2", "--residual_step", "2")
+    launch(tmp_path / "ddp", args)
+    assert not any((tmp_path / "ddp" / "rank1").iterdir()), "only rank 0 writes"
+    run_main(*flags(mnist_root, tmp_path / "single", "--num_hidden_layers", "4", "--num_epochs", "2",
+                    "--residual_step", "2"))
+    run = "mlp_mnist_h4_w8_res2_s0"
+    ddp, single = (json.loads((d / run / "history.json").read_text())
+                   for d in (tmp_path / "ddp" / "rank0" / "runs", tmp_path / "single"))
+    for a, b in zip(ddp["epochs"], single["epochs"]):
+        assert a["steps"] == b["steps"] and a["lr"] == b["lr"]
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5)
+    norms = [np.loadtxt(d / run / "grad_norms.csv", delimiter=",", skiprows=1)
+             for d in (tmp_path / "ddp" / "rank0" / "runs", tmp_path / "single")]
+    np.testing.assert_allclose(norms[0], norms[1], rtol=1e-4, atol=1e-6)
+    # the checkpoint loads in a single process
+    status = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--no-train", "--device", "cpu",
+                             "--data_root", str(mnist_root), "--no-download", "--checkpoint",
+                             str(tmp_path / "ddp" / "rank0" / "runs" / run / "checkpoint.pt")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert status.returncode == 0 and f"accuracy {100 * ddp['test']['acc']:.2f}%" in status.stdout
+
+
+def test_two_processes_train_a_cnn_and_resume_under_torchrun(cifar_root, tmp_path):
+    """Batch norm sees each rank's half batch (SyncBatchNorm is CUDA-only), so a CNN is compared loosely."""
+    cnn = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root), "--no-download",
+           "--val_size", "50", "--limit_train", "128", "--batch_size", "32", "--out_channels", "4", "--num_levels", "2",
+           "--num_conv_per_level", "2", "--residual_step", "2", "--device", "cpu", "--out_dir", "runs"]
+    launch(tmp_path / "ddp", cnn + ["--num_epochs", "1"])
+    run_dir = tmp_path / "ddp" / "rank0" / "runs" / "resnet_cifar10_d6_c4x2_res2_s0"
+    assert json.loads((run_dir / "history.json").read_text())["epochs"][0]["steps"] == 4
+    # resume under torchrun: rank 1 reads the checkpoint rank 0 wrote (here: a copy in its folder)
+    (tmp_path / "ddp2").mkdir()
+    for rank in range(2):
+        subprocess.run(["cp", "-r", str(tmp_path / "ddp" / "rank0"), str(tmp_path / "ddp2" / f"rank{rank}")], check=True)
+    mp.spawn(distributed_rank, args=(2, free_port(), str(tmp_path / "ddp2"), cnn + ["--num_epochs", "2", "--resume"]),
+             nprocs=2)
+    history = json.loads((tmp_path / "ddp2" / "rank0" / "runs" / run_dir.name / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2] and np.isfinite(history["test"]["loss"])
+    single = run_main(*[f if f != "runs" else str(tmp_path / "single") for f in cnn], "--num_epochs", "2")[0][1]
+    assert history["epochs"][0]["train_loss"] == pytest.approx(single["epochs"][0]["train_loss"], rel=0.05)

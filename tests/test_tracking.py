@@ -1,0 +1,230 @@
+"""Experiment tracking: TensorBoard event files read back with TensorBoard's reader, real offline W&B runs, what
+is sent to W&B (recorded at its API), failing trackers, and nothing imported when tracking is off."""
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import pipeline
+import train
+import utils
+from conftest import ROOT
+from tracking import DEFAULT_PROJECT, EPOCH_SCALARS, GRAD_NORM, STEP
+
+RUN = "mlp_mnist_h2_w8_plain_s0"
+
+
+def args_for(mnist_root, out_dir, *extra: str) -> list[str]:
+    """A tiny MLP: 500 training images in batches of 50, so 10 steps an epoch."""
+    return ["--data_root", str(mnist_root), "--no-download", "--val_size", "100", "--batch_size", "50",
+            "--width", "8", "--num_hidden_layers", "2", "--device", "cpu", "--out_dir", str(out_dir), *extra]
+
+
+def run_main(*args: str):
+    return pipeline.main(pipeline.get_args_parser().parse_args(list(args)))
+
+
+def read_run(run_dir) -> tuple[dict, list[int], dict]:
+    """A run's history.json, and its logged steps and gradient norms from grad_norms.csv."""
+    steps, norms = train.RunFiles(run_dir).read_grad_norms()
+    return json.loads((run_dir / "history.json").read_text()), steps, norms
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files in `folder`, as (step, value) per tag, through TensorBoard's own reader."""
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_every_epoch_and_gradient_norm_once_across_an_interruption(mnist_root, tmp_path,
+                                                                                     monkeypatch):
+    real_save = train.save_checkpoint
+
+    def interrupted_saving_epoch_2(path, checkpoint: dict) -> None:
+        if checkpoint["epoch"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C while epoch 2's checkpoint is written: the file keeps epoch 1
+        real_save(path, checkpoint)
+    monkeypatch.setattr(train, "save_checkpoint", interrupted_saving_epoch_2)
+    args = args_for(mnist_root, tmp_path, "--num_epochs", "3", "--tensorboard")
+    with pytest.raises(KeyboardInterrupt):
+        run_main(*args)
+    monkeypatch.undo()
+    run_main(*args, "--resume")
+
+    history, steps, norms = read_run(tmp_path / RUN)
+    scalars = tensorboard_scalars(tmp_path / RUN / "tensorboard")
+    for key in EPOCH_SCALARS:
+        assert scalars[key] == [(e["epoch"], pytest.approx(e[key], rel=1e-6)) for e in history["epochs"]], key
+    assert steps == list(range(30))
+    assert scalars.keys() - set(EPOCH_SCALARS) - {"test_loss", "test_acc"} == {GRAD_NORM + n for n in norms}
+    for name, values in norms.items():
+        logged = scalars[GRAD_NORM + name]
+        assert [s for s, _ in logged] == steps and [v for _, v in logged] == pytest.approx(values, rel=1e-6), name
+    assert scalars["test_acc"] == [(3, pytest.approx(history["test"]["acc"]))]
+
+
+@pytest.fixture
+def wandb_home(tmp_path, monkeypatch):
+    """Keep W&B's own settings, cache and data out of the user's home."""
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb_home"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def offline_runs(folder) -> list[str]:
+    """The W&B run ids of the offline run directories in `folder`/wandb, one per start."""
+    return sorted(p.name.rsplit("-", 1)[1] for p in (folder / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_offline_writes_one_run_per_training_run_and_a_resumed_run_continues_it(mnist_root, tmp_path,
+                                                                                        wandb_home):
+    out_dir = tmp_path / "sweep"
+    names = [RUN, "mlp_mnist_h2_w8_res2_s0"]
+    sweep = args_for(mnist_root, out_dir, "--residual_step", "0", "2", "--wandb", "offline", "--tensorboard")
+    run_main(*sweep, "--num_epochs", "1", "--jobs", "2")
+    ids = {name: torch.load(out_dir / name / "checkpoint.pt", weights_only=True)["wandb_run_id"] for name in names}
+    assert len(set(ids.values())) == 2
+    for name in names:
+        assert offline_runs(out_dir / name) == [ids[name]]
+        assert list((out_dir / name / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(offline_runs(out_dir / "plots")) == 1  # the sweep's figures
+
+    run_main(*sweep, "--num_epochs", "2", "--resume")
+    for name in names:
+        assert torch.load(out_dir / name / "checkpoint.pt", weights_only=True)["wandb_run_id"] == ids[name]
+        assert offline_runs(out_dir / name) == [ids[name]] * 2  # `wandb sync` uploads both, in order, as one run
+
+    notes = out_dir / RUN / "notes.txt"
+    notes.write_text("mine")
+    run_main(*sweep, "--num_epochs", "1", "--overwrite")
+    new_id = torch.load(out_dir / RUN / "checkpoint.pt", weights_only=True)["wandb_run_id"]
+    assert new_id != ids[RUN] and offline_runs(out_dir / RUN) == [new_id]
+    assert len(list((out_dir / RUN / "tensorboard").iterdir())) == 1 and notes.read_text() == "mine"
+
+
+class RecordedRun:
+    """What the tracker sent to one W&B run."""
+
+    def __init__(self, kwargs: dict, number: int, fail_log: bool):
+        self.kwargs, self.fail_log = kwargs, fail_log
+        self.id, self.url = kwargs["id"] or f"run{number}", None
+        self.step_metrics: dict[str, str | None] = {}
+        self.logs: list[dict] = []
+        self.summary: dict = {}
+        self.exit_code = None
+
+    def define_metric(self, name: str, step_metric: str | None = None) -> None:
+        self.step_metrics[name] = step_metric
+
+    def log(self, data: dict) -> None:
+        if self.fail_log:
+            raise ConnectionError("W&B went away")
+        self.logs.append(data)
+
+    def finish(self, exit_code: int | None = None) -> None:
+        self.exit_code = exit_code
+
+
+class RecordingWandb(types.ModuleType):
+    """Stands in for the wandb package at its API (W&B 0.31 keeps offline history in a binary log with no public
+    reader): records every run started and everything logged to it."""
+
+    def __init__(self, fail: str | None = None):
+        super().__init__("wandb")
+        self.fail = fail
+        self.runs: list[RecordedRun] = []
+        self.Settings = dict
+        self.Image = lambda path: ("image", path)
+
+    def init(self, **kwargs) -> RecordedRun:
+        if self.fail == "init":
+            raise ConnectionError("no W&B server")
+        self.runs.append(RecordedRun(kwargs, len(self.runs), self.fail == "log"))
+        return self.runs[-1]
+
+
+def test_wandb_receives_the_config_every_epoch_every_logged_gradient_norm_the_test_result_and_the_figures(
+        mnist_root, tmp_path, monkeypatch):
+    wandb = RecordingWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "2", "--grad_log_every", "3", "--wandb", "offline",
+                       "--wandb-proj-name", "lab"))
+    tracked, summary = wandb.runs
+    history, steps, norms = read_run(tmp_path / RUN)
+    config = json.loads((tmp_path / RUN / "config.json").read_text())
+    assert tracked.kwargs | {"settings": None} == {
+        "mode": "offline", "project": "lab", "group": tmp_path.name, "job_type": "train", "name": RUN,
+        "dir": tmp_path / RUN, "config": config, "id": None, "resume": None, "allow_val_change": True,
+        "settings": None}
+    assert tracked.step_metrics["train_loss"] == "epoch" and tracked.step_metrics[GRAD_NORM + "*"] == STEP
+
+    epochs = [log for log in tracked.logs if "epoch" in log]
+    assert epochs == [{k: e[k] for k in ("epoch", *EPOCH_SCALARS)} for e in history["epochs"]]
+    grads = [log for log in tracked.logs if STEP in log]
+    assert len(tracked.logs) == len(epochs) + len(grads)  # one call per logged step, never one per weight
+    assert steps == [0, 3, 6, 9, 12, 15, 18] and [log[STEP] for log in grads] == steps
+    for name, values in norms.items():
+        assert [log[GRAD_NORM + name] for log in grads] == pytest.approx(values.tolist(), rel=1e-6)
+    assert all(len(log) == len(norms) + 1 for log in grads)
+    assert tracked.summary == {"test_loss": history["test"]["loss"], "test_acc": history["test"]["acc"]}
+    assert tracked.exit_code == 0
+    assert torch.load(tmp_path / RUN / "checkpoint.pt", weights_only=True)["wandb_run_id"] == tracked.id
+
+    assert summary.kwargs["job_type"] == "summary" and summary.kwargs["group"] == tmp_path.name
+    assert summary.kwargs["dir"] == tmp_path / "plots"
+    (figures,) = summary.logs
+    written = sorted((tmp_path / "plots").glob("*.png"))
+    assert len(written) >= 3 and figures == {f"figures/{p.stem}": ("image", str(p)) for p in written}
+
+
+@pytest.mark.parametrize("fail", ["init", "log"])
+def test_a_failing_tracker_is_one_warning_and_training_goes_on(mnist_root, tmp_path, monkeypatch, capsys, fail):
+    run_main(*args_for(mnist_root, tmp_path / "untracked", "--num_epochs", "2"))
+    wandb = RecordingWandb(fail)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    capsys.readouterr()
+    run_main(*args_for(mnist_root, tmp_path / "tracked", "--num_epochs", "2", "--wandb", "offline",
+                       "--tensorboard"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "W&B" in line]
+    reason = "start: no W&B server" if fail == "init" else "log_epoch: W&B went away"
+    assert warnings[0] == f"warning: {RUN}: W&B tracking stopped, the run goes on without it ({reason})"
+    assert len(warnings) == 2  # the run's and the sweep summary's, once each
+    untracked, _, _ = read_run(tmp_path / "untracked" / RUN)
+    tracked, _, _ = read_run(tmp_path / "tracked" / RUN)
+    assert [e["train_loss"] for e in tracked["epochs"]] == [e["train_loss"] for e in untracked["epochs"]]
+    assert tracked["test"] == untracked["test"]
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "tracked" / RUN / "tensorboard")["val_acc"]] == [1, 2]
+    checkpoint = torch.load(tmp_path / "tracked" / RUN / "checkpoint.pt", weights_only=True)
+    if fail == "init":
+        assert checkpoint["wandb_run_id"] is None
+    else:  # the failed run was closed, marked failed; its id still resumes it
+        assert wandb.runs[0].exit_code == 1 and checkpoint["wandb_run_id"] == wandb.runs[0].id
+
+
+def test_without_tracking_neither_package_is_imported(mnist_root, tmp_path):
+    code = ("import sys, pipeline\n"
+            f"pipeline.main(pipeline.get_args_parser().parse_args({args_for(mnist_root, tmp_path)!r}))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard') "
+            "or m.startswith('torch.utils.tensorboard')))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert not (tmp_path / RUN / "wandb").exists() and not (tmp_path / RUN / "tensorboard").exists()
+
+
+def test_tracking_flags(tmp_path, capsys):
+    parse = pipeline.get_args_parser().parse_args
+    assert parse(["--wandb"]).wandb == "online"  # the original lab's bare flag
+    assert parse([]).wandb == "disabled" and parse([]).wandb_proj_name == DEFAULT_PROJECT
+    assert parse(["--wandb", "offline", "--wandb-proj-name", "lab"]).wandb_proj_name == "lab"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(pipeline.main, parse(["--wandb", "offline", "--wandb_proj_name", "a/b", "--out_dir",
+                                            str(tmp_path / "runs")]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "runs").exists()
