@@ -39,7 +39,7 @@ from torchvision import transforms
 import pipeline
 from cam import class_activation_maps
 from config import RunConfig
-from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, RawData, Split, batch_indices, load_dataset,
+from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, batch_indices, load_dataset,
                   normalize, read_cifar10_batches)
 from models import build_model
 from train import (RunSetup, cpu_threads, evaluate, logged_weights, prepare_run, train_one_epoch,
@@ -743,8 +743,11 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     sizes = sizes or (QUICK if args.quick else FULL)
     options = Options(args.threads, args.threads or torch.get_num_threads(), args.amp, args.compile)
     start, load_at_start = time.perf_counter(), os.getloadavg()
-    mnist = load_dataset("MNIST", args.data_root, download=False)
-    cifar = load_dataset("CIFAR10", args.data_root, download=False)
+    try:
+        mnist = load_dataset("MNIST", args.data_root, download=False)
+        cifar = load_dataset("CIFAR10", args.data_root, download=False)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
     results = {"meta": {"torch": torch.__version__, "numpy": np.__version__, "device": str(device),
                         "threads": args.threads, "default_threads": torch.get_num_threads(),
                         "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),

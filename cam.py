@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from data import DATASETS, DatasetInfo, load_dataset, normalize
+from data import DATASETS, DatasetError, DatasetInfo, load_dataset, normalize
 from models import MLP, load_model
 from plots import savefig
 from utils import (ArgumentParser, CheckpointError, UsageError, atomic_write, check_writable, first_line,
@@ -288,15 +288,20 @@ def explain_photo(args: argparse.Namespace, model: nn.Module, info: DatasetInfo,
     return written
 
 
-@torch.no_grad()
 def main(args: argparse.Namespace) -> list[Path]:
     """Load the checkpoint's model and write the CAM PNGs for test images or a photo; return the files written."""
+    try:
+        return explain(args)
+    except (CheckpointError, DatasetError) as e:
+        raise UsageError(str(e)) from None
+
+
+@torch.no_grad()
+def explain(args: argparse.Namespace) -> list[Path]:
+    """main() without the translation of library errors into CLI messages."""
     check_args(args)
     device = resolve_device(args.device)
-    try:
-        config, model = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
+    config, model = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
     if config.dataset not in DATASETS:
         raise UsageError(f"--checkpoint {args.checkpoint}: its config names no known dataset")
     check_cam_model(model, args.checkpoint)

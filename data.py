@@ -9,12 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UsageError, first_line
+from utils import first_line
 
 try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct
+
+
+class DatasetError(ValueError):
+    """Data that is missing, unreadable, or too small for the split asked for."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ def read_cifar10_batches(folder: Path, files: tuple[str, ...]) -> tuple[torch.Te
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"cannot read CIFAR-10 batch {folder / name} ({first_line(e)}); delete the folder "
+            raise DatasetError(f"cannot read CIFAR-10 batch {folder / name} ({first_line(e)}); delete the folder "
                              "and run again with --download to fetch a fresh copy") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
@@ -94,7 +98,7 @@ def load_cifar10(root: Path, download: bool) -> RawData:
     if not all((folder / f).is_file() for f in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES):
         hint = f"CIFAR-10 not found: expected {folder}/data_batch_1..5 and test_batch"
         if not download:
-            raise UsageError(f"{hint}; run without --no-download, or point --data_root at the folder "
+            raise DatasetError(f"{hint}; run without --no-download, or point --data_root at the folder "
                              f"that holds {CIFAR10_FOLDER}")
         import torchvision  # imported here only: it takes seconds to import and is needed only to download
         from torchvision.datasets.utils import download_and_extract_archive
@@ -102,7 +106,7 @@ def load_cifar10(root: Path, download: bool) -> RawData:
         try:
             download_and_extract_archive(cifar.url, str(root), filename=cifar.filename, md5=cifar.tgz_md5)
         except Exception as e:  # urllib, http and archive errors all mean the same thing to the user
-            raise UsageError(f"{hint}, and the download failed ({first_line(e)}); download {cifar.url} and "
+            raise DatasetError(f"{hint}, and the download failed ({first_line(e)}); download {cifar.url} and "
                              f"unpack it into {root}") from None
     return RawData(*read_cifar10_batches(folder, CIFAR10_TRAIN_FILES),
                    *read_cifar10_batches(folder, CIFAR10_TEST_FILES))
@@ -116,12 +120,12 @@ def read_idx(path: Path) -> torch.Tensor:
     """Read an uncompressed IDX file (MNIST's format) of unsigned bytes into a uint8 tensor."""
     data = path.read_bytes()
     if len(data) < 4 or data[:3] != b"\0\0\x08":
-        raise UsageError(f"{path} is not an IDX file of unsigned bytes; delete it and run again with --download")
+        raise DatasetError(f"{path} is not an IDX file of unsigned bytes; delete it and run again with --download")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise UsageError(f"{path} is truncated ({body.size} bytes for shape {shape}); delete it and run again "
+        raise DatasetError(f"{path} is truncated ({body.size} bytes for shape {shape}); delete it and run again "
                          "with --download")
     return torch.from_numpy(body.reshape(shape).copy())
 
@@ -134,14 +138,14 @@ def load_mnist(root: Path, download: bool) -> RawData:
     if not all(p.is_file() for p in paths):
         hint = f"MNIST not found: expected {', '.join(p.name for p in paths)} in {raw}"
         if not download:
-            raise UsageError(f"{hint}; run without --no-download, or point --data_root at the folder "
+            raise DatasetError(f"{hint}; run without --no-download, or point --data_root at the folder "
                              "that holds MNIST/raw")
         import torchvision  # imported here only: it takes seconds to import and is needed only to download
         try:
             for train in (True, False):
                 torchvision.datasets.MNIST(str(root), train=train, download=True)
         except Exception as e:  # torchvision raises RuntimeError, URLError or OSError, all meaning "no data"
-            raise UsageError(f"{hint}, and the download failed ({first_line(e)}); "
+            raise DatasetError(f"{hint}, and the download failed ({first_line(e)}); "
                              f"copy the four files there by hand") from None
     train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
     return RawData(train_images.unsqueeze(1), train_labels.long(), test_images.unsqueeze(1), test_labels.long())
@@ -154,7 +158,7 @@ def load_dataset(name: str, root: str | Path, download: bool) -> RawData:
         return load_mnist(root, download)
     if name == "CIFAR10":
         return load_cifar10(root, download)
-    raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 def normalize(images: torch.Tensor, info: DatasetInfo, device: torch.device | str = "cpu",
@@ -173,11 +177,11 @@ def to_split(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, devi
 
 
 def check_split_sizes(n: int, val_size: int, limit_train: int | None) -> None:
-    """A validation split and a training limit that fit a training set of `n` images, or a UsageError."""
+    """A validation split and a training limit that fit a training set of `n` images, or a DatasetError."""
     if not 0 < val_size < n:
-        raise UsageError(f"--val_size {val_size} must be between 1 and {n - 1} (the training set has {n} images)")
+        raise DatasetError(f"--val_size {val_size} must be between 1 and {n - 1} (the training set has {n} images)")
     if limit_train is not None and limit_train > n - val_size:
-        raise UsageError(f"--limit_train {limit_train} is larger than the training split "
+        raise DatasetError(f"--limit_train {limit_train} is larger than the training split "
                          f"({n - val_size} images after --val_size {val_size})")
 
 

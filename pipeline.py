@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from config import RunConfig
-from data import DATASETS, check_split_sizes, load_dataset, to_split
+from data import DATASETS, DatasetError, check_split_sizes, load_dataset, to_split
 from models import load_model
 from plots import plot_sweep
 from sweep import SWEEP_FLAGS, RunConflict, execute, expand, plan, with_prefix
@@ -221,7 +221,7 @@ def main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     """Train and evaluate every config of the sweep, then plot; return (config, history) per finished run."""
     try:
         return sweep_main(args)
-    except (RunConflict, ResumeError, CheckpointError) as e:
+    except (RunConflict, ResumeError, CheckpointError, DatasetError) as e:
         raise UsageError(str(e)) from None
 
 

@@ -46,9 +46,9 @@ def expand(settings: dict, sweep: dict[str, list]) -> list[RunConfig]:
     configs = []
     for values in itertools.product(*(list(dict.fromkeys(sweep[flag])) for flag in flags)):
         fields = dict(base, **dict(zip(flags, values)))
-        model_nn = build_model(RunConfig(**dict(fields, depth=0, num_params=0, run_name="")))
-        config = RunConfig(**dict(fields, depth=model_nn.depth, run_name="",
-                                  num_params=sum(p.numel() for p in model_nn.parameters())))
+        network = build_model(RunConfig(**dict(fields, depth=0, num_params=0, run_name="")))
+        config = RunConfig(**dict(fields, depth=network.depth, run_name="",
+                                  num_params=sum(p.numel() for p in network.parameters())))
         configs.append(replace(config, run_name=run_name(config)))
     return configs
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATASETS, write_cifar10, write_mnist
-from data import DATASETS, augment, batch_indices, load_dataset, make_splits, normalize
-from utils import UsageError
+from data import DATASETS, DatasetError, augment, batch_indices, load_dataset, make_splits, normalize
 
 
 def test_mnist_loads_from_idx_files(mnist_root):
@@ -35,14 +34,14 @@ def test_cifar_reader_refuses_code_in_pickles(tmp_path):
 
     with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({b"data": Evil(), b"labels": []}, f, protocol=2)
-    with pytest.raises(UsageError, match="test_batch"):
+    with pytest.raises(DatasetError, match="test_batch"):
         load_dataset("CIFAR10", root, download=False)
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("name,expected", [("MNIST", "MNIST/raw"), ("CIFAR10", "cifar-10-batches-py")])
 def test_missing_data_without_download_says_where(tmp_path, name, expected):
-    with pytest.raises(UsageError, match=expected):
+    with pytest.raises(DatasetError, match=expected):
         load_dataset(name, tmp_path / "nowhere", download=False)
 
 
@@ -57,7 +56,7 @@ def test_failed_download_is_a_usage_error(tmp_path, monkeypatch, name):
         raise urllib.error.URLError("no route to host")
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
-    with pytest.raises(UsageError, match="download failed.*no route to host"):
+    with pytest.raises(DatasetError, match="download failed.*no route to host"):
         load_dataset(name, tmp_path, download=True)
 
 
@@ -65,7 +64,7 @@ def test_truncated_idx_file_is_a_usage_error(tmp_path):
     root = write_mnist(tmp_path, n_train=20, n_test=10)
     path = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(UsageError, match="truncated"):
+    with pytest.raises(DatasetError, match="truncated"):
         load_dataset("MNIST", root, download=False)
 
 
@@ -89,7 +88,7 @@ def test_splits_are_seeded_disjoint_and_complete(mnist_root):
 @pytest.mark.parametrize("val_size,limit", [(0, None), (600, None), (100, 501)])
 def test_bad_split_sizes(mnist_root, val_size, limit):
     raw = load_dataset("MNIST", mnist_root, download=False)
-    with pytest.raises(UsageError, match="val_size|limit_train"):
+    with pytest.raises(DatasetError, match="val_size|limit_train"):
         make_splits(raw, DATASETS["MNIST"], val_size, 0, limit, "cpu")
 
 
