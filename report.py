@@ -123,10 +123,13 @@ def exercise2_checks(runs: list[tuple[RunConfig, dict]]) -> str:
                            test(plain_deep) < test(plain_shallow)))
         res_deep, res_shallow = (deepest, True), (shallow, True)
         if res_deep in by_net and res_shallow in by_net:
+            final = losses(res_deep)[-1], losses(res_shallow)[-1]
+            checks.append((f"residual depth {deepest} ends with a training loss at most that of residual depth "
+                           f"{shallow} ({final[0]:.3f} vs {final[1]:.3f})", final[0] <= final[1]))
             checks.append((f"residual depth {deepest} tests at least as well as residual depth {shallow} "
                            f"({percent(test(res_deep))} vs {percent(test(res_shallow))})",
                            test(res_deep) >= test(res_shallow)))
-    for depth in depths:
+    for depth in depths[1:]:  # at the smallest depth shortcuts are not expected to matter
         if (depth, True) in by_net and (depth, False) in by_net:
             lower = [a < b for a, b in zip(losses((depth, True)), losses((depth, False)))]
             checks.append((f"at depth {depth} the residual network's training loss is below the plain one's at "

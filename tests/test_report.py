@@ -1,0 +1,87 @@
+"""report.py: the README's tables and checks from run folders, the CAM checkpoint, and the README rewrite."""
+import pytest
+
+import report
+import utils
+from conftest import run_config
+from train import RunFiles
+
+
+def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True) -> None:
+    """A run folder as train_run leaves it: config.json and history.json (test result only when finished)."""
+    files = RunFiles(out_dir / config.run_name)
+    utils.write_json(files.config, config.to_dict())
+    epochs = [{"epoch": i + 1, "train_loss": loss, "val_loss": 1.0, "val_acc": acc, "lr": 0.1, "seconds": 10.0 + i,
+               "steps": 10 * (i + 1)} for i, (loss, acc) in enumerate(zip(train_losses, val_accs))]
+    utils.write_json(files.history, {"epochs": epochs, **({"test": {"loss": 1.0, "acc": test_acc}} if finished else {})})
+
+
+def mlp(hidden: int, step: int, seed: int):
+    return run_config("--num_hidden_layers", str(hidden), "--residual_step", str(step), "--seed", str(seed))
+
+
+def cnn(convs: int, step: int):
+    return run_config("--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "4", "--num_levels", "1",
+                      "--num_conv_per_level", str(convs), "--residual_step", str(step))
+
+
+def test_exercise1_table_counts_trained_seeds_with_median_and_range(tmp_path):
+    for seed, acc in enumerate([0.1135, 0.80, 0.1135]):
+        write_run(tmp_path, mlp(4, 0, seed), [2.3], [acc], acc)
+    for seed, acc in enumerate([0.95, 0.93, 0.94]):
+        write_run(tmp_path, mlp(4, 2, seed), [0.2], [acc], acc)
+    write_run(tmp_path, mlp(8, 0, 0), [2.3], [0.5], 0.5, finished=False)  # unfinished: left out
+    table = report.exercise1_table(report.finished_runs(tmp_path))
+    assert "| 4 | 1/3 | 11.3% (11.3% to 80.0%) | 3/3 | 94.0% (93.0% to 95.0%) |" in table
+    assert "| 8 |" not in table and "6 runs (seeds 0, 1, 2; 1 epochs; width 16)" in table
+
+
+def test_exercise2_table_and_checks_say_what_holds(tmp_path):
+    write_run(tmp_path, cnn(1, 0), [2.0, 1.5], [0.5, 0.6], 0.60)
+    write_run(tmp_path, cnn(1, 1), [1.9, 1.4], [0.5, 0.6], 0.62)
+    write_run(tmp_path, cnn(3, 0), [2.1, 1.6], [0.4, 0.5], 0.50)  # the deeper plain net trains worse
+    write_run(tmp_path, cnn(3, 1), [1.8, 1.3], [0.6, 0.7], 0.59)  # the deeper residual net trains better, tests worse
+    runs = report.finished_runs(tmp_path)
+    table = report.exercise2_table(runs)
+    assert "| depth 5, residual (step 1), seed 0 | " in table and "| 1.300 | 70.0% | 59.0% | 10 s |" in table
+    checks = report.exercise2_checks(runs).splitlines()
+    assert "- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch (2 of 2 epochs)" in checks
+    assert "- holds: residual depth 5 ends with a training loss at most that of residual depth 3 (1.300 vs 1.400)" in checks
+    assert ("- **does not hold**: residual depth 5 tests at least as well as residual depth 3 (59.0% vs 62.0%)"
+            in checks)
+    assert not any("at depth 3 the residual" in line for line in checks)  # shortcuts are not judged at the smallest
+
+
+def test_best_checkpoint_is_the_residual_run_with_the_best_validation_accuracy(tmp_path):
+    write_run(tmp_path, cnn(1, 0), [1.0], [0.99], 0.99)  # plain: never the CAM model
+    write_run(tmp_path, cnn(1, 1), [1.0], [0.70], 0.90)  # best test accuracy, but chosen on validation
+    write_run(tmp_path, cnn(3, 1), [1.0], [0.80], 0.80)
+    assert report.best_checkpoint(report.finished_runs(tmp_path), tmp_path) == (
+        tmp_path / cnn(3, 1).run_name / "checkpoint.pt")
+
+
+def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):
+    write_run(tmp_path / "ex1", mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:ex1 -->\nold table\n<!-- /report:ex1 -->\nend\n")
+    args = report.get_args_parser().parse_args(["--ex1", str(tmp_path / "ex1"), "--readme", str(readme)])
+    blocks = report.main(args)
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- report:ex1 -->\n| hidden layers |") and text.endswith("<!-- /report:ex1 -->\nend\n")
+    assert "old table" not in text and blocks["ex1"] in text
+
+
+@pytest.mark.parametrize("case", ["no runs", "no block", "no folder"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
+    out_dir = tmp_path / "runs"
+    if case != "no folder":
+        out_dir.mkdir()
+    if case == "no block":
+        write_run(out_dir, mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(report.main, report.get_args_parser().parse_args(["--ex1", str(out_dir), "--readme",
+                                                                        str(readme)]))
+    assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert readme.read_text() == "no markers\n"
