@@ -117,10 +117,22 @@ def distributed_rank(rank: int, world_size: int, port: int, root: str, args: lis
     pipeline.main(pipeline.get_args_parser().parse_args(args))
 
 
+def spawn_ranks(root, args: list[str], world_size: int = 2, tries: int = 3) -> None:
+    """Start the ranks on a free port; a port another process took between our probe and the ranks' bind is the
+    one failure retried (torchrun --standalone avoids the race by binding port 0 itself)."""
+    for attempt in range(tries):
+        try:
+            mp.spawn(distributed_rank, args=(world_size, free_port(), str(root), args), nprocs=world_size)
+            return
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == tries - 1:
+                raise
+
+
 def launch(root, args: list[str], world_size: int = 2) -> None:
     for rank in range(world_size):
         (root / f"rank{rank}").mkdir(parents=True)
-    mp.spawn(distributed_rank, args=(world_size, free_port(), str(root), args), nprocs=world_size)
+    spawn_ranks(root, args, world_size)
 
 
 def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path):
@@ -160,8 +172,7 @@ def test_two_processes_train_a_cnn_and_resume_under_torchrun(cifar_root, tmp_pat
     (tmp_path / "ddp2").mkdir()
     for rank in range(2):
         subprocess.run(["cp", "-r", str(tmp_path / "ddp" / "rank0"), str(tmp_path / "ddp2" / f"rank{rank}")], check=True)
-    mp.spawn(distributed_rank, args=(2, free_port(), str(tmp_path / "ddp2"), cnn + ["--num_epochs", "2", "--resume"]),
-             nprocs=2)
+    spawn_ranks(tmp_path / "ddp2", cnn + ["--num_epochs", "2", "--resume"])
     history = json.loads((tmp_path / "ddp2" / "rank0" / "runs" / run_dir.name / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2] and np.isfinite(history["test"]["loss"])
     single = run_main(*[f if f != "runs" else str(tmp_path / "single") for f in cnn], "--num_epochs", "2")[0][1]
