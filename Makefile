@@ -38,8 +38,8 @@ reproduce-ex1: install
 	$(PY) report.py --ex1 $(RUNS)/ex1
 
 # Exercise 2: He et al.'s CIFAR family at depths 8, 20 and 38, plain and residual, 10 epochs of one-cycle SGD
-# (about an hour on 2 CPU cores). OpenMP threads that wait sleep instead of spinning: with the default, any other
-# busy process on these cores slowed an epoch 5 to 13 times here.
+# (about an hour on 2 CPU cores). OpenMP threads that wait sleep instead of spinning: beside one busy process an
+# epoch took 9.2 s instead of 13.1 s; on a quiet machine it costs 13% (README, Performance).
 reproduce-ex2: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --model_name ResNet --dataset CIFAR10 --data_root $(DATA_ROOT) --out_channels 16 --num_levels 3 \
 		--num_conv_per_level 2 6 12 --residual_step 0 2 --augment --optimizer sgd --lr 0.2 --momentum 0.9 \

@@ -1,7 +1,7 @@
 """How fast the lab's training code is, against the loop most course code uses, on the same data in one process.
 
     python bench.py --data_root ../shared/datasets --quick    # a few minutes on 2 CPU cores
-    python bench.py --data_root ../shared/datasets            # 5 minutes here: Exercise 1's seed-0 runs and an epoch for real
+    python bench.py --data_root ../shared/datasets            # 5 minutes here: Exercise 1's seed 0 and an epoch
 
 Prints a table and writes the numbers to --out (JSON). Every rate is the best of a few timed repeats of a fixed number
 of steps after a warm-up, the contenders interleaved so that a busy neighbour slows them alike; the clock is
@@ -39,8 +39,8 @@ from torchvision import transforms
 import pipeline
 from cam import class_activation_maps
 from config import RunConfig
-from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, batch_indices, load_dataset,
-                  normalize, read_cifar10_batches)
+from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, batch_indices,
+                  load_dataset, normalize, num_batches, read_cifar10_batches)
 from models import build_model
 from train import (RunSetup, cpu_threads, evaluate, logged_weights, prepare_run, train_one_epoch,
                    uses_channels_last)
@@ -585,7 +585,7 @@ def training_images(raw: RawData, config: RunConfig, sizes: Sizes) -> int:
 
 def steps_per_epoch(raw: RawData, config: RunConfig, sizes: Sizes) -> int:
     """Training steps in one epoch of an exercise, as train_one_epoch batches it."""
-    return len(batch_indices(training_images(raw, config, sizes), config.batch_size, torch.Generator()))
+    return num_batches(training_images(raw, config, sizes), config.batch_size)
 
 
 def estimate_exercise1(raw: RawData, data_root: str | Path, device: torch.device, sizes: Sizes,

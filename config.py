@@ -65,10 +65,12 @@ class RunConfig:
         """The config as a plain dict (for JSON and checkpoints)."""
         return dataclasses.asdict(self)
 
-    def differences(self, other: RunConfig) -> list[str]:
-        """The fields, other than those a resumed run may change, whose values differ."""
-        mine, theirs = self.to_dict(), other.to_dict()
+    def changed_flag(self, asked: RunConfig) -> str | None:
+        """How `asked` differs from this (saved) config in a field a resumed run may not change, as the first such
+        flag with both values ("--lr 0.0003, not 0.1"); None when it may continue this run."""
+        mine, theirs = self.to_dict(), asked.to_dict()
         changeable = set(self.RESUMABLE_CHANGES)
-        if self.lr_schedule == "constant" and other.lr_schedule == "constant":
+        if self.lr_schedule == "constant" and asked.lr_schedule == "constant":
             changeable.add("num_epochs")  # a constant rate does not depend on the length of training
-        return [k for k in mine if k not in changeable and mine[k] != theirs[k]]
+        changed = [k for k in mine if k not in changeable and mine[k] != theirs[k]]
+        return f"--{changed[0]} {mine[changed[0]]}, not {theirs[changed[0]]}" if changed else None

@@ -201,12 +201,16 @@ def make_splits(raw: RawData, info: DatasetInfo, val_size: int, seed: int, limit
             to_split(raw.test_images, raw.test_labels, info, device, channels_last))
 
 
+def num_batches(n: int, batch_size: int) -> int:
+    """How many batches `batch_indices` makes of `n` images: a last batch of one image is dropped (batch norm
+    cannot train on a single image; it is a different one each epoch)."""
+    batches = -(-n // batch_size)
+    return batches - 1 if batches > 1 and n % batch_size == 1 else batches
+
+
 def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """One epoch's shuffled batches of indices into a split of `n` images."""
-    batches = list(torch.randperm(n, generator=generator).split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches.pop()  # batch norm cannot train on a single image; it is a different one each epoch
-    return batches
+    return list(torch.randperm(n, generator=generator).split(batch_size))[:num_batches(n, batch_size)]
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, info: DatasetInfo, padding: int = 4) -> torch.Tensor:

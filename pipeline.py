@@ -154,12 +154,7 @@ def check_args(args: argparse.Namespace) -> None:
                              f"({getattr(info, flag)}); leave it out to derive it")
     if args.num_classes < len(info.classes):
         raise UsageError(f"--num_classes {args.num_classes} is smaller than {args.dataset}'s {len(info.classes)}")
-    if args.val_size >= info.num_train:
-        raise UsageError(f"--val_size {args.val_size} must be smaller than {args.dataset}'s {info.num_train} "
-                         "training images")
-    if args.limit_train is not None and args.limit_train > info.num_train - args.val_size:
-        raise UsageError(f"--limit_train {args.limit_train} is larger than the training split "
-                         f"({info.num_train - args.val_size} images after --val_size {args.val_size})")
+    check_split_sizes(info.num_train, args.val_size, args.limit_train)  # again once the files are read
     if args.augment and args.dataset != "CIFAR10":
         raise UsageError("--augment (crops and flips) is for CIFAR10 only")
     if args.model_name == "MLP":
@@ -253,7 +248,7 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     if world_size > 1:
         torch.distributed.barrier()  # every rank has planned before rank 0 replaces any file
     raw = load_dataset(args.dataset, args.data_root, args.download)
-    check_split_sizes(len(raw.train_labels), args.val_size, args.limit_train)  # bad input, not a failed run
+    check_split_sizes(len(raw.train_labels), args.val_size, args.limit_train)  # a copy may hold fewer images
     threads = cpu_threads(configs[0], args.jobs)
     if device.type == "cpu":
         torch.set_num_threads(threads)

@@ -147,7 +147,8 @@ def plot_mlp_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np
     ylim = grad_range([s for layers in first for s in layers.values()])
     paths = []
     for name, group in groups.items():
-        panels = {f"seed {c.seed}": (steps, dict(list(norms.items())[:GRAD_PLOT_LAYERS])) for c, (steps, norms) in group}
+        panels = {f"seed {c.seed}": (steps, dict(list(norms.items())[:GRAD_PLOT_LAYERS]))
+                  for c, (steps, norms) in group}
         paths.append(plots_dir / f"{name}.png")
         plot_grad_norms(panels, f"gradients of the first layers: {depth_label(group[0][0])}, "
                         f"{shortcut_label(group[0][0])}", paths[-1], ylim)

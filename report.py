@@ -102,7 +102,8 @@ def exercise2_table(runs: list[tuple[RunConfig, dict]]) -> str:
 
 def exercise2_checks(runs: list[tuple[RunConfig, dict]]) -> str:
     """What the lab expects to see, each marked as holding or not in these runs (seed-0 runs only)."""
-    by_net = {(c.depth, c.residual_step > 0): h for c, h in runs if c.seed == min(c.seed for c, _ in runs)}
+    seed = min(c.seed for c, _ in runs)
+    by_net = {(c.depth, c.residual_step > 0): h for c, h in runs if c.seed == seed}
     depths = sorted({d for d, _ in by_net})
     deepest, checks = depths[-1], []
 

@@ -113,12 +113,10 @@ def finished_history(config: RunConfig, files: RunFiles) -> dict | None:
     if saved is None:
         raise RunConflict(f"{files.config} is missing or unreadable beside a finished history; pass --overwrite "
                           "to train the run again")
-    changed = saved.differences(config)
+    changed = saved.changed_flag(config)
     if changed:
-        name = changed[0]
-        raise RunConflict(f"{files.run_dir} finished with --{name} {getattr(saved, name)}, not "
-                          f"{getattr(config, name)}; pass --overwrite to replace it, or --run_name/--out_dir to "
-                          "keep both")
+        raise RunConflict(f"{files.run_dir} finished with {changed}; pass --overwrite to replace it, or "
+                          "--run_name/--out_dir to keep both")
     epochs = len(history["epochs"])
     if epochs > config.num_epochs:
         raise RunConflict(f"{files.run_dir} finished {epochs} epochs, more than --num_epochs {config.num_epochs}; "

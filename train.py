@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import RunConfig
-from data import DATASETS, RawData, Split, augment, batch_indices, make_splits
+from data import DATASETS, RawData, Split, augment, batch_indices, make_splits, num_batches
 from models import build_model
 from tracking import TrackingOptions, start_trackers
 from utils import first_line, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json
@@ -136,10 +136,10 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
         device = torch.device(config.device)
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, config)
-    steps = len(batch_indices(len(train), config.batch_size, torch.Generator()))
+    scheduler = build_scheduler(optimizer, config, num_batches(len(train), config.batch_size))
     return RunSetup(config, train, val, test, model, net,
-                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer,
-                    build_scheduler(optimizer, config, steps), torch.Generator().manual_seed(config.seed),
+                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer, scheduler,
+                    torch.Generator().manual_seed(config.seed),
                     partial(augment, info=info) if config.augment else None, rank, world_size)
 
 
@@ -303,6 +303,7 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
     checkpointed epoch to the trackers of `tracking`; return its history with the test result. Under torchrun every
     rank trains and only rank 0 writes and tracks."""
     run = prepare_run(config, raw, rank, world_size)
+    names = list(logged_weights(run.model))
     writes = rank == 0
     history: dict = {"epochs": []}
     wandb_run_id = None
@@ -312,7 +313,7 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
             files.truncate_grad_norms(history["epochs"][-1]["steps"] if history["epochs"] else 0)
         print(f"{config.run_name}: resuming after epoch {len(history['epochs'])}", flush=True)
     elif writes:
-        files.start_grad_norms(list(logged_weights(run.model)))
+        files.start_grad_norms(names)
     if writes:
         write_json(files.config, config.to_dict())
     trackers = start_trackers(tracking if writes else TrackingOptions(), config.run_name, files.run_dir,
@@ -332,8 +333,7 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
                     "wandb_run_id": wandb_run_id})
                 write_json(files.history, history)
             # after the checkpoint: what a resumed run trains again was never logged, so no step is logged twice
-            trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms,
-                               list(logged_weights(run.model)))
+            trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms, names)
         test_loss, test_acc = evaluate(run.model, run.test, amp=config.amp)
         history["test"] = {"loss": test_loss, "acc": test_acc}
         if writes:
@@ -376,11 +376,10 @@ def check_resumable(checkpoint: dict, config: RunConfig, path: Path) -> None:
         saved = RunConfig.from_dict(checkpoint["config"])
     except (TypeError, ValueError) as e:
         raise ResumeError(f"{path}: {first_line(e)}; pass --overwrite to start again") from None
-    changed = saved.differences(config)
+    changed = saved.changed_flag(config)
     if changed:
-        name = changed[0]
-        raise ResumeError(f"{path} was trained with --{name} {getattr(saved, name)}, not {getattr(config, name)}; "
-                          "resume with the same flags, or pass --overwrite to start again")
+        raise ResumeError(f"{path} was trained with {changed}; resume with the same flags, or pass --overwrite to "
+                          "start again")
     if checkpoint.get("epoch", 0) > config.num_epochs:
         raise ResumeError(f"{path} has trained {checkpoint['epoch']} epochs, more than --num_epochs "
                           f"{config.num_epochs}; pass --overwrite to start again")

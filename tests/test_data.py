@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 
+import data
 from conftest import SHARED_DATASETS, write_cifar10, write_mnist
 from data import DATASETS, DatasetError, augment, batch_indices, load_dataset, make_splits, normalize
 
@@ -105,6 +106,11 @@ def test_batch_indices_cover_every_image_once():
     assert [len(b) for b in batches] == [128, 128, 44]
     assert torch.equal(torch.cat(batches).sort().values, torch.arange(300))
     assert len(batch_indices(257, 128, g)) == 2  # a lone last image is skipped: batch norm needs two
+
+
+@pytest.mark.parametrize("n", [1, 2, 127, 128, 129, 130, 256, 257, 300])
+def test_num_batches_counts_what_batch_indices_makes(n):
+    assert data.num_batches(n, 128) == len(batch_indices(n, 128, torch.Generator().manual_seed(0)))
 
 
 def test_augment_keeps_shapes_and_pixels():

@@ -13,7 +13,8 @@ def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True) 
     utils.write_json(files.config, config.to_dict())
     epochs = [{"epoch": i + 1, "train_loss": loss, "val_loss": 1.0, "val_acc": acc, "lr": 0.1, "seconds": 10.0 + i,
                "steps": 10 * (i + 1)} for i, (loss, acc) in enumerate(zip(train_losses, val_accs))]
-    utils.write_json(files.history, {"epochs": epochs, **({"test": {"loss": 1.0, "acc": test_acc}} if finished else {})})
+    test = {"test": {"loss": 1.0, "acc": test_acc}} if finished else {}
+    utils.write_json(files.history, {"epochs": epochs, **test})
 
 
 def mlp(hidden: int, step: int, seed: int):
@@ -45,8 +46,10 @@ def test_exercise2_table_and_checks_say_what_holds(tmp_path):
     table = report.exercise2_table(runs)
     assert "| depth 5, residual (step 1), seed 0 | " in table and "| 1.300 | 70.0% | 59.0% | 10 s |" in table
     checks = report.exercise2_checks(runs).splitlines()
-    assert "- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch (2 of 2 epochs)" in checks
-    assert "- holds: residual depth 5 ends with a training loss at most that of residual depth 3 (1.300 vs 1.400)" in checks
+    assert ("- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch (2 of 2 epochs)"
+            in checks)
+    assert ("- holds: residual depth 5 ends with a training loss at most that of residual depth 3 (1.300 vs 1.400)"
+            in checks)
     assert ("- **does not hold**: residual depth 5 tests at least as well as residual depth 3 (59.0% vs 62.0%)"
             in checks)
     assert not any("at depth 3 the residual" in line for line in checks)  # shortcuts are not judged at the smallest
@@ -67,7 +70,8 @@ def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):
     args = report.get_args_parser().parse_args(["--ex1", str(tmp_path / "ex1"), "--readme", str(readme)])
     blocks = report.main(args)
     text = readme.read_text()
-    assert text.startswith("intro\n<!-- report:ex1 -->\n| hidden layers |") and text.endswith("<!-- /report:ex1 -->\nend\n")
+    assert text.startswith("intro\n<!-- report:ex1 -->\n| hidden layers |")
+    assert text.endswith("<!-- /report:ex1 -->\nend\n")
     assert "old table" not in text and blocks["ex1"] in text
 
 

@@ -1,6 +1,7 @@
 """Scaling out: a sweep in --jobs worker processes, one run data-parallel over processes as torchrun starts them."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def test_two_processes_train_a_cnn_and_resume_under_torchrun(cifar_root, tmp_pat
     # resume under torchrun: rank 1 reads the checkpoint rank 0 wrote (here: a copy in its folder)
     (tmp_path / "ddp2").mkdir()
     for rank in range(2):
-        subprocess.run(["cp", "-r", str(tmp_path / "ddp" / "rank0"), str(tmp_path / "ddp2" / f"rank{rank}")], check=True)
+        shutil.copytree(tmp_path / "ddp" / "rank0", tmp_path / "ddp2" / f"rank{rank}")
     spawn_ranks(tmp_path / "ddp2", cnn + ["--num_epochs", "2", "--resume"])
     history = json.loads((tmp_path / "ddp2" / "rank0" / "runs" / run_dir.name / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2] and np.isfinite(history["test"]["loss"])
