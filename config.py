@@ -21,6 +21,7 @@ class RunConfig:
     out_channels: int | None
     num_levels: int | None
     stem: str | None
+    shortcut: str | None  # where a residual CNN's shape changes: identity (He et al.'s option A) or projection (B)
     residual_step: int  # layers per residual block, 0 = plain
     depth: int  # weight layers (He et al.'s count): hidden layers + 2 for the MLP
     num_params: int
@@ -54,6 +55,7 @@ class RunConfig:
         """The config a dict (config.json, a checkpoint) describes; missing or unknown keys are a ValueError."""
         if not isinstance(values, dict):
             raise ValueError(f"a run config is a dict, not {type(values).__name__}")
+        values = upgrade(values)
         names = {f.name for f in dataclasses.fields(cls)}
         missing, unknown = sorted(names - values.keys()), sorted(values.keys() - names)
         if missing or unknown:
@@ -74,3 +76,12 @@ class RunConfig:
             changeable.add("num_epochs")  # a constant rate does not depend on the length of training
         changed = [k for k in mine if k not in changeable and mine[k] != theirs[k]]
         return f"--{changed[0]} {mine[changed[0]]}, not {theirs[changed[0]]}" if changed else None
+
+
+def upgrade(values: dict) -> dict:
+    """A config written by an earlier version of the suite, in today's fields: before --shortcut existed every
+    residual CNN used projection shortcuts where the shape changes."""
+    if "shortcut" not in values and "model_name" in values:
+        residual_cnn = values["model_name"] == "ResNet" and values.get("residual_step")
+        values = dict(values, shortcut="projection" if residual_cnn else None)
+    return values

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from config import RunConfig
@@ -64,19 +65,42 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int =
         nn.BatchNorm2d(out_channels))
 
 
-class ConvBlock(nn.Module):
-    """`num_convs` 3x3 conv+BN layers with ReLUs; with `shortcut`, the input is added before the last ReLU."""
+SHORTCUTS = ("identity", "projection")
 
-    def __init__(self, in_channels: int, out_channels: int, num_convs: int, stride: int, shortcut: bool):
+
+class PaddedIdentity(nn.Module):
+    """He et al.'s option A where the shape changes: the input subsampled by `stride`, its new channels zero.
+    Parameter-free, so a residual network has exactly the parameters of its plain twin."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.stride, self.extra_channels = stride, out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra_channels))
+
+
+class ConvBlock(nn.Module):
+    """`num_convs` 3x3 conv+BN layers with ReLUs; with a `shortcut` (identity or projection), the input is added
+    before the last ReLU. Where the shape changes, identity is He et al.'s option A (subsample, zero-pad the new
+    channels) and projection their option B (1x1 convolution and batch norm)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_convs: int, stride: int, shortcut: str | None):
         super().__init__()
         convs = [conv_bn(in_channels, out_channels, 3, stride)]
         convs += [conv_bn(out_channels, out_channels, 3) for _ in range(num_convs - 1)]
         self.convs = nn.ModuleList(convs)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module | None = None
-        if shortcut:
-            same_shape = stride == 1 and in_channels == out_channels
-            self.shortcut = nn.Identity() if same_shape else conv_bn(in_channels, out_channels, 1, stride)
+        if shortcut is not None and shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut {shortcut!r}; choose {' or '.join(SHORTCUTS)}")
+        if shortcut is not None:
+            if stride == 1 and in_channels == out_channels:
+                self.shortcut = nn.Identity()
+            elif shortcut == "identity":
+                self.shortcut = PaddedIdentity(in_channels, out_channels, stride)
+            else:
+                self.shortcut = conv_bn(in_channels, out_channels, 1, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
@@ -92,12 +116,13 @@ class ConvBlock(nn.Module):
 class ResNet(nn.Module):
     """Stem, `num_levels` levels of 3x3 convs (channels doubling, stride 2 between levels), GAP, Linear.
 
-    `residual_step = k > 0` groups every k convolutions of a level into a block with a shortcut;
-    0 gives the same network without shortcuts.
+    `residual_step = k > 0` groups every k convolutions of a level into a block with a `shortcut` (identity: He et
+    al.'s option A, parameter-free; projection: option B); 0 gives the same network without shortcuts.
     """
 
     def __init__(self, in_channels: int, num_classes: int, out_channels: int = 64, num_levels: int = 4,
-                 num_conv_per_level: int = 4, residual_step: int = 0, stem: str = "cifar"):
+                 num_conv_per_level: int = 4, residual_step: int = 0, stem: str = "cifar",
+                 shortcut: str = "identity"):
         super().__init__()
         if stem == "cifar":
             self.stem = nn.Sequential(conv_bn(in_channels, out_channels, 3), nn.ReLU(inplace=True))
@@ -113,7 +138,7 @@ class ResNet(nn.Module):
             blocks = []
             for b, n in enumerate(block_sizes(num_conv_per_level, residual_step)):
                 stride = 2 if level > 0 and b == 0 else 1
-                blocks.append(ConvBlock(channels, level_channels, n, stride, residual_step > 0))
+                blocks.append(ConvBlock(channels, level_channels, n, stride, shortcut if residual_step > 0 else None))
                 channels = level_channels
             levels.append(nn.Sequential(*blocks))
         self.levels = nn.Sequential(*levels)
@@ -143,7 +168,7 @@ def build_model(config: RunConfig) -> nn.Module:
                    config.num_classes, config.residual_step)
     if config.model_name == "ResNet":
         return ResNet(config.in_channels, config.num_classes, config.out_channels, config.num_levels,
-                      config.num_conv_per_level, config.residual_step, config.stem)
+                      config.num_conv_per_level, config.residual_step, config.stem, config.shortcut)
     raise ValueError(f"unknown model {config.model_name!r}; choose MLP or ResNet")
 
 

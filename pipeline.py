@@ -65,6 +65,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--num_conv_per_level", type=int, nargs="+", default=[4], help="CNN 3x3 convolutions per level" + sweep)
     parser.add("--stem", choices=["cifar", "imagenet"], default="cifar",
                help="CNN stem: cifar = 3x3 conv at full resolution, imagenet = 7x7/2 conv + 3x3/2 max-pool")
+    parser.add("--shortcut", choices=["identity", "projection"], default=None,
+               help="residual CNN shortcut where the shape changes: identity = He et al.'s option A (subsample, "
+                    "zero-pad the new channels; no parameters), projection = option B (1x1 conv + batch norm) "
+                    "(default: identity for the cifar stem, projection for imagenet)")
     parser.add("--seed", type=int, nargs="+", default=[0], help="random seed" + sweep)
     parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add("--threads", type=int, default=0,
@@ -98,7 +102,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-SINGLE_VALUED = ("model_name", "dataset", "num_classes", "out_channels", "num_levels", "stem", "val_size",
+SINGLE_VALUED = ("model_name", "dataset", "num_classes", "out_channels", "num_levels", "stem", "shortcut", "val_size",
                  "limit_train", "augment", "num_epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
                  "weight_decay", "lr_schedule", "label_smoothing", "sync_bn", "amp", "grad_log_every", "threads")
 
@@ -174,8 +178,9 @@ def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfi
     if warmup is None:
         warmup = 0.3 * args.num_epochs if args.lr_schedule == "onecycle" else 0.0
     settings = {flag: getattr(args, flag) for flag in SINGLE_VALUED}
+    shortcut = args.shortcut or ("identity" if args.stem == "cifar" else "projection")
     settings.update(in_channels=info.in_channels, input_size=info.input_size, warmup_epochs=warmup,
-                    device=str(device))
+                    shortcut=shortcut, device=str(device))
     sweep = {flag: getattr(args, flag) for flag in {f for flags in SWEEP_FLAGS.values() for f in flags}}
     try:
         configs = expand(settings, sweep)

@@ -25,7 +25,7 @@ from utils import CLIError, first_line, load_checkpoint
 SWEEP_FLAGS = {"MLP": ("num_hidden_layers", "residual_step", "width", "seed"),
                "ResNet": ("num_conv_per_level", "residual_step", "seed")}
 MODEL_FIELDS = {"MLP": ("num_hidden_layers", "width"), "ResNet": ("num_conv_per_level", "out_channels", "num_levels",
-                                                                  "stem")}
+                                                                  "stem", "shortcut")}
 
 
 class RunConflict(ValueError):
@@ -46,6 +46,8 @@ def expand(settings: dict, sweep: dict[str, list]) -> list[RunConfig]:
     configs = []
     for values in itertools.product(*(list(dict.fromkeys(sweep[flag])) for flag in flags)):
         fields = dict(base, **dict(zip(flags, values)))
+        if not fields["residual_step"]:
+            fields["shortcut"] = None  # a plain network has none
         network = build_model(RunConfig(**dict(fields, depth=0, num_params=0, run_name="")))
         config = RunConfig(**dict(fields, depth=network.depth, run_name="",
                                   num_params=sum(p.numel() for p in network.parameters())))
@@ -55,8 +57,11 @@ def expand(settings: dict, sweep: dict[str, list]) -> list[RunConfig]:
 
 def run_name(config: RunConfig) -> str:
     """A run folder name that states the model, dataset, depth, width, shortcuts and seed; the MLP's depth is its
-    hidden-layer count (h22 = --num_hidden_layers 22), the CNN's its weight layers (d20)."""
+    hidden-layer count (h22 = --num_hidden_layers 22), the CNN's its weight layers (d20); res2proj marks projection
+    shortcuts."""
     shortcuts = f"res{config.residual_step}" if config.residual_step else "plain"
+    if config.shortcut == "projection":
+        shortcuts += "proj"
     if config.model_name == "MLP":
         shape = f"h{config.num_hidden_layers}_w{config.width}"
     else:

@@ -76,7 +76,7 @@ def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
                     "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--out_dir", str(tmp_path))
     assert len(runs) == 8
     names = {config.run_name for config, _ in runs}
-    assert "resnet_cifar10_d8_c4x2_in_res2_s1" in names and "resnet_cifar10_d4_c4x2_in_plain_s0" in names
+    assert "resnet_cifar10_d8_c4x2_in_res2proj_s1" in names and "resnet_cifar10_d4_c4x2_in_plain_s0" in names
     assert all(len(h["epochs"]) == 1 and "test" in h for _, h in runs)
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"Conv_train_loss.png", "Conv_val_accuracy.png",
                                                                 "Conv_gradients_d4.png", "Conv_gradients_d8.png"}
