@@ -22,10 +22,10 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from data import DATASETS, DatasetError, DatasetInfo, load_dataset, normalize
-from models import MLP, load_model
+from models import MLP
 from plots import savefig
-from utils import (ArgumentParser, CheckpointError, UsageError, atomic_write, check_writable, first_line,
-                   load_checkpoint, resolve_device, run_cli)
+from runs import CheckpointError, load_model
+from utils import ArgumentParser, UsageError, atomic_write, check_writable, first_line, resolve_device, run_cli
 
 MAX_PIXELS = 50_000_000  # a bigger photo would need several GB for its float map and overlay
 MAX_IMAGES = 100  # the grid has one row per image
@@ -301,7 +301,7 @@ def explain(args: argparse.Namespace) -> list[Path]:
     """main() without the translation of library errors into CLI messages."""
     check_args(args)
     device = resolve_device(args.device)
-    config, model = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
+    config, model = load_model(args.checkpoint)
     if config.dataset not in DATASETS:
         raise UsageError(f"--checkpoint {args.checkpoint}: its config names no known dataset")
     check_cam_model(model, args.checkpoint)

@@ -1,14 +1,11 @@
 """The lab's two model families: a (residual) MLP and a plain or residual CNN ending in GAP + Linear."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from config import RunConfig
-from utils import CheckpointError, first_line
 
 
 def block_sizes(num_layers: int, residual_step: int) -> list[int]:
@@ -170,14 +167,3 @@ def build_model(config: RunConfig) -> nn.Module:
         return ResNet(config.in_channels, config.num_classes, config.out_channels, config.num_levels,
                       config.num_conv_per_level, config.residual_step, config.stem, config.shortcut)
     raise ValueError(f"unknown model {config.model_name!r}; choose MLP or ResNet")
-
-
-def load_model(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
-    """The config of a loaded checkpoint and its model with the saved weights; a mismatch is a CheckpointError."""
-    try:
-        config = RunConfig.from_dict(checkpoint["config"])
-        model = build_model(config)
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
-    return config, model

@@ -14,13 +14,13 @@ import torch
 
 from config import RunConfig
 from data import DATASETS, DatasetError, check_split_sizes, load_dataset, to_split
-from models import load_model
 from plots import plot_sweep
 from sweep import SWEEP_FLAGS, RunConflict, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
-from train import ResumeError, cpu_threads, evaluate
-from utils import (ArgumentParser, CheckpointError, CLIError, UsageError, check_writable, distributed_world,
-                   init_distributed, load_checkpoint, resolve_device, run_cli)
+from runs import CheckpointError, ResumeError, load_model
+from train import cpu_threads, evaluate
+from utils import (ArgumentParser, CLIError, UsageError, check_writable, distributed_world, init_distributed,
+                   resolve_device, run_cli)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -193,8 +193,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     """--no-train: evaluate a saved model on its dataset's test set."""
     if args.checkpoint is None:
         raise UsageError("--no-train needs --checkpoint PATH (a checkpoint.pt written by a training run)")
-    checkpoint = load_checkpoint(args.checkpoint)
-    config, model = load_model(checkpoint, args.checkpoint)
+    config, model = load_model(args.checkpoint)
     model.to(device)
     info = DATASETS[config.dataset]
     raw = load_dataset(config.dataset, args.data_root, args.download)

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from config import RunConfig
-from train import RunFiles
+from runs import RunFiles
 from utils import ArgumentParser, UsageError, atomic_write, run_cli
 
 TRAINED = 0.2  # a run "trains" when its test accuracy reaches twice chance; a stalled MLP predicts one class (~11%)
@@ -145,7 +145,7 @@ def best_checkpoint(runs: list[tuple[RunConfig, dict]], out_dir: Path) -> Path:
     residual = [(h["epochs"][-1]["val_acc"], c.run_name) for c, h in runs if c.residual_step]
     if not residual:
         raise UsageError(f"{out_dir} holds no finished residual run")
-    return out_dir / max(residual)[1] / "checkpoint.pt"
+    return RunFiles(out_dir / max(residual)[1]).checkpoint
 
 
 def replace_block(text: str, name: str, content: str) -> str:

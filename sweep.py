@@ -18,8 +18,9 @@ from config import RunConfig
 from data import RawData
 from models import build_model
 from tracking import TrackingOptions
-from train import RunFiles, check_resumable, train_run
-from utils import CLIError, first_line, load_checkpoint
+from runs import RunFiles, check_checkpoint_resumable, check_resumable, load_checkpoint
+from train import train_run
+from utils import CLIError, first_line
 
 # the flags that take several values, per model family; the order is the order of the runs
 SWEEP_FLAGS = {"MLP": ("num_hidden_layers", "residual_step", "width", "seed"),
@@ -103,14 +104,14 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, resum
         if resume and not overwrite:
             run.finished = finished_history(config, files)
             if run.finished is None and files.checkpoint.is_file():
-                check_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
+                check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
         planned.append(run)
     return planned
 
 
 def finished_history(config: RunConfig, files: RunFiles) -> dict | None:
-    """The history of a finished run that is exactly what `config` asks for, None for an unfinished one; a
-    finished run of other settings is a RunConflict."""
+    """The history of a finished run that is exactly what `config` asks for, None for an unfinished one or one
+    that may train more epochs; a finished run that cannot continue as `config` is a ResumeError."""
     history = files.read_history()
     if history is None or "test" not in history:
         return None
@@ -118,14 +119,8 @@ def finished_history(config: RunConfig, files: RunFiles) -> dict | None:
     if saved is None:
         raise RunConflict(f"{files.config} is missing or unreadable beside a finished history; pass --overwrite "
                           "to train the run again")
-    changed = saved.changed_flag(config)
-    if changed:
-        raise RunConflict(f"{files.run_dir} finished with {changed}; pass --overwrite to replace it, or "
-                          "--run_name/--out_dir to keep both")
     epochs = len(history["epochs"])
-    if epochs > config.num_epochs:
-        raise RunConflict(f"{files.run_dir} finished {epochs} epochs, more than --num_epochs {config.num_epochs}; "
-                          "pass --overwrite to replace it, or --run_name/--out_dir to keep both")
+    check_resumable(saved, epochs, config, files.run_dir)
     return history if epochs == config.num_epochs else None
 
 

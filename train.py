@@ -1,16 +1,12 @@
 """One training run: its setup, the epoch loop, evaluation, checkpoints and resume, and the files it writes."""
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +15,9 @@ from tqdm import tqdm
 from config import RunConfig
 from data import DATASETS, RawData, Split, augment, batch_indices, make_splits, num_batches
 from models import build_model
+from runs import RunFiles, build_checkpoint, restore, save_checkpoint
 from tracking import TrackingOptions, start_trackers
-from utils import first_line, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json
+from utils import seed_everything
 
 FINITE_CHECK_EVERY = 10  # steps between checks that the loss is finite (each check waits for the device)
 DEFAULT_THREADS = torch.get_num_threads()
@@ -28,10 +25,6 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 class NonFiniteLoss(ArithmeticError):
     """The training or validation loss became NaN or infinite."""
-
-
-class ResumeError(ValueError):
-    """A checkpoint cannot continue the run asked for."""
 
 
 def logged_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -228,75 +221,6 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, amp: bool =
     return total_loss.item() / len(split), correct.item() / len(split)
 
 
-class RunFiles:
-    """A run folder's files: config.json, history.json (one entry per epoch and the test result), grad_norms.csv
-    (one row per logged step, appended every epoch) and the checkpoint, which may live elsewhere."""
-
-    def __init__(self, run_dir: Path, checkpoint: Path | None = None):
-        self.run_dir = run_dir
-        self.config = run_dir / "config.json"
-        self.history = run_dir / "history.json"
-        self.grad_norms = run_dir / "grad_norms.csv"
-        self.checkpoint = checkpoint or run_dir / "checkpoint.pt"
-        self.tracking = [run_dir / "tensorboard", run_dir / "wandb"]  # what --tensorboard and --wandb write
-
-    def ours(self) -> list[Path]:
-        """The files a run writes, the one that marks it finished first."""
-        return [self.history, self.checkpoint, self.grad_norms, self.config]
-
-    def exist(self) -> bool:
-        return any(p.exists() for p in self.ours())
-
-    def remove(self) -> None:
-        """Delete the run's files (history first, so that no half-removed run reads as finished) and its tracking
-        folders, and nothing else."""
-        for path in self.ours():
-            path.unlink(missing_ok=True)
-        for folder in self.tracking:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def read_config(self) -> RunConfig | None:
-        """The config.json of the run, or None when there is none or it is not readable."""
-        try:
-            return RunConfig.from_dict(json.loads(self.config.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def read_history(self) -> dict | None:
-        """history.json, or None when there is none or it is not readable."""
-        try:
-            history = json.loads(self.history.read_text())
-        except (OSError, ValueError):
-            return None
-        return history if isinstance(history, dict) and isinstance(history.get("epochs"), list) else None
-
-    def start_grad_norms(self, names: list[str]) -> None:
-        """A new grad_norms.csv holding only its header: step, then one column per logged weight."""
-        self.grad_norms.parent.mkdir(parents=True, exist_ok=True)
-        self.grad_norms.write_text(",".join(["step", *names]) + "\n")
-
-    def append_grad_norms(self, steps: list[int], norms: torch.Tensor) -> None:
-        """Append one epoch's logged steps (constant cost however long the run has been)."""
-        rows = np.column_stack([np.asarray(steps, dtype=np.float64), norms.double().numpy()])
-        with self.grad_norms.open("a") as f:
-            np.savetxt(f, rows, fmt=["%d"] + ["%.9g"] * norms.shape[1], delimiter=",")
-
-    def truncate_grad_norms(self, steps_done: int) -> None:
-        """Keep only the rows of steps before `steps_done` (those a resumed checkpoint had trained)."""
-        lines = self.grad_norms.read_text().splitlines(keepends=True)
-        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < steps_done]
-        if len(kept) != len(lines):
-            self.grad_norms.write_text("".join(kept))
-
-    def read_grad_norms(self) -> tuple[list[int], dict[str, np.ndarray]]:
-        """The logged steps and, per weight, its gradient norm at each of them."""
-        header, *lines = self.grad_norms.read_text().splitlines()
-        names = header.split(",")[1:]
-        rows = np.loadtxt(lines, delimiter=",", ndmin=2).reshape(-1, len(names) + 1) if lines else np.zeros(
-            (0, len(names) + 1))
-        return rows[:, 0].astype(int).tolist(), {name: rows[:, i + 1] for i, name in enumerate(names)}
-
-
 def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, progress: bool | None = None,
               rank: int = 0, world_size: int = 1, tracking: TrackingOptions = TrackingOptions()) -> dict:
     """Train one run, checkpointing every epoch (continuing its checkpoint when `resume`) and logging each
@@ -315,7 +239,7 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
     elif writes:
         files.start_grad_norms(names)
     if writes:
-        write_json(files.config, config.to_dict())
+        files.write_config(config)
     trackers = start_trackers(tracking if writes else TrackingOptions(), config.run_name, files.run_dir,
                               config.to_dict(), run_id=wandb_run_id)
     wandb_run_id = trackers.run_id or wandb_run_id
@@ -326,18 +250,14 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
             if writes:
                 # grad norms first, then the checkpoint: a resume drops rows the checkpoint has not trained
                 files.append_grad_norms(result.grad_steps, result.grad_norms)
-                save_checkpoint(files.checkpoint, {
-                    "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                    "lr_scheduler": run.scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
-                    "history": history, "rng": dict(rng_state(), data=run.generator.get_state()),
-                    "wandb_run_id": wandb_run_id})
-                write_json(files.history, history)
+                save_checkpoint(files.checkpoint, build_checkpoint(run, history, wandb_run_id))
+                files.write_history(history)
             # after the checkpoint: what a resumed run trains again was never logged, so no step is logged twice
             trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms, names)
         test_loss, test_acc = evaluate(run.model, run.test, amp=config.amp)
         history["test"] = {"loss": test_loss, "acc": test_acc}
         if writes:
-            write_json(files.history, history)
+            files.write_history(history)
         trackers.log_summary({"test_loss": test_loss, "test_acc": test_acc}, len(history["epochs"]))
     except BaseException:
         trackers.finish(False)
@@ -367,36 +287,3 @@ def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progr
     print(f"{config.run_name} epoch {epoch}/{config.num_epochs}: train loss {result.loss:.4f}, "
           f"val loss {val_loss:.4f}, val acc {val_acc:.2%}, {seconds:.1f} s", flush=True)
     return result
-
-
-def check_resumable(checkpoint: dict, config: RunConfig, path: Path) -> None:
-    """A checkpoint continues a run only with the settings it was trained with, up to `config.num_epochs`;
-    otherwise ResumeError."""
-    try:
-        saved = RunConfig.from_dict(checkpoint["config"])
-    except (TypeError, ValueError) as e:
-        raise ResumeError(f"{path}: {first_line(e)}; pass --overwrite to start again") from None
-    changed = saved.changed_flag(config)
-    if changed:
-        raise ResumeError(f"{path} was trained with {changed}; resume with the same flags, or pass --overwrite to "
-                          "start again")
-    if checkpoint.get("epoch", 0) > config.num_epochs:
-        raise ResumeError(f"{path} has trained {checkpoint['epoch']} epochs, more than --num_epochs "
-                          f"{config.num_epochs}; pass --overwrite to start again")
-
-
-def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
-    """Load a checkpoint of the same run into `run` (model, optimizer, schedule, random states); return the
-    history of the epochs it holds and its W&B run id (None when it was not tracked in W&B)."""
-    checkpoint = load_checkpoint(path)
-    check_resumable(checkpoint, run.config, path)
-    try:
-        run.model.load_state_dict(checkpoint["model"])
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-        run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        set_rng_state(checkpoint["rng"])
-        run.generator.set_state(checkpoint["rng"]["data"])
-        history = {"epochs": list(checkpoint["history"]["epochs"])}
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None
-    return history, checkpoint.get("wandb_run_id")

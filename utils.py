@@ -1,4 +1,4 @@
-"""Shared plumbing: CLI errors, seeding, devices, atomic files and checkpoints."""
+"""Shared plumbing: CLI errors, seeding, devices and atomic files."""
 from __future__ import annotations
 
 import argparse
@@ -23,10 +23,6 @@ class CLIError(Exception):
 class UsageError(CLIError):
     """Bad input from the user: exit status 2."""
     exit_status = 2
-
-
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint this suite wrote, or one it cannot use."""
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -148,26 +144,6 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     """Write `obj` as JSON (indented unless `indent` is None), atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent) + "\n"))
-
-
-def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
-    """Save a checkpoint dict atomically."""
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with `weights_only=True`; anything that is not one of ours is a CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
-        raise CheckpointError(f"--checkpoint {path} is not a loadable checkpoint (refused or unreadable: "
-                         f"{first_line(e)})") from None
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-        raise CheckpointError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
-    return checkpoint
 
 
 def init_distributed(device: str) -> tuple[int, int, str]:

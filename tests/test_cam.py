@@ -14,7 +14,8 @@ import pipeline
 import utils
 from conftest import ROOT, run_config
 from data import DATASETS, load_dataset, normalize
-from models import build_model, load_model
+from models import build_model
+from runs import RunFiles, load_checkpoint, load_model, save_checkpoint
 
 
 def random_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -42,14 +43,14 @@ def checkpoint(cifar_root, tmp_path_factory):
         "--val_size", "50", "--limit_train", "64", "--num_epochs", "1", "--batch_size", "32", "--out_channels",
         "16", "--num_levels", "2", "--num_conv_per_level", "2", "--residual_step", "2", "--stem", "imagenet",
         "--grad_log_every", "0", "--device", "cpu", "--out_dir", str(out_dir), "--run_name", "tiny"]))
-    return out_dir / "tiny" / "checkpoint.pt"
+    return RunFiles(out_dir / "tiny").checkpoint
 
 
 @pytest.fixture(scope="module")
 def mlp_checkpoint(tmp_path_factory):
     config = run_config("--dataset", "CIFAR10", "--width", "8", "--num_hidden_layers", "2")
-    path = tmp_path_factory.mktemp("mlp") / "checkpoint.pt"
-    utils.save_checkpoint(path, {"model": build_model(config).state_dict(), "optimizer": {}, "epoch": 1,
+    path = RunFiles(tmp_path_factory.mktemp("mlp")).checkpoint
+    save_checkpoint(path, {"model": build_model(config).state_dict(), "optimizer": {}, "epoch": 1,
                                  "config": config.to_dict(), "history": {}})
     return path
 
@@ -57,10 +58,10 @@ def mlp_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint_without_lr(checkpoint, tmp_path_factory):
     """The tiny CNN's checkpoint with one setting deleted from its config."""
-    saved = torch.load(checkpoint, weights_only=True)
+    saved = load_checkpoint(checkpoint)
     del saved["config"]["lr"]
-    path = tmp_path_factory.mktemp("incomplete") / "checkpoint.pt"
-    utils.save_checkpoint(path, saved)
+    path = RunFiles(tmp_path_factory.mktemp("incomplete")).checkpoint
+    save_checkpoint(path, saved)
     return path
 
 
@@ -188,7 +189,7 @@ def test_cli_test_set_writes_the_documented_files(checkpoint, cifar_root, tmp_pa
     (out_dir / "notes.txt").write_text("mine")
     written = run_main("--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download",
                        "--num-images-to-save", "8", "--batch_size", "3", "--device", "cpu", "--out_dir", str(out_dir))
-    _, model = load_model(utils.load_checkpoint(checkpoint), checkpoint)
+    _, model = load_model(checkpoint)
     model.eval()
     raw = load_dataset("CIFAR10", cifar_root, download=False)
     predictions = model(normalize(raw.test_images[:8], DATASETS["CIFAR10"])).argmax(1).tolist()
@@ -244,7 +245,7 @@ def test_help_states_defaults_and_dashed_flags(capsys):
 
 
 def test_cli_class_by_name_or_index_maps_that_class(checkpoint, cifar_root, tmp_path):
-    _, model = load_model(utils.load_checkpoint(checkpoint), checkpoint)
+    _, model = load_model(checkpoint)
     model.eval()
     raw = load_dataset("CIFAR10", cifar_root, download=False)
     images = raw.test_images[:2]

@@ -6,7 +6,8 @@ import torch
 
 from conftest import run_config
 from config import RunConfig
-from models import MLP, ResNet, block_sizes, build_model, load_model
+from models import MLP, ResNet, block_sizes, build_model
+from runs import load_model, save_checkpoint
 
 
 @pytest.mark.parametrize("hidden,step,width", [(0, 0, 8), (1, 0, 16), (4, 2, 16), (6, 3, 5), (34, 2, 16)])
@@ -144,13 +145,14 @@ def test_shortcut_flag_defaults_by_stem_and_names_projection_runs():
     assert run_config("--residual_step", "2").shortcut is None
 
 
-def test_a_checkpoint_from_before_the_shortcut_flag_loads_as_projection():
+def test_a_checkpoint_from_before_the_shortcut_flag_loads_as_projection(tmp_path):
     cnn = ("--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "4", "--num_levels", "2",
            "--num_conv_per_level", "2")
     old = run_config(*cnn, "--residual_step", "2", "--shortcut", "projection").to_dict()
     del old["shortcut"]
     weights = build_model(RunConfig.from_dict(dict(old, shortcut="projection"))).state_dict()
-    config, model = load_model({"config": old, "model": weights}, "old.pt")
+    save_checkpoint(tmp_path / "old.pt", {"config": old, "model": weights})
+    config, model = load_model(tmp_path / "old.pt")
     assert config.shortcut == "projection" and isinstance(model.levels[1][0].shortcut[0], torch.nn.Conv2d)
     old_plain = run_config(*cnn, "--residual_step", "0").to_dict()
     del old_plain["shortcut"]

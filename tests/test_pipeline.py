@@ -9,7 +9,7 @@ import torch
 import pipeline
 import utils
 from conftest import ROOT
-from train import RunFiles
+from runs import RunFiles, load_checkpoint
 
 
 def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -34,8 +34,7 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
     assert runs == ["mlp_mnist_h2_w8_plain_s0", "mlp_mnist_h2_w8_res2_s0",
                     "mlp_mnist_h4_w8_plain_s0", "mlp_mnist_h4_w8_res2_s0"]
     run_dir = tmp_path / "mlp_mnist_h4_w8_res2_s0"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "grad_norms.csv",
-                                                         "history.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in RunFiles(run_dir).ours())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["depth"] == 6 and config["num_hidden_layers"] == 4 and config["in_channels"] == 1
     assert config["input_size"] == 28 and config["num_params"] > 0
@@ -48,7 +47,7 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
     assert steps == list(range(20))  # 500 images / 50 per batch x 2 epochs
     assert len(grad_norms) == 6 and all(len(v) == 20 and (v > 0).all() for v in grad_norms.values())
     assert history["epochs"][1]["train_loss"] < history["epochs"][0]["train_loss"]
-    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = load_checkpoint(RunFiles(run_dir).checkpoint)
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["run_name"] == "mlp_mnist_h4_w8_res2_s0"
     assert {"model", "optimizer", "lr_scheduler", "history", "rng"} <= checkpoint.keys()
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
@@ -59,7 +58,7 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
 
 def test_cli_evaluates_a_checkpoint(mnist_root, tmp_path):
     run_main(*tiny_mlp_args(mnist_root, tmp_path, "--plots_dir", str(tmp_path / "p")))
-    checkpoint = tmp_path / "mlp_mnist_h4_w8_plain_s0" / "checkpoint.pt"
+    checkpoint = RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint
     history = json.loads(checkpoint.with_name("history.json").read_text())
     result = run_cli("--no-train", "--load_model_as", str(checkpoint), "--data_root", str(mnist_root),
                      "--no-download", "--device", "cpu")
@@ -97,7 +96,7 @@ def test_same_seed_gives_the_same_history(mnist_root, tmp_path):
 def test_run_name_is_the_folder_of_a_single_run_and_a_prefix_in_a_sweep(mnist_root, tmp_path):
     one = tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "--run_name", "mine")
     (config, _), = run_main(*one)
-    assert config.run_name == "mine" and (tmp_path / "mine" / "checkpoint.pt").is_file()
+    assert config.run_name == "mine" and RunFiles(tmp_path / "mine").checkpoint.is_file()
     runs = run_main(*tiny_mlp_args(mnist_root, tmp_path / "sweep", "--num_epochs", "1", "--num_hidden_layers", "2",
                                    "4", "--run_name", "exp"))
     names = ["exp_mlp_mnist_h2_w8_plain_s0", "exp_mlp_mnist_h4_w8_plain_s0"]
@@ -111,12 +110,12 @@ def test_checkpoint_flag_is_where_a_single_run_saves_and_resumes(mnist_root, tmp
     args = tiny_mlp_args(mnist_root, tmp_path / "runs", "--checkpoint", str(path))
     (_, first), = run_main(*args, "--num_epochs", "1")
     run_dir = tmp_path / "runs" / "mlp_mnist_h4_w8_plain_s0"
-    assert torch.load(path, weights_only=True)["epoch"] == 1
-    assert not (run_dir / "checkpoint.pt").exists() and (run_dir / "history.json").is_file()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert not RunFiles(run_dir).checkpoint.exists() and (run_dir / "history.json").is_file()
     (_, history), = run_main(*args, "--num_epochs", "2", "--resume")
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert history["epochs"][0] == first["epochs"][0] and len(history["epochs"]) == 2
-    assert torch.load(path, weights_only=True)["epoch"] == 2 and not (run_dir / "checkpoint.pt").exists()
+    assert load_checkpoint(path)["epoch"] == 2 and not RunFiles(run_dir).checkpoint.exists()
 
 
 def test_help_states_defaults_and_both_spellings():
@@ -180,7 +179,7 @@ def test_bad_input_from_a_real_process_is_one_line(tmp_path):
 
 def test_existing_run_is_not_overwritten(mnist_root, tmp_path):
     run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
-    before = (tmp_path / "mlp_mnist_h4_w8_plain_s0" / "checkpoint.pt").read_bytes()
+    before = (RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint).read_bytes()
     result = run_cli(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
     assert result.returncode == 2 and "--resume" in result.stderr and "--overwrite" in result.stderr
-    assert (tmp_path / "mlp_mnist_h4_w8_plain_s0" / "checkpoint.pt").read_bytes() == before
+    assert (RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint).read_bytes() == before

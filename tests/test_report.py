@@ -4,7 +4,7 @@ import pytest
 import report
 import utils
 from conftest import run_config
-from train import RunFiles
+from runs import RunFiles
 
 
 def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True) -> None:
@@ -60,7 +60,7 @@ def test_best_checkpoint_is_the_residual_run_with_the_best_validation_accuracy(t
     write_run(tmp_path, cnn(1, 1), [1.0], [0.70], 0.90)  # best test accuracy, but chosen on validation
     write_run(tmp_path, cnn(3, 1), [1.0], [0.80], 0.80)
     assert report.best_checkpoint(report.finished_runs(tmp_path), tmp_path) == (
-        tmp_path / cnn(3, 1).run_name / "checkpoint.pt")
+        RunFiles(tmp_path / cnn(3, 1).run_name).checkpoint)
 
 
 def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):

@@ -1,19 +1,24 @@
 """Nothing lost, nothing run: resume, interruption, overwrite, atomic files, divergence and hostile checkpoints."""
 import itertools
 import json
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
 
 import pipeline
+import report
+import runs
 import train
 import utils
 from conftest import ROOT, image_of_step
+from runs import RunFiles, load_checkpoint, save_checkpoint
 
 RUN = "mlp_mnist_h4_w8_plain_s0"
 STEPS_PER_EPOCH = 10  # 500 training images in batches of 50
@@ -58,8 +63,8 @@ def run_files(run_dir) -> dict[str, bytes]:
 
 
 def assert_same_run(dir_a, dir_b):
-    a = torch.load(dir_a / "checkpoint.pt", weights_only=True)
-    b = torch.load(dir_b / "checkpoint.pt", weights_only=True)
+    a = load_checkpoint(RunFiles(dir_a).checkpoint)
+    b = load_checkpoint(RunFiles(dir_b).checkpoint)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     history_a = json.loads((dir_a / "history.json").read_text())
@@ -94,7 +99,7 @@ def test_grad_norms_of_an_epoch_trained_again_are_not_duplicated(mnist_root, tmp
     """A crash between appending an epoch's gradient norms and saving its checkpoint: the resumed run trains that
     epoch again, and grad_norms.csv must hold each step once, as in a straight run."""
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
-    files = train.RunFiles(tmp_path / RUN)
+    files = RunFiles(tmp_path / RUN)
     epoch_2 = list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))
     files.append_grad_norms(epoch_2, torch.rand(len(epoch_2), 6))
     assert files.read_grad_norms()[0] == list(range(2 * STEPS_PER_EPOCH))
@@ -108,7 +113,7 @@ def test_onecycle_resume_after_an_interruption_is_bit_exact(mnist_root, tmp_path
     interrupt_at(monkeypatch, STEPS_PER_EPOCH + 4)  # in epoch 2
     status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path / "cut", *onecycle))
     assert status == 130 and "--resume" in lines[-1]
-    assert torch.load(tmp_path / "cut" / RUN / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert load_checkpoint(RunFiles(tmp_path / "cut" / RUN).checkpoint)["epoch"] == 1
     monkeypatch.undo()
     run_main(*args_for(mnist_root, tmp_path / "cut", *onecycle, "--resume"))
     assert "resuming after epoch 1" in capsys.readouterr().out
@@ -140,7 +145,7 @@ def test_resume_of_a_finished_run_may_add_epochs_to_a_constant_schedule_only(mni
     assert "resuming after epoch 2" in capsys.readouterr().out
     assert history["epochs"][:2] == json.loads(before["history.json"])["epochs"]
     assert len(history["epochs"]) == 3 and "test" in history
-    assert torch.load(tmp_path / RUN / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["epoch"] == 3
 
 
 def test_resume_of_a_onecycle_run_may_not_change_its_length(mnist_root, tmp_path, capsys):
@@ -162,7 +167,7 @@ def test_overwrite_is_all_or_nothing(mnist_root, tmp_path, capsys, monkeypatch, 
     status, _ = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--lr", "0.01",
                                            "--overwrite"))
     assert status == 130
-    assert not (tmp_path / RUN / "history.json").exists() and not (tmp_path / RUN / "checkpoint.pt").exists()
+    assert not (tmp_path / RUN / "history.json").exists() and not RunFiles(tmp_path / RUN).checkpoint.exists()
     assert (tmp_path / RUN / "notes.txt").read_text() == "my own notes"
     monkeypatch.undo()
     (_, history), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
@@ -173,11 +178,11 @@ def test_overwrite_is_all_or_nothing(mnist_root, tmp_path, capsys, monkeypatch, 
 
 def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys):
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2"))
-    before = (tmp_path / "mlp_mnist_h2_w8_plain_s0" / "checkpoint.pt").stat().st_mtime_ns
+    before = RunFiles(tmp_path / "mlp_mnist_h2_w8_plain_s0").checkpoint.stat().st_mtime_ns
     runs = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "4",
                               "--resume"))
     assert "mlp_mnist_h2_w8_plain_s0: already finished with these settings, skipped" in capsys.readouterr().out
-    assert (tmp_path / "mlp_mnist_h2_w8_plain_s0" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert RunFiles(tmp_path / "mlp_mnist_h2_w8_plain_s0").checkpoint.stat().st_mtime_ns == before
     assert [len(h["epochs"]) for _, h in runs] == [1, 1] and all("test" in h for _, h in runs)
 
 
@@ -196,7 +201,7 @@ def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp
     assert process.returncode == 130, err
     assert err.strip().count("\n") == 0 and "--resume" in err and "Traceback" not in err
     done = len(json.loads(history_path.read_text())["epochs"])
-    checkpoint = torch.load(tmp_path / "cut" / RUN / "checkpoint.pt", weights_only=True)
+    checkpoint = load_checkpoint(RunFiles(tmp_path / "cut" / RUN).checkpoint)
     assert 1 <= done < int(epochs) and checkpoint["epoch"] == done
     assert not [p for p in (tmp_path / "cut" / RUN).iterdir() if p.name.endswith(".tmp")]
     run_main(*args_for(mnist_root, tmp_path / "cut", "--num_epochs", epochs, "--batch_size", batch, "--resume"))
@@ -205,18 +210,18 @@ def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoint.pt"
-    utils.save_checkpoint(path, {"model": {}, "config": {"old": True}})
+    path = RunFiles(tmp_path).checkpoint
+    save_checkpoint(path, {"model": {}, "config": {"old": True}})
     before = path.read_bytes()
 
     def crash(obj, f):
-        open(f, "wb").write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("No space left on device")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        utils.save_checkpoint(path, {"model": {}, "config": {"old": False}})
+        save_checkpoint(path, {"model": {}, "config": {"old": False}})
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys, monkeypatch):
@@ -230,7 +235,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tm
     status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "3"))
     assert status == 1 and not any("Traceback" in line for line in lines)
     assert "epoch 2 became nan at step 13" in lines[-1]  # steps are counted from 0 over the run
-    assert torch.load(tmp_path / RUN / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["epoch"] == 1
 
 
 class Payload:
@@ -251,11 +256,12 @@ def test_hostile_checkpoint_is_refused_and_its_code_never_runs(mnist_root, tmp_p
     assert status == 2 and len(lines) == 1 and "hostile.pt" in lines[0]
     run_dir = tmp_path / "runs" / RUN
     run_dir.mkdir(parents=True)
-    (run_dir / "checkpoint.pt").write_bytes(hostile.read_bytes())
+    RunFiles(run_dir).checkpoint.write_bytes(hostile.read_bytes())
     status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path / "runs", "--resume"))
     assert status == 2 and len(lines) == 1
     assert not marker.exists()
-    torch.load(hostile, weights_only=False)  # proves the file is hostile: a plain load runs the payload
+    with zipfile.ZipFile(hostile) as archive:  # proves the file is hostile: a plain unpickling runs the payload
+        pickle.loads(archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl"))))
     assert marker.exists()
 
 
@@ -265,7 +271,7 @@ OLD_FLAGS = {"data_root": "data", "download": True, "checkpoint": None, "out_dir
 
 
 def make_bad_checkpoint(kind: str, good, path):
-    checkpoint = torch.load(good, weights_only=True)
+    checkpoint = load_checkpoint(good)
     if kind == "config_mismatch":
         checkpoint["config"]["width"] = 9
         torch.save(checkpoint, path)
@@ -278,6 +284,7 @@ def make_bad_checkpoint(kind: str, good, path):
         torch.save(checkpoint, path)
     elif kind == "old_format":
         old = {k: v for k, v in checkpoint["config"].items() if k not in NEW_SETTINGS}
+        del checkpoint["format"]
         torch.save(dict(checkpoint, config=dict(old, **OLD_FLAGS)), path)
     elif kind == "not_our_dict":
         torch.save({"state_dict": checkpoint["model"]}, path)
@@ -293,7 +300,7 @@ def make_bad_checkpoint(kind: str, good, path):
                                   "not_our_dict", "truncated", "empty", "text"])
 def test_broken_checkpoints_are_one_line_errors(mnist_root, tmp_path, capsys, finished_run, kind):
     bad = tmp_path / f"{kind}.pt"
-    make_bad_checkpoint(kind, finished_run / "checkpoint.pt", bad)
+    make_bad_checkpoint(kind, RunFiles(finished_run).checkpoint, bad)
     status, lines = cli_exit(capsys, "--no-train", "--checkpoint", str(bad), "--data_root", str(mnist_root),
                              "--no-download", "--device", "cpu")
     assert status == 2 and len(lines) == 1 and str(bad) in lines[0], lines
@@ -305,9 +312,39 @@ def test_broken_checkpoints_are_one_line_errors(mnist_root, tmp_path, capsys, fi
 def test_resume_from_a_checkpoint_without_every_setting_is_a_one_line_error(mnist_root, tmp_path, capsys,
                                                                              finished_run, kind):
     shutil.copytree(finished_run, tmp_path / RUN)
-    checkpoint = tmp_path / RUN / "checkpoint.pt"
+    checkpoint = RunFiles(tmp_path / RUN).checkpoint
     make_bad_checkpoint(kind, checkpoint, checkpoint)
     before = run_files(tmp_path / RUN)
     status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
     assert status == 2 and len(lines) == 1 and str(checkpoint) in lines[0] and "missing" in lines[0], lines
     assert run_files(tmp_path / RUN) == before
+
+
+def test_a_run_folder_of_the_old_format_resumes_bit_exactly_and_plots(cifar_root, tmp_path, capsys):
+    """A folder written before checkpoints were stamped with a format and before --shortcut existed (every residual
+    CNN then had projection shortcuts) continues as the run it was, and is plotted and reported."""
+    cnn = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root), "--no-download",
+           "--val_size", "50", "--limit_train", "64", "--batch_size", "32", "--out_channels", "4", "--num_levels",
+           "2", "--num_conv_per_level", "2", "--residual_step", "2", "--shortcut", "projection", "--device", "cpu"]
+    run_main(*cnn, "--num_epochs", "2", "--out_dir", str(tmp_path / "straight"))
+    (config, _), = run_main(*cnn, "--num_epochs", "1", "--out_dir", str(tmp_path / "old"))
+    files = RunFiles(tmp_path / "old" / config.run_name)
+    old_config = {k: v for k, v in config.to_dict().items() if k != "shortcut"}
+    checkpoint = load_checkpoint(files.checkpoint)
+    del checkpoint["format"]
+    save_checkpoint(files.checkpoint, dict(checkpoint, config=old_config))
+    utils.write_json(files.config, old_config)
+    capsys.readouterr()
+    run_main(*cnn, "--num_epochs", "2", "--out_dir", str(tmp_path / "old"), "--resume")
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert_same_run(tmp_path / "straight" / config.run_name, files.run_dir)
+    assert [p.name for p in (tmp_path / "old" / "plots").glob("Conv_gradients_d*.png")] == [
+        p.name for p in (tmp_path / "straight" / "plots").glob("Conv_gradients_d*.png")] != []
+    assert [c.run_name for c, _ in report.finished_runs(tmp_path / "old")] == [config.run_name]
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, finished_run):
+    checkpoint = load_checkpoint(RunFiles(finished_run).checkpoint)
+    save_checkpoint(tmp_path / "new.pt", dict(checkpoint, format=runs.CHECKPOINT_FORMAT + 1))
+    with pytest.raises(runs.CheckpointError, match="format"):
+        load_checkpoint(tmp_path / "new.pt")

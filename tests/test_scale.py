@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 import pipeline
 import utils
+from runs import RunFiles
 from conftest import ROOT
 
 
@@ -75,7 +76,7 @@ def test_a_failed_run_does_not_stop_the_others(mnist_root, tmp_path, capsys):
     run_main(*flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "--num_epochs", "1"))
     broken = tmp_path / "mlp_mnist_h2_w8_plain_s0"
     (broken / "history.json").unlink()  # unfinished now, and its checkpoint cannot be read
-    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    RunFiles(broken).checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(
             flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", "--num_epochs", "1", "--resume")))
@@ -156,7 +157,7 @@ def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path):
     # the checkpoint loads in a single process
     status = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--no-train", "--device", "cpu",
                              "--data_root", str(mnist_root), "--no-download", "--checkpoint",
-                             str(tmp_path / "ddp" / "rank0" / "runs" / run / "checkpoint.pt")],
+                             str(RunFiles(tmp_path / "ddp" / "rank0" / "runs" / run).checkpoint)],
                             capture_output=True, text=True, cwd=ROOT)
     assert status.returncode == 0 and f"accuracy {100 * ddp['test']['acc']:.2f}%" in status.stdout
 

@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import pipeline
 import train
 import utils
+from runs import RunFiles, load_checkpoint
 from conftest import ROOT
 from tracking import DEFAULT_PROJECT, EPOCH_SCALARS, GRAD_NORM, STEP
 
@@ -87,7 +88,7 @@ def test_wandb_offline_writes_one_run_per_training_run_and_a_resumed_run_continu
     names = [RUN, "mlp_mnist_h2_w8_res2_s0"]
     sweep = args_for(mnist_root, out_dir, "--residual_step", "0", "2", "--wandb", "offline", "--tensorboard")
     run_main(*sweep, "--num_epochs", "1", "--jobs", "2")
-    ids = {name: torch.load(out_dir / name / "checkpoint.pt", weights_only=True)["wandb_run_id"] for name in names}
+    ids = {name: load_checkpoint(RunFiles(out_dir / name).checkpoint)["wandb_run_id"] for name in names}
     assert len(set(ids.values())) == 2
     for name in names:
         assert offline_runs(out_dir / name) == [ids[name]]
@@ -96,13 +97,13 @@ def test_wandb_offline_writes_one_run_per_training_run_and_a_resumed_run_continu
 
     run_main(*sweep, "--num_epochs", "2", "--resume")
     for name in names:
-        assert torch.load(out_dir / name / "checkpoint.pt", weights_only=True)["wandb_run_id"] == ids[name]
+        assert load_checkpoint(RunFiles(out_dir / name).checkpoint)["wandb_run_id"] == ids[name]
         assert offline_runs(out_dir / name) == [ids[name]] * 2  # `wandb sync` uploads both, in order, as one run
 
     notes = out_dir / RUN / "notes.txt"
     notes.write_text("mine")
     run_main(*sweep, "--num_epochs", "1", "--overwrite")
-    new_id = torch.load(out_dir / RUN / "checkpoint.pt", weights_only=True)["wandb_run_id"]
+    new_id = load_checkpoint(RunFiles(out_dir / RUN).checkpoint)["wandb_run_id"]
     assert new_id != ids[RUN] and offline_runs(out_dir / RUN) == [new_id]
     assert len(list((out_dir / RUN / "tensorboard").iterdir())) == 1 and notes.read_text() == "mine"
 
@@ -171,7 +172,7 @@ def test_wandb_receives_the_config_every_epoch_every_logged_gradient_norm_the_te
     assert all(len(log) == len(norms) + 1 for log in grads)
     assert tracked.summary == {"test_loss": history["test"]["loss"], "test_acc": history["test"]["acc"]}
     assert tracked.exit_code == 0
-    assert torch.load(tmp_path / RUN / "checkpoint.pt", weights_only=True)["wandb_run_id"] == tracked.id
+    assert load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["wandb_run_id"] == tracked.id
 
     assert summary.kwargs["job_type"] == "summary" and summary.kwargs["group"] == tmp_path.name
     assert summary.kwargs["dir"] == tmp_path / "plots"
@@ -203,7 +204,7 @@ def test_a_failing_tracker_is_one_warning_and_training_goes_on(mnist_root, tmp_p
     assert [e["train_loss"] for e in tracked["epochs"]] == [e["train_loss"] for e in untracked["epochs"]]
     assert tracked["test"] == untracked["test"]
     assert [step for step, _ in tensorboard_scalars(tmp_path / "tracked" / RUN / "tensorboard")["val_acc"]] == [1, 2]
-    checkpoint = torch.load(tmp_path / "tracked" / RUN / "checkpoint.pt", weights_only=True)
+    checkpoint = load_checkpoint(RunFiles(tmp_path / "tracked" / RUN).checkpoint)
     if fail == "start":
         assert checkpoint["wandb_run_id"] is None
     else:  # the failed run was closed, marked failed; its id still resumes it

@@ -12,7 +12,8 @@ import train
 from conftest import image_of_step, run_config
 from data import Split, batch_indices, load_dataset
 from models import MLP, ResNet, build_model
-from train import (FINITE_CHECK_EVERY, NonFiniteLoss, RunFiles, build_optimizer, build_scheduler, cpu_threads,
+from runs import RunFiles
+from train import (FINITE_CHECK_EVERY, NonFiniteLoss, build_optimizer, build_scheduler, cpu_threads,
                    evaluate, logged_weights, prepare_run, train_one_epoch, train_run, uses_channels_last)
 
 TINY_CNN = ("--model_name", "ResNet", "--dataset", "CIFAR10", "--val_size", "100", "--limit_train", "64",

@@ -1,0 +1,210 @@
+"""The run folder and its checkpoint: every file a run writes and its name, the checkpoint's format (built, saved,
+loaded and restored only here), and the one rule that says whether a saved run may continue as a command asks."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from config import RunConfig
+from models import build_model
+from utils import atomic_write, first_line, rng_state, set_rng_state, write_json
+
+if TYPE_CHECKING:
+    from train import RunSetup
+
+# 1: the checkpoints of before this version stamp (no "format" key); 2: stamped, otherwise the same keys
+CHECKPOINT_FORMAT = 2
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this suite wrote, or one it cannot use."""
+
+
+class ResumeError(ValueError):
+    """A saved run cannot continue as the command asks."""
+
+
+class RunFiles:
+    """A run folder's files: config.json, history.json (one entry per epoch and the test result), grad_norms.csv
+    (one row per logged step, appended every epoch) and the checkpoint, which may live elsewhere."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path | None = None):
+        self.run_dir = run_dir
+        self.config = run_dir / "config.json"
+        self.history = run_dir / "history.json"
+        self.grad_norms = run_dir / "grad_norms.csv"
+        self.checkpoint = checkpoint or run_dir / "checkpoint.pt"
+        self.tracking = [run_dir / "tensorboard", run_dir / "wandb"]  # what --tensorboard and --wandb write
+
+    def ours(self) -> list[Path]:
+        """The files a run writes, the one that marks it finished first."""
+        return [self.history, self.checkpoint, self.grad_norms, self.config]
+
+    def exist(self) -> bool:
+        return any(p.exists() for p in self.ours())
+
+    def remove(self) -> None:
+        """Delete the run's files (history first, so that no half-removed run reads as finished) and its tracking
+        folders, and nothing else."""
+        for path in self.ours():
+            path.unlink(missing_ok=True)
+        for folder in self.tracking:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def read_config(self) -> RunConfig | None:
+        """The config.json of the run, or None when there is none or it is not readable."""
+        try:
+            return RunConfig.from_dict(json.loads(self.config.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write_config(self, config: RunConfig) -> None:
+        write_json(self.config, config.to_dict())
+
+    def read_history(self) -> dict | None:
+        """history.json, or None when there is none or it is not readable."""
+        try:
+            history = json.loads(self.history.read_text())
+        except (OSError, ValueError):
+            return None
+        return history if isinstance(history, dict) and isinstance(history.get("epochs"), list) else None
+
+    def write_history(self, history: dict) -> None:
+        write_json(self.history, history)
+
+    def start_grad_norms(self, names: list[str]) -> None:
+        """A new grad_norms.csv holding only its header: step, then one column per logged weight."""
+        atomic_write(self.grad_norms, lambda tmp: tmp.write_text(",".join(["step", *names]) + "\n"))
+
+    def append_grad_norms(self, steps: list[int], norms: torch.Tensor) -> None:
+        """Append one epoch's logged steps (constant cost however long the run has been)."""
+        rows = np.column_stack([np.asarray(steps, dtype=np.float64), norms.double().numpy()])
+        text = io.StringIO()
+        np.savetxt(text, rows, fmt=["%d"] + ["%.9g"] * norms.shape[1], delimiter=",")
+        with self.grad_norms.open("a") as f:
+            f.write(text.getvalue())
+
+    def truncate_grad_norms(self, steps_done: int) -> None:
+        """Keep only the rows of steps before `steps_done` (those a resumed checkpoint had trained)."""
+        lines = self.grad_norms.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < steps_done]
+        if len(kept) != len(lines):
+            self.grad_norms.write_text("".join(kept))
+
+    def read_grad_norms(self) -> tuple[list[int], dict[str, np.ndarray]]:
+        """The logged steps and, per weight, its gradient norm at each of them."""
+        header, *lines = self.grad_norms.read_text().splitlines()
+        names = header.split(",")[1:]
+        rows = np.loadtxt(lines, delimiter=",", ndmin=2).reshape(-1, len(names) + 1) if lines else np.zeros(
+            (0, len(names) + 1))
+        return rows[:, 0].astype(int).tolist(), {name: rows[:, i + 1] for i, name in enumerate(names)}
+
+
+def build_checkpoint(run: RunSetup, history: dict, wandb_run_id: str | None) -> dict:
+    """The checkpoint of a run after its last epoch in `history`: everything a resume needs to continue it bit for
+    bit (model, optimizer, schedule, every random state, the data order), stamped with CHECKPOINT_FORMAT."""
+    return {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.scheduler.state_dict(), "epoch": len(history["epochs"]),
+            "config": run.config.to_dict(), "history": history,
+            "rng": dict(rng_state(), data=run.generator.get_state()), "wandb_run_id": wandb_run_id}
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Save a checkpoint atomically. It is serialised in memory first, so that a full disk is a plain OSError
+    from the write (torch.save's own writer reports it as an opaque RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint with `weights_only=True` and bring it to today's format; anything that is not one of
+    ours, or is of a newer format, is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
+        raise CheckpointError(f"--checkpoint {path} is not a loadable checkpoint (refused or unreadable: "
+                              f"{first_line(e)})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+        raise CheckpointError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
+    return upgrade_checkpoint(checkpoint, path)
+
+
+def upgrade_checkpoint(checkpoint: dict, path: Path) -> dict:
+    """A checkpoint of any format this suite wrote, in today's. Format 1 differs only in its config, which
+    RunConfig.from_dict converts (config.upgrade) as it does for an old config.json."""
+    version = checkpoint.get("format", 1)
+    if version not in (1, CHECKPOINT_FORMAT):
+        raise CheckpointError(f"--checkpoint {path} has format {version!r}; this version of the suite reads "
+                              f"formats 1 to {CHECKPOINT_FORMAT}")
+    return dict(checkpoint, format=CHECKPOINT_FORMAT)
+
+
+def saved_config(checkpoint: dict, path: Path) -> RunConfig:
+    """The config a loaded checkpoint was trained with; CheckpointError when it is not one of this suite."""
+    try:
+        return RunConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
+
+
+def load_model(path: str | Path) -> tuple[RunConfig, nn.Module]:
+    """The config of a saved run and its model with the saved weights, on the CPU; a mismatch is a
+    CheckpointError."""
+    checkpoint = load_checkpoint(path)
+    config = saved_config(checkpoint, Path(path))
+    try:
+        model = build_model(config)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
+    return config, model
+
+
+def check_resumable(saved: RunConfig, epochs: int, asked: RunConfig, where: Path) -> None:
+    """The one rule for continuing a saved run (`epochs` trained with `saved`) as `asked`: the same settings except
+    where it runs (and the length of a constant schedule), and no more epochs than asked; otherwise ResumeError."""
+    changed = saved.changed_flag(asked)
+    if changed:
+        raise ResumeError(f"{where} was trained with {changed}; resume with the same flags, pass --overwrite to "
+                          "replace it, or --run_name/--out_dir to keep both")
+    if epochs > asked.num_epochs:
+        raise ResumeError(f"{where} has trained {epochs} epochs, more than --num_epochs {asked.num_epochs}; pass "
+                          "--overwrite to replace it, or --run_name/--out_dir to keep both")
+
+
+def check_checkpoint_resumable(checkpoint: dict, asked: RunConfig, path: Path) -> None:
+    """check_resumable for a loaded checkpoint; a config that is not one of ours is a ResumeError too."""
+    try:
+        saved = saved_config(checkpoint, path)
+    except CheckpointError as e:
+        raise ResumeError(f"{e}; pass --overwrite to start again") from None
+    check_resumable(saved, checkpoint.get("epoch", 0), asked, path)
+
+
+def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
+    """Load a checkpoint of the same run into `run` (model, optimizer, schedule, random states, data order);
+    return the history of the epochs it holds and its W&B run id (None when it was not tracked in W&B)."""
+    checkpoint = load_checkpoint(path)
+    check_checkpoint_resumable(checkpoint, run.config, path)
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        set_rng_state(checkpoint["rng"])
+        run.generator.set_state(checkpoint["rng"]["data"])
+        history = {"epochs": list(checkpoint["history"]["epochs"])}
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None
+    return history, checkpoint.get("wandb_run_id")
