@@ -15,9 +15,9 @@ import torch
 from config import RunConfig
 from data import DATASETS, DatasetError, check_split_sizes, load_dataset, to_split
 from plots import plot_sweep
-from sweep import SWEEP_FLAGS, RunConflict, execute, expand, plan, with_prefix
+from sweep import SWEEP_FLAGS, Plan, RunConflict, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
-from runs import CheckpointError, ResumeError, load_model
+from runs import CheckpointError, ResumeError, RunLocked, load_model
 from train import cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, check_writable, distributed_world, init_distributed,
                    resolve_device, run_cli)
@@ -220,7 +220,7 @@ def main(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     """Train and evaluate every config of the sweep, then plot; return (config, history) per finished run."""
     try:
         return sweep_main(args)
-    except (RunConflict, ResumeError, CheckpointError, DatasetError) as e:
+    except (RunConflict, ResumeError, RunLocked, CheckpointError, DatasetError) as e:
         raise UsageError(str(e)) from None
 
 
@@ -245,15 +245,44 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
         device = torch.device(device_name)
     else:
         device = resolve_device(args.device)
-    configs = run_configs(args, device)
+    sweep = plan_on_every_rank(args, run_configs(args, device), rank, world_size)
+    try:
+        return train_and_plot(args, sweep, rank, world_size, device)
+    finally:
+        sweep.release()
+
+
+def plan_on_every_rank(args: argparse.Namespace, configs: list[RunConfig], rank: int, world_size: int) -> Plan:
+    """The sweep's plan, its run folders locked by this process (by rank 0 under torchrun, whose refusal, a locked
+    run included, every rank then shares, so that none waits for the others in vain)."""
+    refusal = None
+    try:
+        sweep = plan(configs, Path(args.out_dir), Path(args.checkpoint) if args.checkpoint else None, args.resume,
+                     args.overwrite, lock=rank == 0)
+    except (RunConflict, ResumeError, RunLocked, CheckpointError) as e:
+        sweep, refusal = None, e
+    if world_size > 1:
+        shared = [None if refusal is None else str(refusal)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if refusal is None and shared[0] is not None:
+            refusal = RunConflict(shared[0])
+        if refusal is not None and sweep is not None:
+            sweep.release()
+    if refusal is not None:
+        raise refusal
+    return sweep
+
+
+def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size: int,
+                   device: torch.device) -> list[tuple[RunConfig, dict]]:
+    """Train the planned runs, then draw the sweep's figures."""
     out_dir = Path(args.out_dir)
-    planned = plan(configs, out_dir, Path(args.checkpoint) if args.checkpoint else None, args.resume,
-                   args.overwrite)
     if world_size > 1:
         torch.distributed.barrier()  # every rank has planned before rank 0 replaces any file
     raw = load_dataset(args.dataset, args.data_root, args.download)
     check_split_sizes(len(raw.train_labels), args.val_size, args.limit_train)  # a copy may hold fewer images
-    threads = cpu_threads(configs[0], args.jobs)
+    sweep.lock_new_runs()
+    threads = cpu_threads(sweep.runs[0].config, args.jobs)
     if device.type == "cpu":
         torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions once
@@ -261,13 +290,13 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     if device.type == "cuda" and device.index is None:
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     tracking = TrackingOptions(args.wandb, args.wandb_proj_name, args.tensorboard, out_dir.resolve().name)
-    result = execute(planned, raw, args.resume and not args.overwrite, args.jobs, devices, threads, rank,
+    result = execute(sweep, raw, args.resume and not args.overwrite, args.jobs, devices, threads, rank,
                      world_size, tracking)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if rank == 0 and result.runs:
         plots_dir = Path(args.plots_dir) if args.plots_dir else out_dir / "plots"
-        files = {run.config.run_name: run.files for run in planned}
+        files = {run.config.run_name: run.files for run in sweep.runs}
         figures = [(config, history, files[config.run_name].read_grad_norms()) for config, history in result.runs]
         paths = plot_sweep(figures, plots_dir)
         for path in paths:
@@ -277,7 +306,7 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
             print(line)
     if result.failures:
         failed = "; ".join(f"{name}: {error}" for name, error in result.failures)
-        raise CLIError(f"{len(result.failures)} of {len(planned)} runs failed ({failed})" if len(planned) > 1
+        raise CLIError(f"{len(result.failures)} of {len(sweep.runs)} runs failed ({failed})" if len(sweep.runs) > 1
                        else f"{result.failures[0][0]} failed: {result.failures[0][1]}")
     return result.runs
 

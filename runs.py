@@ -1,7 +1,9 @@
-"""The run folder and its checkpoint: every file a run writes and its name, the checkpoint's format (built, saved,
-loaded and restored only here), and the one rule that says whether a saved run may continue as a command asks."""
+"""The run folder and its checkpoint: every file a run writes and its name, the lock that gives each run folder one
+writer, the checkpoint's format (built, saved, loaded and restored only here), and the one rule that says whether a
+saved run may continue as a command asks."""
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -32,9 +34,44 @@ class ResumeError(ValueError):
     """A saved run cannot continue as the command asks."""
 
 
+class RunLocked(ValueError):
+    """Another process is training this run."""
+
+
+class RunLock:
+    """An exclusive advisory lock (flock) on a run folder's lock file, held until `release` or the holder's death:
+    the kernel drops it with the process, so a kill -9 never leaves a stale lock."""
+
+    def __init__(self, path: Path, run_dir: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunLocked(f"{run_dir} is being trained by process {holder}; wait for it to finish or stop it "
+                            "(it keeps its last finished epoch)") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Drop the lock (the lock file stays: deleting it would let two processes lock two different files)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class RunFiles:
     """A run folder's files: config.json, history.json (one entry per epoch and the test result), grad_norms.csv
-    (one row per logged step, appended every epoch) and the checkpoint, which may live elsewhere."""
+    (one row per logged step, appended every epoch), the checkpoint, which may live elsewhere, and .lock, which
+    the process that trains the run holds (and names)."""
 
     def __init__(self, run_dir: Path, checkpoint: Path | None = None):
         self.run_dir = run_dir
@@ -42,6 +79,7 @@ class RunFiles:
         self.history = run_dir / "history.json"
         self.grad_norms = run_dir / "grad_norms.csv"
         self.checkpoint = checkpoint or run_dir / "checkpoint.pt"
+        self.lock_file = run_dir / ".lock"
         self.tracking = [run_dir / "tensorboard", run_dir / "wandb"]  # what --tensorboard and --wandb write
 
     def ours(self) -> list[Path]:
@@ -50,6 +88,10 @@ class RunFiles:
 
     def exist(self) -> bool:
         return any(p.exists() for p in self.ours())
+
+    def lock(self) -> RunLock:
+        """Take the run's lock, creating its folder; RunLocked when another process holds it."""
+        return RunLock(self.lock_file, self.run_dir)
 
     def remove(self) -> None:
         """Delete the run's files (history first, so that no half-removed run reads as finished) and its tracking

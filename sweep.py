@@ -18,7 +18,7 @@ from config import RunConfig
 from data import RawData
 from models import build_model
 from tracking import TrackingOptions
-from runs import RunFiles, check_checkpoint_resumable, check_resumable, load_checkpoint
+from runs import RunFiles, RunLock, check_checkpoint_resumable, check_resumable, load_checkpoint
 from train import train_run
 from utils import CLIError, first_line
 
@@ -88,25 +88,59 @@ class PlannedRun:
     finished: dict | None = None
 
 
-def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, resume: bool,
-         overwrite: bool) -> list[PlannedRun]:
+@dataclass
+class Plan:
+    """The runs of a sweep, and the locks of their folders that this process holds, by run index."""
+    runs: list[PlannedRun]
+    locks: dict[int, RunLock] | None  # None: this process writes nothing (a torchrun rank but 0)
+
+    def lock_new_runs(self) -> None:
+        """Make and lock the folders of the runs that had none when planned, once nothing can refuse the command
+        any more; a folder that another process wrote meanwhile is a RunConflict."""
+        for i, run in enumerate(self.runs):
+            if self.locks is not None and i not in self.locks:
+                self.locks[i] = run.files.lock()
+                if run.files.exist():
+                    raise RunConflict(f"{run.files.run_dir} was written by another process while this one "
+                                      "planned; run the command again")
+
+    def release(self) -> None:
+        for lock in (self.locks or {}).values():
+            lock.release()
+
+
+def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, resume: bool, overwrite: bool,
+         lock: bool = True) -> Plan:
     """Decide for every run before anything trains: new, continued, skipped (finished with these settings), or
-    refused with a RunConflict (existing files without --resume/--overwrite, or finished with other settings)."""
+    refused with a RunConflict (existing files without --resume/--overwrite, or finished with other settings).
+    With `lock`, every existing run folder is locked for this process before it is read, so that a run another
+    process trains is refused (RunLocked); new runs are locked by Plan.lock_new_runs."""
     if checkpoint is not None and len(configs) > 1:
         raise RunConflict(f"--checkpoint names one file but the sweep has {len(configs)} runs; leave it out")
-    planned = []
-    for config in configs:
-        files = RunFiles(out_dir / config.run_name, checkpoint)
-        run = PlannedRun(config, files)
-        if files.exist() and not (resume or overwrite):
-            raise RunConflict(f"{files.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                              "replace it, or --run_name/--out_dir to keep both")
-        if resume and not overwrite:
-            run.finished = finished_history(config, files)
-            if run.finished is None and files.checkpoint.is_file():
-                check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
-        planned.append(run)
-    return planned
+    sweep = Plan([], {} if lock else None)
+    try:
+        for i, config in enumerate(configs):
+            files = RunFiles(out_dir / config.run_name, checkpoint)
+            if lock and files.run_dir.is_dir():
+                sweep.locks[i] = files.lock()
+            sweep.runs.append(plan_run(config, files, resume, overwrite))
+    except BaseException:
+        sweep.release()
+        raise
+    return sweep
+
+
+def plan_run(config: RunConfig, files: RunFiles, resume: bool, overwrite: bool) -> PlannedRun:
+    """What to do with one run folder (see plan)."""
+    run = PlannedRun(config, files)
+    if files.exist() and not (resume or overwrite):
+        raise RunConflict(f"{files.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                          "replace it, or --run_name/--out_dir to keep both")
+    if resume and not overwrite:
+        run.finished = finished_history(config, files)
+        if run.finished is None and files.checkpoint.is_file():
+            check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
+    return run
 
 
 def finished_history(config: RunConfig, files: RunFiles) -> dict | None:
@@ -145,12 +179,13 @@ def cost(config: RunConfig) -> int:
     return config.depth * config.num_epochs
 
 
-def execute(planned: list[PlannedRun], raw: RawData, resume: bool, jobs: int = 1,
+def execute(sweep: Plan, raw: RawData, resume: bool, jobs: int = 1,
             devices: tuple[str, ...] = ("cpu",), threads: int = 1, rank: int = 0,
             world_size: int = 1, tracking: TrackingOptions = TrackingOptions()) -> SweepResult:
     """Train the planned runs: in this process one after another, or in `jobs` spawned workers (longest first,
     worker w on devices[w % len(devices)] with `threads` CPU threads, the data shared with them through shared
     memory), each tracked as `tracking` asks. A failed run does not stop the others."""
+    planned = sweep.runs
     todo = [i for i, run in enumerate(planned) if run.finished is None]
     for run in planned:
         if run.finished is not None:
@@ -169,6 +204,7 @@ def execute(planned: list[PlannedRun], raw: RawData, resume: bool, jobs: int = 1
             except Exception as e:  # noqa: BLE001 -- one run's failure is reported; the sweep goes on
                 failures[i] = report_failure(planned[i], e, announce=len(planned) > 1)
     elif todo:
+        sweep.release()  # each worker locks the run it trains
         histories.update(run_in_workers(planned, todo, raw, resume, jobs, devices, threads, failures, tracking))
     return SweepResult([(planned[i].config, histories[i]) for i in sorted(histories)],
                        [(planned[i].config.run_name, failures[i]) for i in sorted(failures)])
@@ -241,7 +277,8 @@ def worker(planned: list[PlannedRun], raw: RawData, resume: bool, device: str, t
         while (i := tasks.get()) is not None:
             run = replace(planned[i], config=replace(planned[i].config, device=device))
             try:
-                results.put((i, run_planned(run, raw, resume, progress=False, tracking=tracking), None))
+                with run.files.lock():
+                    results.put((i, run_planned(run, raw, resume, progress=False, tracking=tracking), None))
             except Exception as e:  # noqa: BLE001 -- reported to the sweep, which goes on
                 results.put((i, None, report_failure(run, e)))
     except KeyboardInterrupt:

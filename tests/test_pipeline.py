@@ -34,7 +34,8 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
     assert runs == ["mlp_mnist_h2_w8_plain_s0", "mlp_mnist_h2_w8_res2_s0",
                     "mlp_mnist_h4_w8_plain_s0", "mlp_mnist_h4_w8_res2_s0"]
     run_dir = tmp_path / "mlp_mnist_h4_w8_res2_s0"
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in RunFiles(run_dir).ours())
+    files = RunFiles(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in [*files.ours(), files.lock_file])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["depth"] == 6 and config["num_hidden_layers"] == 4 and config["in_channels"] == 1
     assert config["input_size"] == 28 and config["num_params"] > 0

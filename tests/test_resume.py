@@ -1,6 +1,7 @@
 """Nothing lost, nothing run: resume, interruption, overwrite, atomic files, divergence and hostile checkpoints."""
 import itertools
 import json
+import os
 import pickle
 import shutil
 import signal
@@ -348,3 +349,54 @@ def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, finished_run):
     save_checkpoint(tmp_path / "new.pt", dict(checkpoint, format=runs.CHECKPOINT_FORMAT + 1))
     with pytest.raises(runs.CheckpointError, match="format"):
         load_checkpoint(tmp_path / "new.pt")
+
+
+def start_training(mnist_root, out_dir, *extra: str) -> subprocess.Popen:
+    """pipeline.py training RUN for 8 epochs of 100 steps in another process; return once its first epoch is
+    saved (it trains on)."""
+    command = [sys.executable, str(ROOT / "pipeline.py"),
+               *args_for(mnist_root, out_dir, "--num_epochs", "8", "--batch_size", "5", *extra)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out_dir / RUN / "history.json").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert process.poll() is None, process.communicate()
+    return process
+
+
+@pytest.fixture(scope="module")
+def straight_long_run(mnist_root, tmp_path_factory):
+    """The folder of an uninterrupted run of 8 epochs of 100 steps, to compare resumed runs with."""
+    out_dir = tmp_path_factory.mktemp("straight_long")
+    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "8", "--batch_size", "5"))
+    return out_dir / RUN
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_second_process_on_a_run_being_trained_is_refused_and_changes_nothing(mnist_root, tmp_path,
+                                                                                straight_long_run, flag):
+    first = start_training(mnist_root, tmp_path)
+    second = subprocess.run([sys.executable, str(ROOT / "pipeline.py"),
+                             *args_for(mnist_root, tmp_path, "--num_epochs", "8", "--batch_size", "5", flag)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert RUN in second.stderr and f"process {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert first.wait(timeout=300) == 0, first.communicate()
+    assert_same_run(straight_long_run, tmp_path / RUN)
+
+
+def test_a_lock_holder_killed_with_sigkill_does_not_block_the_next_run(mnist_root, tmp_path, capsys,
+                                                                       straight_long_run):
+    first = start_training(mnist_root, tmp_path)
+    first.kill()
+    first.wait(timeout=60)
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "8", "--batch_size", "5", "--resume"))
+    assert "resuming after epoch" in capsys.readouterr().out
+    assert_same_run(straight_long_run, tmp_path / RUN)
+
+
+def test_a_sweep_is_refused_up_front_when_one_of_its_runs_is_being_trained(mnist_root, tmp_path, capsys):
+    with RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").lock():  # this process plays the other trainer
+        status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_hidden_layers", "2", "4"))
+    assert status == 2 and len(lines) == 1 and f"process {os.getpid()}" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp_mnist_h4_w8_plain_s0"]  # h2's folder not made
