@@ -17,7 +17,7 @@ from data import DATASETS, DatasetError, check_split_sizes, load_dataset, to_spl
 from plots import plot_sweep
 from sweep import SWEEP_FLAGS, Plan, RunConflict, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
-from runs import CheckpointError, ResumeError, RunLocked, load_model
+from runs import CheckpointError, ResumeError, RunFiles, RunLocked, load_model
 from train import cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, check_writable, distributed_world, init_distributed,
                    resolve_device, run_cli)
@@ -273,6 +273,16 @@ def plan_on_every_rank(args: argparse.Namespace, configs: list[RunConfig], rank:
     return sweep
 
 
+def logged_grad_norms(files: RunFiles, config: RunConfig, history: dict) -> tuple[list[int], dict]:
+    """A run's gradient norms for the figures; none, and a line saying why, when its grad_norms.csv is missing, cut
+    or incomplete (the run's other figures are drawn all the same)."""
+    try:
+        return files.read_logged_grad_norms(config, history)
+    except ValueError as e:
+        print(f"gradient figures: skipped {config.run_name}: {e}", flush=True)
+        return [], {}
+
+
 def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size: int,
                    device: torch.device) -> list[tuple[RunConfig, dict]]:
     """Train the planned runs, then draw the sweep's figures."""
@@ -297,7 +307,8 @@ def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size:
     if rank == 0 and result.runs:
         plots_dir = Path(args.plots_dir) if args.plots_dir else out_dir / "plots"
         files = {run.config.run_name: run.files for run in sweep.runs}
-        figures = [(config, history, files[config.run_name].read_grad_norms()) for config, history in result.runs]
+        figures = [(config, history, logged_grad_norms(files[config.run_name], config, history))
+                   for config, history in result.runs]
         paths = plot_sweep(figures, plots_dir)
         for path in paths:
             print(f"wrote {path}")

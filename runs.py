@@ -90,8 +90,14 @@ class RunFiles:
         return any(p.exists() for p in self.ours())
 
     def lock(self) -> RunLock:
-        """Take the run's lock, creating its folder; RunLocked when another process holds it."""
-        return RunLock(self.lock_file, self.run_dir)
+        """Take the run's lock, creating its folder (RunLocked when another process holds it), and remove the
+        temporary files that a writer killed mid-write left, which only the lock's holder may do."""
+        lock = RunLock(self.lock_file, self.run_dir)
+        for folder in {self.run_dir, self.checkpoint.parent}:
+            for path in folder.glob(".*.tmp"):
+                if any(path.name.startswith(f".{p.name}.") for p in self.ours()):
+                    path.unlink(missing_ok=True)
+        return lock
 
     def remove(self) -> None:
         """Delete the run's files (history first, so that no half-removed run reads as finished) and its tracking
@@ -134,20 +140,63 @@ class RunFiles:
         with self.grad_norms.open("a") as f:
             f.write(text.getvalue())
 
-    def truncate_grad_norms(self, steps_done: int) -> None:
-        """Keep only the rows of steps before `steps_done` (those a resumed checkpoint had trained)."""
-        lines = self.grad_norms.read_text().splitlines(keepends=True)
-        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < steps_done]
-        if len(kept) != len(lines):
-            self.grad_norms.write_text("".join(kept))
+    def heal_grad_norms(self, names: list[str], steps_done: int) -> None:
+        """Before a resumed run appends: keep the header and the complete rows of steps before `steps_done` (what
+        the checkpoint has trained), in order, and drop a row cut by a crash or one that does not parse; a missing or
+        foreign file starts again from its header."""
+        header = ",".join(["step", *names])
+        try:
+            lines = self.grad_norms.read_text().split("\n")
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        if not lines or lines[0] != header:
+            self.start_grad_norms(names)
+            return
+        kept, last = [header], -1
+        for line in lines[1:-1]:  # the text after the last newline is a cut row, or empty
+            row = parse_row(line, len(names) + 1)
+            if row is not None and last < row[0] < steps_done:
+                kept.append(line)
+                last = row[0]
+        if len(kept) != len(lines) - 1 or lines[-1]:
+            atomic_write(self.grad_norms, lambda tmp: tmp.write_text("\n".join(kept) + "\n"))
 
     def read_grad_norms(self) -> tuple[list[int], dict[str, np.ndarray]]:
-        """The logged steps and, per weight, its gradient norm at each of them."""
-        header, *lines = self.grad_norms.read_text().splitlines()
+        """The logged steps and, per weight, its gradient norm at each of them; a file that is missing, cut or not
+        ours is a ValueError saying so."""
+        try:
+            header, *lines = self.grad_norms.read_text().splitlines()
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{self.grad_norms} is not readable ({first_line(e)})") from None
         names = header.split(",")[1:]
-        rows = np.loadtxt(lines, delimiter=",", ndmin=2).reshape(-1, len(names) + 1) if lines else np.zeros(
-            (0, len(names) + 1))
-        return rows[:, 0].astype(int).tolist(), {name: rows[:, i + 1] for i, name in enumerate(names)}
+        if header.split(",")[0] != "step" or not names:
+            raise ValueError(f"{self.grad_norms} has no header of step and weight names")
+        rows = [parse_row(line, len(names) + 1) for line in lines]
+        if None in rows:
+            raise ValueError(f"{self.grad_norms} has a row that is cut or not numbers (line {rows.index(None) + 2})")
+        table = np.array(rows, dtype=np.float64).reshape(-1, len(names) + 1)
+        return table[:, 0].astype(int).tolist(), {name: table[:, i + 1] for i, name in enumerate(names)}
+
+    def read_logged_grad_norms(self, config: RunConfig, history: dict) -> tuple[list[int], dict[str, np.ndarray]]:
+        """read_grad_norms, and a ValueError unless the file holds exactly the steps the run logged (a file
+        restarted on resume lacks the earlier ones)."""
+        steps, norms = self.read_grad_norms()
+        trained = history["epochs"][-1]["steps"] if history["epochs"] else 0
+        logged = list(range(0, trained, config.grad_log_every)) if config.grad_log_every else []
+        if steps != logged:
+            raise ValueError(f"{self.grad_norms} holds {len(steps)} rows, not the {len(logged)} logged steps")
+        return steps, norms
+
+
+def parse_row(line: str, columns: int) -> list[float] | None:
+    """A grad_norms.csv row as numbers (an integer step first), or None when it is cut or is not one."""
+    fields = line.split(",")
+    if len(fields) != columns or not fields[0].isdigit():
+        return None
+    try:
+        return [int(fields[0]), *(float(f) for f in fields[1:])]
+    except ValueError:
+        return None
 
 
 def build_checkpoint(run: RunSetup, history: dict, wandb_run_id: str | None) -> dict:

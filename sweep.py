@@ -18,7 +18,8 @@ from config import RunConfig
 from data import RawData
 from models import build_model
 from tracking import TrackingOptions
-from runs import RunFiles, RunLock, check_checkpoint_resumable, check_resumable, load_checkpoint
+from runs import (CheckpointError, RunFiles, RunLock, check_checkpoint_resumable, check_resumable, load_checkpoint,
+                  saved_config)
 from train import train_run
 from utils import CLIError, first_line
 
@@ -123,39 +124,55 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, resum
             files = RunFiles(out_dir / config.run_name, checkpoint)
             if lock and files.run_dir.is_dir():
                 sweep.locks[i] = files.lock()
-            sweep.runs.append(plan_run(config, files, resume, overwrite))
+            sweep.runs.append(plan_run(config, files, resume, overwrite, lock))
     except BaseException:
         sweep.release()
         raise
     return sweep
 
 
-def plan_run(config: RunConfig, files: RunFiles, resume: bool, overwrite: bool) -> PlannedRun:
-    """What to do with one run folder (see plan)."""
+def plan_run(config: RunConfig, files: RunFiles, resume: bool, overwrite: bool, writes: bool) -> PlannedRun:
+    """What to do with one run folder (see plan); a process that `writes` repairs what it can."""
     run = PlannedRun(config, files)
     if files.exist() and not (resume or overwrite):
         raise RunConflict(f"{files.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                           "replace it, or --run_name/--out_dir to keep both")
     if resume and not overwrite:
-        run.finished = finished_history(config, files)
+        run.finished = finished_history(config, files, writes)
         if run.finished is None and files.checkpoint.is_file():
             check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
     return run
 
 
-def finished_history(config: RunConfig, files: RunFiles) -> dict | None:
+def finished_history(config: RunConfig, files: RunFiles, writes: bool) -> dict | None:
     """The history of a finished run that is exactly what `config` asks for, None for an unfinished one or one
-    that may train more epochs; a finished run that cannot continue as `config` is a ResumeError."""
+    that may train more epochs; a finished run that cannot continue as `config` is a ResumeError. A missing or
+    unreadable config.json is restored from the checkpoint (written when this process `writes`)."""
     history = files.read_history()
     if history is None or "test" not in history:
         return None
     saved = files.read_config()
     if saved is None:
-        raise RunConflict(f"{files.config} is missing or unreadable beside a finished history; pass --overwrite "
-                          "to train the run again")
+        saved = restored_config(files, writes)
     epochs = len(history["epochs"])
     check_resumable(saved, epochs, config, files.run_dir)
     return history if epochs == config.num_epochs else None
+
+
+def restored_config(files: RunFiles, writes: bool) -> RunConfig:
+    """The config of a finished run whose config.json is missing or unreadable, from its checkpoint; written back
+    to config.json when this process `writes`. Without a usable checkpoint, a RunConflict that says how to restore
+    it (never --overwrite, which would discard the finished run)."""
+    try:
+        saved = saved_config(load_checkpoint(files.checkpoint), files.checkpoint)
+    except CheckpointError as e:
+        raise RunConflict(f"{files.config} is missing or unreadable beside a finished run, and its checkpoint cannot "
+                          f"restore it ({e}); put back the run's config.json (from a backup or a copy of the run), "
+                          "or move the folder away to train it again") from None
+    if writes:
+        files.write_config(saved)
+        print(f"{files.config}: restored from {files.checkpoint}", flush=True)
+    return saved
 
 
 def run_planned(run: PlannedRun, raw: RawData, resume: bool, progress: bool | None = None, rank: int = 0,

@@ -234,7 +234,7 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
     if resume and files.checkpoint.is_file():
         history, wandb_run_id = restore(run, files.checkpoint)
         if writes:
-            files.truncate_grad_norms(history["epochs"][-1]["steps"] if history["epochs"] else 0)
+            files.heal_grad_norms(names, history["epochs"][-1]["steps"] if history["epochs"] else 0)
         print(f"{config.run_name}: resuming after epoch {len(history['epochs'])}", flush=True)
     elif writes:
         files.start_grad_norms(names)

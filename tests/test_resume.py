@@ -400,3 +400,95 @@ def test_a_sweep_is_refused_up_front_when_one_of_its_runs_is_being_trained(mnist
         status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_hidden_layers", "2", "4"))
     assert status == 2 and len(lines) == 1 and f"process {os.getpid()}" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp_mnist_h4_w8_plain_s0"]  # h2's folder not made
+
+
+@pytest.mark.parametrize("damage", ["cut_row", "garbage_row"])
+def test_grad_norms_cut_or_garbled_after_the_checkpoint_heal_on_resume(mnist_root, tmp_path, straight_run, damage):
+    """A kill -9 or a full disk mid-append leaves part of a row: resume cuts back to the last complete row at or
+    before the checkpoint's step, so nothing is glued to the next row, and the file ends as a straight run's."""
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    files = RunFiles(tmp_path / RUN)
+    with files.grad_norms.open("a") as f:
+        # the first digit of step 10's row; or a row of an earlier step that does not parse, then a cut one
+        f.write("1" if damage == "cut_row" else "3,not a number,1,1,1,1,1\n10,0.1")
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "3", "--resume"))
+    assert_same_run(straight_run, tmp_path / RUN)
+
+
+@pytest.mark.parametrize("damage", ["missing", "not_numbers"])
+def test_an_unfinished_run_without_usable_grad_norms_resumes_and_its_figure_says_why(mnist_root, tmp_path, capsys,
+                                                                                      straight_run, damage):
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    files = RunFiles(tmp_path / RUN)
+    if damage == "missing":
+        files.grad_norms.unlink()
+    else:
+        files.grad_norms.write_text("step,a,b\nx,y,z\n")
+    capsys.readouterr()
+    (_, history), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "3", "--resume"))
+    out = capsys.readouterr().out
+    assert "resuming after epoch 1" in out and f"gradient figures: skipped {RUN}: " in out
+    assert without_seconds(history) == without_seconds(json.loads((straight_run / "history.json").read_text()))
+    assert files.read_grad_norms()[0] == list(range(STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH))  # what was logged since
+    assert (tmp_path / "plots" / "mlp_training_loss.png").is_file()
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty", "missing"])
+def test_a_finished_run_with_broken_grad_norms_is_skipped_and_its_figure_says_why(mnist_root, tmp_path, capsys,
+                                                                                  finished_run, damage):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    files = RunFiles(tmp_path / RUN)
+    if damage == "missing":
+        files.grad_norms.unlink()
+    else:
+        text = files.grad_norms.read_text()
+        files.grad_norms.write_text(text[:len(text) // 2] if damage == "cut" else "")
+    before = run_files(tmp_path / RUN)
+    capsys.readouterr()
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    out = capsys.readouterr().out
+    assert f"{RUN}: already finished with these settings, skipped" in out
+    assert f"gradient figures: skipped {RUN}: " in out and (tmp_path / "plots" / "mlp_training_loss.png").is_file()
+    assert run_files(tmp_path / RUN) == before
+
+
+def test_a_finished_run_without_its_history_gets_it_back_from_the_checkpoint(mnist_root, tmp_path, capsys,
+                                                                            finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    (tmp_path / RUN / "history.json").unlink()
+    (_, history), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    old = json.loads((finished_run / "history.json").read_text())
+    assert history == old and json.loads((tmp_path / RUN / "history.json").read_text()) == old
+
+
+def test_a_garbage_config_beside_a_finished_run_is_restored_from_its_checkpoint(mnist_root, tmp_path, capsys,
+                                                                               finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    (tmp_path / RUN / "config.json").write_text("{garbage")
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    out = capsys.readouterr().out
+    assert "config.json: restored from" in out and "already finished with these settings, skipped" in out
+    assert (tmp_path / RUN / "config.json").read_text() == (finished_run / "config.json").read_text()
+
+
+def test_a_garbage_config_beside_a_finished_run_without_a_checkpoint_is_never_advised_overwrite(
+        mnist_root, tmp_path, capsys, finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    (tmp_path / RUN / "config.json").write_text("{garbage")
+    RunFiles(tmp_path / RUN).checkpoint.unlink()
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert status == 2 and len(lines) == 1 and "config.json" in lines[0] and "--overwrite" not in lines[0], lines
+    assert run_files(tmp_path / RUN) == before
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_when_the_run_is_opened(mnist_root, tmp_path,
+                                                                              finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    leftovers = [tmp_path / RUN / ".checkpoint.pt.k2j4x.tmp", tmp_path / RUN / ".history.json.a8c1.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file")
+    (tmp_path / RUN / ".notes.txt.mine.tmp").write_text("not the run's")
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert not any(path.exists() for path in leftovers)
+    assert (tmp_path / RUN / ".notes.txt.mine.tmp").read_text() == "not the run's"
