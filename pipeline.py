@@ -18,9 +18,9 @@ from plots import plot_sweep
 from sweep import SWEEP_FLAGS, Plan, RunConflict, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
 from runs import CheckpointError, ResumeError, RunFiles, RunLocked, load_model
-from train import cpu_threads, evaluate
+from train import Runtime, cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, check_writable, distributed_world, init_distributed,
-                   resolve_device, run_cli)
+                   resolve_device, run_cli, setup_for_distributed)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -245,6 +245,7 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
         device = torch.device(device_name)
     else:
         device = resolve_device(args.device)
+    setup_for_distributed(rank == 0)
     sweep = plan_on_every_rank(args, run_configs(args, device), rank, world_size)
     try:
         return train_and_plot(args, sweep, rank, world_size, device)
@@ -257,8 +258,9 @@ def plan_on_every_rank(args: argparse.Namespace, configs: list[RunConfig], rank:
     run included, every rank then shares, so that none waits for the others in vain)."""
     refusal = None
     try:
-        sweep = plan(configs, Path(args.out_dir), Path(args.checkpoint) if args.checkpoint else None, args.resume,
-                     args.overwrite, lock=rank == 0)
+        existing = "overwrite" if args.overwrite else "resume" if args.resume else "refuse"
+        sweep = plan(configs, Path(args.out_dir), Path(args.checkpoint) if args.checkpoint else None, existing,
+                     lock=rank == 0)
     except (RunConflict, ResumeError, RunLocked, CheckpointError) as e:
         sweep, refusal = None, e
     if world_size > 1:
@@ -300,8 +302,7 @@ def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size:
     if device.type == "cuda" and device.index is None:
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     tracking = TrackingOptions(args.wandb, args.wandb_proj_name, args.tensorboard, out_dir.resolve().name)
-    result = execute(sweep, raw, args.resume and not args.overwrite, args.jobs, devices, threads, rank,
-                     world_size, tracking)
+    result = execute(sweep, raw, Runtime(rank, world_size, args.jobs, devices, threads, tracking))
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if rank == 0 and result.runs:

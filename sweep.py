@@ -17,11 +17,10 @@ from tqdm import tqdm
 from config import RunConfig
 from data import RawData
 from models import build_model
-from tracking import TrackingOptions
 from runs import (CheckpointError, RunFiles, RunLock, check_checkpoint_resumable, check_resumable, load_checkpoint,
                   saved_config)
-from train import train_run
-from utils import CLIError, first_line
+from train import Runtime, train_run
+from utils import CLIError, first_line, setup_for_distributed
 
 # the flags that take several values, per model family; the order is the order of the runs
 SWEEP_FLAGS = {"MLP": ("num_hidden_layers", "residual_step", "width", "seed"),
@@ -81,11 +80,19 @@ def with_prefix(configs: list[RunConfig], name: str | None) -> list[RunConfig]:
     return [replace(c, run_name=f"{name}_{c.run_name}") for c in configs]
 
 
+# what the plan does with each run, and how it says so before anything trains
+ACTIONS = {"new": "new run", "resume": "continues from its checkpoint",
+           "replace": "trains from the start; its old files are removed first",
+           "skip": "already finished with these settings, skipped"}
+
+
 @dataclass
 class PlannedRun:
-    """A run of the sweep, its files, and its finished history when it is to be skipped."""
+    """A run of the sweep, its files, what the plan does with it (one of ACTIONS), and the finished history of a
+    run it skips."""
     config: RunConfig
     files: RunFiles
+    action: str
     finished: dict | None = None
 
 
@@ -110,10 +117,10 @@ class Plan:
             lock.release()
 
 
-def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, resume: bool, overwrite: bool,
-         lock: bool = True) -> Plan:
-    """Decide for every run before anything trains: new, continued, skipped (finished with these settings), or
-    refused with a RunConflict (existing files without --resume/--overwrite, or finished with other settings).
+def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, existing: str, lock: bool = True) -> Plan:
+    """Decide for every run before anything trains what to do with its folder: an action of ACTIONS, or a refusal
+    (RunConflict, ResumeError) that stops the command: existing files unless `existing` is "resume" or
+    "overwrite", or a run that cannot continue with these settings.
     With `lock`, every existing run folder is locked for this process before it is read, so that a run another
     process trains is refused (RunLocked); new runs are locked by Plan.lock_new_runs."""
     if checkpoint is not None and len(configs) > 1:
@@ -124,24 +131,29 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, resum
             files = RunFiles(out_dir / config.run_name, checkpoint)
             if lock and files.run_dir.is_dir():
                 sweep.locks[i] = files.lock()
-            sweep.runs.append(plan_run(config, files, resume, overwrite, lock))
+            sweep.runs.append(plan_run(config, files, existing, lock))
     except BaseException:
         sweep.release()
         raise
     return sweep
 
 
-def plan_run(config: RunConfig, files: RunFiles, resume: bool, overwrite: bool, writes: bool) -> PlannedRun:
+def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) -> PlannedRun:
     """What to do with one run folder (see plan); a process that `writes` repairs what it can."""
-    run = PlannedRun(config, files)
-    if files.exist() and not (resume or overwrite):
+    if not files.exist():
+        return PlannedRun(config, files, "new")
+    if existing == "overwrite":
+        return PlannedRun(config, files, "replace")
+    if existing != "resume":
         raise RunConflict(f"{files.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                           "replace it, or --run_name/--out_dir to keep both")
-    if resume and not overwrite:
-        run.finished = finished_history(config, files, writes)
-        if run.finished is None and files.checkpoint.is_file():
-            check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
-    return run
+    finished = finished_history(config, files, writes)
+    if finished is not None:
+        return PlannedRun(config, files, "skip", finished)
+    if files.checkpoint.is_file():
+        check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
+        return PlannedRun(config, files, "resume")
+    return PlannedRun(config, files, "replace")  # files of a run that saved no epoch: nothing to continue
 
 
 def finished_history(config: RunConfig, files: RunFiles, writes: bool) -> dict | None:
@@ -175,12 +187,11 @@ def restored_config(files: RunFiles, writes: bool) -> RunConfig:
     return saved
 
 
-def run_planned(run: PlannedRun, raw: RawData, resume: bool, progress: bool | None = None, rank: int = 0,
-                world_size: int = 1, tracking: TrackingOptions = TrackingOptions()) -> dict:
-    """Train one planned run (replacing what an --overwrite'd folder held first); return its history."""
-    if not resume and rank == 0 and run.files.exist():
+def run_planned(run: PlannedRun, raw: RawData, runtime: Runtime) -> dict:
+    """Train one planned run (removing the old files of one it replaces first); return its history."""
+    if run.action == "replace" and runtime.writes:
         run.files.remove()
-    return train_run(run.config, raw, run.files, resume, progress, rank, world_size, tracking)
+    return train_run(run.config, raw, run.files, run.action == "resume", runtime)
 
 
 @dataclass
@@ -196,74 +207,82 @@ def cost(config: RunConfig) -> int:
     return config.depth * config.num_epochs
 
 
-def execute(sweep: Plan, raw: RawData, resume: bool, jobs: int = 1,
-            devices: tuple[str, ...] = ("cpu",), threads: int = 1, rank: int = 0,
-            world_size: int = 1, tracking: TrackingOptions = TrackingOptions()) -> SweepResult:
-    """Train the planned runs: in this process one after another, or in `jobs` spawned workers (longest first,
-    worker w on devices[w % len(devices)] with `threads` CPU threads, the data shared with them through shared
-    memory), each tracked as `tracking` asks. A failed run does not stop the others."""
+def execute(sweep: Plan, raw: RawData, runtime: Runtime) -> SweepResult:
+    """Say what the plan does with every run, then train the runs it does not skip: in this process one after
+    another, or in `runtime.jobs` spawned workers (longest first, the data shared with them through shared memory).
+    A failed run does not stop the others."""
     planned = sweep.runs
-    todo = [i for i, run in enumerate(planned) if run.finished is None]
     for run in planned:
-        if run.finished is not None:
-            print(f"{run.config.run_name}: already finished with these settings, skipped", flush=True)
-    histories: dict[int, dict] = {i: run.finished for i, run in enumerate(planned) if run.finished is not None}
-    failures: dict[int, str] = {}
-    if jobs == 1:
-        for i in todo:
-            try:
-                histories[i] = run_planned(planned[i], raw, resume, None, rank, world_size, tracking)
-            except KeyboardInterrupt:
-                run = planned[i]
-                saved = (f"the last finished epoch of {run.config.run_name} is saved in {run.files.checkpoint}"
-                         if run.files.checkpoint.is_file() else f"{run.config.run_name} had finished no epoch")
-                raise KeyboardInterrupt(f"{saved}; run the same command with --resume to continue") from None
-            except Exception as e:  # noqa: BLE001 -- one run's failure is reported; the sweep goes on
-                failures[i] = report_failure(planned[i], e, announce=len(planned) > 1)
+        print(f"{run.config.run_name}: {ACTIONS[run.action]}", flush=True)
+    todo = [i for i, run in enumerate(planned) if run.action != "skip"]
+    histories = {i: run.finished for i, run in enumerate(planned) if run.action == "skip"}
+    if runtime.jobs == 1:
+        trained, failures = run_here(planned, todo, raw, runtime)
     elif todo:
         sweep.release()  # each worker locks the run it trains
-        histories.update(run_in_workers(planned, todo, raw, resume, jobs, devices, threads, failures, tracking))
+        trained, failures = run_in_workers(planned, todo, raw, runtime)
+    else:
+        trained, failures = {}, {}
+    histories.update(trained)
     return SweepResult([(planned[i].config, histories[i]) for i in sorted(histories)],
                        [(planned[i].config.run_name, failures[i]) for i in sorted(failures)])
 
 
+def run_here(planned: list[PlannedRun], todo: list[int], raw: RawData,
+             runtime: Runtime) -> tuple[dict[int, dict], dict[int, str]]:
+    """Train runs `todo` in this process, one after another; return the histories of those that finished and the
+    error line of those that failed, by run index."""
+    histories: dict[int, dict] = {}
+    failures: dict[int, str] = {}
+    for i in todo:
+        run = planned[i]
+        try:
+            histories[i] = run_planned(run, raw, runtime)
+        except KeyboardInterrupt:
+            saved = (f"the last finished epoch of {run.config.run_name} is saved in {run.files.checkpoint}"
+                     if run.files.checkpoint.is_file() else f"{run.config.run_name} had finished no epoch")
+            raise KeyboardInterrupt(f"{saved}; run the same command with --resume to continue") from None
+        except Exception as e:  # noqa: BLE001 -- one run's failure is reported; the sweep goes on
+            failures[i] = report_failure(run, e, announce=len(planned) > 1)
+    return histories, failures
+
+
 def report_failure(run: PlannedRun, error: Exception, announce: bool = True) -> str:
     """Print a traceback for what is not one of our own errors and, when `announce` (a sweep goes on with other
-    runs), one line saying the run failed; return that line."""
+    runs), one line saying the run failed, on every rank; return that line."""
     if not isinstance(error, (ArithmeticError, ValueError, OSError, CLIError)):
         traceback.print_exception(error)
     line = first_line(error)
     if announce:
-        print(f"{run.config.run_name}: failed: {line}", file=sys.stderr, flush=True)
+        print(f"{run.config.run_name}: failed: {line}", file=sys.stderr, flush=True, force=True)
     return line
 
 
-def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, resume: bool, jobs: int,
-                   devices: tuple[str, ...], threads: int, failures: dict[int, str],
-                   tracking: TrackingOptions) -> dict[int, dict]:
-    """Train runs `todo` in `jobs` spawned worker processes; Ctrl-C or SIGTERM stops every worker after its
-    last checkpoint. Return the histories of the runs that finished, recording failures in `failures`."""
+def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData,
+                   runtime: Runtime) -> tuple[dict[int, dict], dict[int, str]]:
+    """Train runs `todo` in `runtime.jobs` spawned worker processes, worker w on device w of `runtime.devices`
+    (round robin); Ctrl-C or SIGTERM stops every worker after its last checkpoint. Return the histories of the runs
+    that finished and the error line of those that failed, by run index."""
     context = torch.multiprocessing.get_context("spawn")
     tasks, results = context.Queue(), context.Queue()
     for i in sorted(todo, key=lambda i: -cost(planned[i].config)):
         tasks.put(i)
     workers = [context.Process(target=worker, daemon=True,
-                               args=(planned, raw, resume, devices[w % len(devices)], threads, tasks, results,
-                                     tracking))
-               for w in range(min(jobs, len(todo)))]
-    for process in workers:
-        tasks.put(None)
-        process.start()
+                               args=(planned, raw, replace(runtime, devices=(runtime.devices[w % len(runtime.devices)],),
+                                                           progress=False), tasks, results))
+               for w in range(min(runtime.jobs, len(todo)))]
     histories: dict[int, dict] = {}
+    failures: dict[int, str] = {}
     bar = tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True)
     try:
+        start_quietly(workers, tasks)
         while len(histories) + len(failures) < len(todo):
             try:
                 i, history, error = results.get(timeout=1.0)
             except queue.Empty:
                 if not any(p.is_alive() for p in workers):
-                    for i in set(todo) - histories.keys() - failures.keys():
-                        failures[i] = "its worker process died"
+                    failures.update(dict.fromkeys(set(todo) - histories.keys() - failures.keys(),
+                                                  "its worker process died"))
                 continue
             if error is None:
                 histories[i] = history
@@ -275,27 +294,48 @@ def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, res
             if process.is_alive():
                 os.kill(process.pid, signal.SIGINT)
         for process in workers:
-            process.join(timeout=60)
+            if process.pid is not None:
+                process.join(timeout=60)
         raise KeyboardInterrupt("every run keeps its last finished epoch; run the same command with --resume to "
                                 "continue") from None
     finally:
         bar.close()
     for process in workers:
         process.join()
-    return histories
+    return histories, failures
 
 
-def worker(planned: list[PlannedRun], raw: RawData, resume: bool, device: str, threads: int, tasks,
-           results, tracking: TrackingOptions) -> None:
-    """A worker process: take run indices from `tasks` until None, train each, and put (index, history, error)."""
+def start_quietly(workers: list, tasks) -> None:
+    """Start the worker processes with Ctrl-C blocked in them: one that arrives while a worker still imports torch
+    waits until worker() can stop cleanly, instead of printing the import's traceback. Here it is held back until
+    every worker has started (a start cut short leaves a worker without its instructions)."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # what the workers inherit
+    try:
+        for process in workers:
+            tasks.put(None)
+            process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def worker(planned: list[PlannedRun], raw: RawData, runtime: Runtime, tasks, results) -> None:
+    """A worker process on runtime.devices[0]: take run indices from `tasks` until None, train each under its
+    run folder's lock, and put (index, history, error line)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        torch.set_num_threads(threads)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by start_quietly
+        setup_for_distributed(True)
+        torch.set_num_threads(runtime.threads)
         while (i := tasks.get()) is not None:
-            run = replace(planned[i], config=replace(planned[i].config, device=device))
+            run = replace(planned[i], config=replace(planned[i].config, device=runtime.devices[0]))
             try:
                 with run.files.lock():
-                    results.put((i, run_planned(run, raw, resume, progress=False, tracking=tracking), None))
+                    results.put((i, run_planned(run, raw, runtime), None))
             except Exception as e:  # noqa: BLE001 -- reported to the sweep, which goes on
                 results.put((i, None, report_failure(run, e)))
     except KeyboardInterrupt:

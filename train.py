@@ -136,6 +136,25 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
                     partial(augment, info=info) if config.augment else None, rank, world_size)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """How runs are executed, whatever they compute: this process's torchrun rank and world size, the sweep's
+    --jobs worker processes and the devices they take in turn, CPU threads per process, the trackers, and the
+    progress bar (None: shown when stderr is a terminal, on rank 0)."""
+    rank: int = 0
+    world_size: int = 1
+    jobs: int = 1
+    devices: tuple[str, ...] = ("cpu",)
+    threads: int = 1
+    tracking: TrackingOptions = TrackingOptions()
+    progress: bool | None = None
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run folder and tracks: rank 0 (torchvision's save_on_master)."""
+        return self.rank == 0
+
+
 @dataclass
 class EpochResult:
     """What one epoch of training produced: mean loss over samples and the logged gradient norms."""
@@ -221,14 +240,13 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, amp: bool =
     return total_loss.item() / len(split), correct.item() / len(split)
 
 
-def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, progress: bool | None = None,
-              rank: int = 0, world_size: int = 1, tracking: TrackingOptions = TrackingOptions()) -> dict:
+def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, runtime: Runtime = Runtime()) -> dict:
     """Train one run, checkpointing every epoch (continuing its checkpoint when `resume`) and logging each
-    checkpointed epoch to the trackers of `tracking`; return its history with the test result. Under torchrun every
+    checkpointed epoch to the trackers of `runtime`; return its history with the test result. Under torchrun every
     rank trains and only rank 0 writes and tracks."""
-    run = prepare_run(config, raw, rank, world_size)
+    run = prepare_run(config, raw, runtime.rank, runtime.world_size)
     names = list(logged_weights(run.model))
-    writes = rank == 0
+    writes = runtime.writes
     history: dict = {"epochs": []}
     wandb_run_id = None
     if resume and files.checkpoint.is_file():
@@ -240,10 +258,10 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
         files.start_grad_norms(names)
     if writes:
         files.write_config(config)
-    trackers = start_trackers(tracking if writes else TrackingOptions(), config.run_name, files.run_dir,
+    trackers = start_trackers(runtime.tracking if writes else TrackingOptions(), config.run_name, files.run_dir,
                               config.to_dict(), run_id=wandb_run_id)
     wandb_run_id = trackers.run_id or wandb_run_id
-    progress = sys.stderr.isatty() and writes if progress is None else progress
+    progress = sys.stderr.isatty() and writes if runtime.progress is None else runtime.progress
     try:
         for epoch in range(len(history["epochs"]) + 1, config.num_epochs + 1):
             result = train_epoch(run, epoch, history, files, progress)

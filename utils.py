@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
 import random
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+BUILTIN_PRINT = builtins.print
 
 
 class CLIError(Exception):
@@ -146,19 +149,24 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent) + "\n"))
 
 
+def setup_for_distributed(is_master: bool) -> None:
+    """Print only on the master process (torchrun's rank 0) unless called with print(..., force=True), as
+    torchvision's references do; on the master every print goes through."""
+    def print(*args, force: bool = False, **kwargs) -> None:
+        if is_master or force:
+            BUILTIN_PRINT(*args, **kwargs)
+    builtins.print = print
+
+
 def init_distributed(device: str) -> tuple[int, int, str]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on the
-    CPU. Return (rank, world size, this rank's device); printing is silenced off rank 0."""
-    import builtins
-
+    CPU. Return (rank, world size, this rank's device)."""
     import torch.distributed as dist
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
-    if rank != 0:
-        builtins.print = lambda *args, **kwargs: None
     return rank, world_size, f"cuda:{local_rank}" if cuda else "cpu"
 
 

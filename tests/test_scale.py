@@ -2,10 +2,12 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +72,27 @@ def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path)
 
 def histories_or_partial(out_dir) -> list[dict]:
     return [json.loads(p.read_text()) for p in out_dir.glob("*/history.json")]
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """The --jobs worker processes among a process's children (multiprocessing's spawn start method)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
+
+
+def test_ctrl_c_while_jobs_workers_start_is_one_line(mnist_root, tmp_path):
+    """Ctrl-C reaches the whole process group, the workers too, while they are still importing torch."""
+    command = [sys.executable, str(ROOT / "pipeline.py"),
+               *flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", "--num_epochs", "3", "--jobs", "2")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(spawned_workers(process.pid)) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err and "Error" not in err, err
+    assert "--resume" in err.strip().splitlines()[-1]
 
 
 def test_a_failed_run_does_not_stop_the_others(mnist_root, tmp_path, capsys):

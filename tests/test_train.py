@@ -13,7 +13,7 @@ from conftest import image_of_step, run_config
 from data import Split, batch_indices, load_dataset
 from models import MLP, ResNet, build_model
 from runs import RunFiles
-from train import (FINITE_CHECK_EVERY, NonFiniteLoss, build_optimizer, build_scheduler, cpu_threads,
+from train import (FINITE_CHECK_EVERY, NonFiniteLoss, Runtime, build_optimizer, build_scheduler, cpu_threads,
                    evaluate, logged_weights, prepare_run, train_one_epoch, train_run, uses_channels_last)
 
 TINY_CNN = ("--model_name", "ResNet", "--dataset", "CIFAR10", "--val_size", "100", "--limit_train", "64",
@@ -132,7 +132,7 @@ def test_non_finite_validation_loss_stops_before_the_checkpoint(mnist, tmp_path,
     files = RunFiles(tmp_path / "run")
     config = run_config("--val_size", "100", "--width", "8", "--num_hidden_layers", "1", "--num_epochs", "2")
     with pytest.raises(NonFiniteLoss, match=r"validation loss after epoch 1 became nan at step 4"):
-        train_run(config, mnist, files, resume=False, progress=False)
+        train_run(config, mnist, files, resume=False, runtime=Runtime(progress=False))
     assert not files.checkpoint.exists() and not files.history.exists()
 
 
