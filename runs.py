@@ -17,7 +17,7 @@ from torch import nn
 
 from config import RunConfig
 from models import build_model
-from utils import atomic_write, first_line, rng_state, set_rng_state, write_json
+from utils import atomic_write, first_line, reporting_full_disk, rng_state, set_rng_state, write_json
 
 if TYPE_CHECKING:
     from train import RunSetup
@@ -52,8 +52,11 @@ class RunLock:
             os.close(self.fd)
             raise RunLocked(f"{run_dir} is being trained by process {holder}; wait for it to finish or stop it "
                             "(it keeps its last finished epoch)") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same; a refused process names no pid
+            pass
 
     def release(self) -> None:
         """Drop the lock (the lock file stays: deleting it would let two processes lock two different files)."""
@@ -137,7 +140,7 @@ class RunFiles:
         rows = np.column_stack([np.asarray(steps, dtype=np.float64), norms.double().numpy()])
         text = io.StringIO()
         np.savetxt(text, rows, fmt=["%d"] + ["%.9g"] * norms.shape[1], delimiter=",")
-        with self.grad_norms.open("a") as f:
+        with reporting_full_disk(self.grad_norms), self.grad_norms.open("a") as f:
             f.write(text.getvalue())
 
     def heal_grad_norms(self, names: list[str], steps_done: int) -> None:

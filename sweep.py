@@ -267,10 +267,10 @@ def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData,
     tasks, results = context.Queue(), context.Queue()
     for i in sorted(todo, key=lambda i: -cost(planned[i].config)):
         tasks.put(i)
-    workers = [context.Process(target=worker, daemon=True,
-                               args=(planned, raw, replace(runtime, devices=(runtime.devices[w % len(runtime.devices)],),
-                                                           progress=False), tasks, results))
-               for w in range(min(runtime.jobs, len(todo)))]
+    devices = runtime.devices
+    runtimes = [replace(runtime, devices=(devices[w % len(devices)],), progress=False)
+                for w in range(min(runtime.jobs, len(todo)))]
+    workers = [context.Process(target=worker, args=(planned, raw, r, tasks, results), daemon=True) for r in runtimes]
     histories: dict[int, dict] = {}
     failures: dict[int, str] = {}
     bar = tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True)

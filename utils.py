@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
+import errno
 import json
 import os
 import random
@@ -26,6 +28,13 @@ class CLIError(Exception):
 class UsageError(CLIError):
     """Bad input from the user: exit status 2."""
     exit_status = 2
+
+
+class NoSpaceError(OSError):
+    """The disk filled up while a file was written; the file keeps what it held before."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(f"no space left on {path}")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -60,6 +69,9 @@ def run_cli(main: Callable, args) -> None:
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
+    except NoSpaceError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as e:
         print(f"\n{prog}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
@@ -127,14 +139,28 @@ def check_writable(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
+@contextlib.contextmanager
+def reporting_full_disk(path: str | Path):
+    """Turn a full disk (ENOSPC, however deep in a writer it surfaced) into a NoSpaceError naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not isinstance(e, NoSpaceError):
+            raise NoSpaceError(path) from None
+        raise
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file next to `path`, then move it into place in one step."""
+    """Call `write(tmp)` on a temporary file next to `path`, then move it into place in one step; a full disk is
+    a NoSpaceError and leaves `path` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with reporting_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(Path(tmp))
+        with reporting_full_disk(path):
+            write(Path(tmp))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the mode a plain open() would

@@ -210,21 +210,6 @@ def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp
     assert_same_run(tmp_path / "straight" / RUN, tmp_path / "cut" / RUN)
 
 
-def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
-    path = RunFiles(tmp_path).checkpoint
-    save_checkpoint(path, {"model": {}, "config": {"old": True}})
-    before = path.read_bytes()
-
-    def crash(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("No space left on device")
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        save_checkpoint(path, {"model": {}, "config": {"old": False}})
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys, monkeypatch):
     real_train_one_epoch = train.train_one_epoch
 
@@ -492,3 +477,53 @@ def test_temporary_files_of_a_killed_writer_are_removed_when_the_run_is_opened(m
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
     assert not any(path.exists() for path in leftovers)
     assert (tmp_path / RUN / ".notes.txt.mine.tmp").read_text() == "not the run's"
+
+
+def in_small_tmpfs(folder, script: str) -> subprocess.CompletedProcess:
+    """Run a bash script with a fresh 4 MiB tmpfs mounted at `folder`, in a user and mount namespace of its own (no
+    privilege needed; the mount ends with the script): a real file system that really fills up. $P is python."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs unshare and unprivileged user namespaces")
+    folder.mkdir()
+    mount = f'mount -t tmpfs -o size=4m tmpfs "{folder}"'
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", f"{mount} && {script}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, P=sys.executable))
+
+
+def fill_but(folder, kib: int) -> str:
+    """The bash commands that fill the file system of `folder`, then free `kib` KiB of it."""
+    return f'(head -c 8M /dev/zero > "{folder}/filler" 2>/dev/null; truncate -s -{kib}K "{folder}/filler")'
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(mnist_root, tmp_path,
+                                                                                 straight_run):
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    args = " ".join(args_for(mnist_root, disk / "runs"))
+    result = in_small_tmpfs(disk, f'$P pipeline.py {args} --num_epochs 1 > /dev/null && {fill_but(disk, 64)} && '
+                                  f'$P pipeline.py {args} --num_epochs 3 --resume > /dev/null; echo "rc=$?"; '
+                                  f'cp -a "{disk}/runs" "{kept}"; rm "{disk}/filler"; '
+                                  f'$P pipeline.py {args} --num_epochs 3 --resume > /dev/null && '
+                                  f'cp -a "{disk}/runs" "{tmp_path}/after"')
+    assert "rc=1" in result.stdout, result.stderr
+    line = f"pipeline.py: error: {RUN} failed: no space left on {RunFiles(disk / 'runs' / RUN).checkpoint}"
+    assert result.stderr.splitlines()[0] == line, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert load_checkpoint(RunFiles(kept / RUN).checkpoint)["epoch"] == 1
+    assert len(json.loads((kept / RUN / "history.json").read_text())["epochs"]) == 1
+    assert not [p for p in (kept / RUN).iterdir() if p.name.endswith(".tmp")]
+    assert_same_run(straight_run, tmp_path / "after" / RUN)  # with space again, the resume is exact
+
+
+def test_a_full_disk_while_drawing_figures_is_one_line_and_keeps_the_old_ones(mnist_root, tmp_path):
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    args = " ".join(args_for(mnist_root, disk / "runs", "--num_epochs", "1"))
+    result = in_small_tmpfs(disk, f'$P pipeline.py {args} > /dev/null && cp -a "{disk}/runs" "{tmp_path}/before" && '
+                                  f'{fill_but(disk, 8)} && $P pipeline.py {args} --resume > /dev/null; '
+                                  f'echo "rc=$?"; cp -a "{disk}/runs" "{kept}"')
+    assert "rc=2" in result.stdout, result.stderr
+    figure = disk / "runs" / "plots" / "mlp_training_loss.png"
+    assert result.stderr.strip() == f"pipeline.py: error: no space left on {figure}"
+    for figure in (tmp_path / "before" / "plots").iterdir():
+        assert (kept / "plots" / figure.name).read_bytes() == figure.read_bytes()
+    assert not [p for p in (kept / "plots").iterdir() if p.name.endswith(".tmp")]
