@@ -470,7 +470,8 @@ def test_a_garbage_config_beside_a_finished_run_without_a_checkpoint_is_never_ad
 def test_temporary_files_of_a_killed_writer_are_removed_when_the_run_is_opened(mnist_root, tmp_path,
                                                                               finished_run):
     shutil.copytree(finished_run, tmp_path / RUN)
-    leftovers = [tmp_path / RUN / ".checkpoint.pt.k2j4x.tmp", tmp_path / RUN / ".history.json.a8c1.tmp"]
+    files = RunFiles(tmp_path / RUN)
+    leftovers = [files.run_dir / f".{files.checkpoint.name}.k2j4x.tmp", files.run_dir / f".{files.history.name}.a8.tmp"]
     for path in leftovers:
         path.write_bytes(b"half a file")
     (tmp_path / RUN / ".notes.txt.mine.tmp").write_text("not the run's")
