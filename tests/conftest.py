@@ -1,6 +1,7 @@
 """Tiny MNIST and CIFAR-10 written in their official on-disk formats, so the real loading code runs offline."""
 from __future__ import annotations
 
+import copy
 import pickle
 import struct
 import sys
@@ -22,14 +23,21 @@ def run_config(*flags: str):
     return pipeline.run_configs(args, torch.device("cpu"))[0]
 
 
+def replay(loader):
+    """A copy of a TrainLoader over the same tensors whose order continues from where `loader` stands, to replay
+    its batches without advancing it."""
+    order = copy.copy(loader)
+    order.generator = torch.Generator()
+    order.load_state_dict(loader.state_dict())
+    return order
+
+
 def image_of_step(run, step: int) -> int:
-    """The first training image of the batch that a run's data order puts at `step` steps from now (over epochs;
-    a run without --augment, whose crops draw from the same generator)."""
-    from data import batch_indices
-    order = torch.Generator()
-    order.set_state(run.generator.get_state())
+    """The first training image of the batch that a run's loader puts at `step` steps from now (over epochs; a run
+    without --augment, whose crops draw from the same generator)."""
+    order = replay(run.train)
     while True:
-        batches = batch_indices(len(run.train), run.config.batch_size, order)
+        batches = order.epoch_indices()
         if step < len(batches):
             return batches[step][0].item()
         step -= len(batches)

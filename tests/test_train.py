@@ -1,6 +1,7 @@
 """The training loop and its setup: gradient-norm log, full validation count, determinism, divergence, optimizer,
 schedules, threads and memory format."""
 import copy
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -9,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import image_of_step, run_config
-from data import Split, batch_indices, load_dataset
+from conftest import image_of_step, replay, run_config
+from data import Split, TrainLoader, load_dataset
 from models import MLP, ResNet, build_model
 from train import (FINITE_CHECK_EVERY, NonFiniteLoss, RunFiles, build_optimizer, build_scheduler, cpu_threads,
                    evaluate, logged_weights, prepare_run, train_one_epoch, train_run, uses_channels_last)
@@ -39,24 +40,17 @@ def random_split(n: int, shape=(1, 28, 28), seed: int = 0) -> Split:
     return Split(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
-def data_order(run: train.RunSetup) -> torch.Generator:
-    """A copy of the run's data-order generator, to replay its batches."""
-    generator = torch.Generator()
-    generator.set_state(run.generator.get_state())
-    return generator
-
-
 def test_grad_norms_equal_a_direct_computation(mnist):
     run = mlp_run(mnist, "--num_hidden_layers", "4", "--residual_step", "2", "--lr", "1e-3", "--limit_train", "200",
                   "--batch_size", "64")
     reference = copy.deepcopy(run.model)
     ref_optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
-    order = data_order(run)
+    order = replay(run.train)
     result = train_one_epoch(run, 1, 0)
     expected = []
-    for index in batch_indices(200, 64, order):
+    for images, labels in order:
         ref_optimizer.zero_grad()
-        loss = F.cross_entropy(reference(run.train.images[index]), run.train.labels[index])
+        loss = F.cross_entropy(reference(images), labels)
         loss.backward()
         expected.append([p.grad.norm().item() for p in logged_weights(reference).values()])
         ref_optimizer.step()
@@ -138,9 +132,9 @@ def test_non_finite_validation_loss_stops_before_the_checkpoint(mnist, tmp_path,
 def plain_steps(model, optimizer, split: Split, steps: int) -> list[float]:
     """The textbook loop: zero, forward, backward, step."""
     losses = []
-    for index in batch_indices(len(split), 32, torch.Generator().manual_seed(0))[:steps]:
+    for images, labels in itertools.islice(TrainLoader(split, 32, seed=0), steps):
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(split.images[index]), split.labels[index])
+        loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
