@@ -50,9 +50,7 @@ from utils import ArgumentParser, UsageError, resolve_device, run_cli, seed_ever
 BATCH_SIZE = 128
 MLP_FLAGS = ["--model_name", "MLP", "--dataset", "MNIST", "--width", "16", "--num_hidden_layers", "22",
              "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
-RESNET20_FLAGS = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--num_levels", "3", "--out_channels", "16",
-                  "--num_conv_per_level", "6", "--residual_step", "2", "--stem", "cifar", "--augment",
-                  "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
+RESNET20_FLAGS = ["--preset", "resnet20", "--augment", "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
 # Exercise 1 as the README runs it: 9 depths x plain/residual x 5 seeds = 90 runs of 10 epochs
 EXERCISE1_DEPTHS = (2, 6, 10, 14, 18, 22, 26, 30, 34)
 EXERCISE1_RESIDUAL_STEPS = (0, 2)

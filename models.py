@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import RunConfig
+from config import SHORTCUTS, RunConfig
 from utils import CheckpointError, first_line
 
 
@@ -63,9 +63,6 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int =
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False),
         nn.BatchNorm2d(out_channels))
-
-
-SHORTCUTS = ("identity", "projection")
 
 
 class PaddedIdentity(nn.Module):
