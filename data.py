@@ -91,7 +91,19 @@ def read_cifar10_batches(folder: Path, files: tuple[str, ...]) -> tuple[torch.Te
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"cannot read CIFAR-10 batch {folder / name} ({first_line(e)}); delete the folder "
                              "and run again with --download to fetch a fresh copy") from None
+        check_labels(torch.from_numpy(images[-1]), torch.from_numpy(labels[-1]), DATASETS["CIFAR10"], folder / name)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def check_labels(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, source: Path) -> None:
+    """One label per image, each a class of the dataset, or a DatasetError naming the file."""
+    redo = "; delete it and run again with --download to fetch a fresh copy"
+    if len(labels) != len(images):
+        raise DatasetError(f"{source}: {len(images)} images but {len(labels)} labels{redo}")
+    outside = labels[(labels < 0) | (labels >= len(info.classes))]
+    if len(outside):
+        raise DatasetError(f"{source}: labels must be classes 0..{len(info.classes) - 1}, found {outside[0].item()}"
+                           f"{redo}")
 
 
 def load_cifar10(root: Path, download: bool) -> RawData:
@@ -124,6 +136,9 @@ def read_idx(path: Path) -> torch.Tensor:
     if len(data) < 4 or data[:3] != b"\0\0\x08":
         raise DatasetError(f"{path} is not an IDX file of unsigned bytes; delete it and run again with --download")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path} is truncated inside its header ({len(data)} bytes); delete it and run again with "
+                           "--download")
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -150,6 +165,8 @@ def load_mnist(root: Path, download: bool) -> RawData:
             raise DatasetError(f"{hint}, and the download failed ({first_line(e)}); "
                              f"copy the four files there by hand") from None
     train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
+    for images, labels, path in ((train_images, train_labels, paths[1]), (test_images, test_labels, paths[3])):
+        check_labels(images, labels, DATASETS["MNIST"], path)
     return RawData(train_images.unsqueeze(1), train_labels.long(), test_images.unsqueeze(1), test_labels.long())
 
 

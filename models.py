@@ -170,11 +170,17 @@ def build_model(config: RunConfig) -> nn.Module:
 
 
 def load_model(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
-    """The config of a loaded checkpoint and its model with the saved weights; a mismatch is a CheckpointError."""
+    """The config of a loaded checkpoint and its model with the saved weights; a config that is not a possible run
+    (an unknown dataset, shapes that are not the dataset's) or weights that do not fit it are a CheckpointError."""
     try:
         config = RunConfig.from_dict(checkpoint["config"])
         model = build_model(config)
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as e:  # torch's first line only says that there are errors; the next names one
+        detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [first_line(e)]
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the {config.model_name} its config "
+                              f"describes ({detail[0][:200]})") from None
     return config, model
