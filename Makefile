@@ -6,7 +6,7 @@ DATA_ROOT ?= data
 JOBS ?= $(shell nproc)
 RUNS := runs/reproduce
 
-.PHONY: install test demo bench clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3
+.PHONY: install test fuzz demo bench clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: requirements.txt
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Every case of the command-line fuzz (make test runs a seeded subset of it).
+fuzz: install
+	$(PY) -m pytest -q tests/test_fuzz.py --fuzz
 
 # A short real experiment: plain vs residual MLPs of three depths on MNIST (about 20 s on 2 CPU cores).
 demo: install

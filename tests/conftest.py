@@ -16,6 +16,24 @@ sys.path.insert(0, str(ROOT))
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", action="store_true", help="run every case of tests/test_fuzz.py, not only its subset")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fuzz: a fuzz case beyond the seeded subset; runs with --fuzz (make fuzz)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --fuzz, leave out the fuzz cases beyond the seeded subset."""
+    if config.getoption("--fuzz"):
+        return
+    left_out = [item for item in items if item.get_closest_marker("fuzz")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("fuzz")]
+
+
 def run_config(*flags: str):
     """The first RunConfig pipeline.py plans from these flags, on the CPU (the real flag-to-config path)."""
     import pipeline
