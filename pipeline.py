@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALING, TRACKING,
-                    FOLDER_NAME, RunConfig, folder_name, value_type)
+from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALING, TRACKING, RunConfig,
+                    value_type)
 from data import DATASETS, DatasetError, check_split_sizes, load_dataset, to_split
 from models import load_model
 from plots import plot_sweep
@@ -90,25 +90,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad values of the command's own flags before anything is loaded or written (RunConfig checks the run
-    settings)."""
+    """Reject bad values of the command's own flags before anything is read or written (RunConfig checks the rest)."""
     world, cores, project = distributed_world(), os.cpu_count() or 1, args.wandb_proj_name
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     rules = [
         (args.jobs >= 1, f"--jobs must be a positive integer, got {args.jobs}"),
-        (args.jobs == 1 or world == 1, "--jobs runs a sweep in worker processes and torchrun spreads one run over "
-         "processes; use one of them"),
-        (not args.sync_bn or world > 1, "--sync_bn synchronises batch norm across torchrun's processes; start with "
-         "torchrun"),
-        (not args.sync_bn or cuda, "--sync_bn needs CUDA: torch's SyncBatchNorm does not run on the CPU"),
+        (args.jobs == 1 or world == 1, "--jobs runs a sweep in worker processes, torchrun one run in several; use one"),
+        (not args.sync_bn or (world > 1 and cuda), "--sync_bn synchronises batch norm across torchrun's processes on "
+         "CUDA (torch's SyncBatchNorm does not run on the CPU); start with torchrun on CUDA"),
         (world == 1 or args.batch_size % world == 0, f"--batch_size {args.batch_size} must be a multiple of "
          f"torchrun's {world} processes: each trains on an equal share of every batch"),
         (args.threads <= MAX_THREADS_PER_CORE * cores, f"--threads {args.threads} is more than "
          f"{MAX_THREADS_PER_CORE} per core of this machine's {cores}"),
         (args.wandb == "disabled" or 0 < len(project) <= 128 and not any(c in project for c in "/\\#?%:"),
          f"--wandb_proj_name {project!r} is not a W&B project name (1 to 128 characters, none of / \\ # ? % :)"),
-        (args.run_name is None or folder_name(args.run_name), f"--run_name {args.run_name!r} must be "
-         f"{FOLDER_NAME}"),
         (args.checkpoint is None or args.resume or args.overwrite or not Path(args.checkpoint).exists(),
          f"--checkpoint {args.checkpoint} already exists; pass --resume to continue its run or --overwrite to "
          "replace it"),
@@ -116,9 +111,8 @@ def check_args(args: argparse.Namespace) -> None:
     for ok, problem in rules:
         if not ok:
             raise UsageError(problem)
-    for flag in ("out_dir", "plots_dir"):
-        if getattr(args, flag) is not None:
-            check_writable(Path(getattr(args, flag)), f"--{flag}")
+    check_writable(Path(args.out_dir), "--out_dir")
+    check_writable(Path(args.out_dir if args.plots_dir is None else args.plots_dir), "--plots_dir")
 
 
 def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfig]:
