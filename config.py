@@ -29,6 +29,7 @@ class Check:
 
 
 def integer(low: int, high: int) -> Check:
+    """An integer in [low, high]."""
     return Check(lambda v: low <= v <= high, f"an integer from {low} to {high:,}")
 
 
@@ -128,7 +129,7 @@ class RunConfig:
     amp: bool = setting(False, "bfloat16 autocast", SCALING)
     grad_log_every: int = setting(1, "log gradient norms every N steps (0 = never)", TRACKING,
                                   check=integer(0, 2 ** 62))
-    run_name: str | None = None  # the run folder's name (default: from the settings, default_run_name)
+    run_name: str | None = None  # the run folder's name (None: default_run_name(); replace() keeps the old one)
 
     RESUMABLE_CHANGES = ("device", "threads")
     DERIVED = ("depth", "num_params")  # written with the fields (config.json, checkpoints), computed on reading
@@ -204,6 +205,7 @@ class RunConfig:
 
     @property
     def num_params(self) -> int:
+        """Trainable parameters of the model."""
         return self.network_size[1]
 
     def default_run_name(self) -> str:
