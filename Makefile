@@ -6,7 +6,7 @@ DATA_ROOT ?= data
 JOBS ?= $(shell nproc)
 RUNS := runs/reproduce
 
-.PHONY: install test demo bench clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3
+.PHONY: install test fuzz demo bench clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: requirements.txt
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Every case of the command-line fuzz (make test runs a seeded subset of it).
+fuzz: install
+	$(PY) -m pytest -q tests/test_fuzz.py --fuzz
 
 # A short real experiment: plain vs residual MLPs of three depths on MNIST (about 20 s on 2 CPU cores).
 demo: install
@@ -41,10 +45,7 @@ reproduce-ex1: install
 # 10 epochs of one-cycle SGD (about an hour a seed on 2 CPU cores). OpenMP threads that wait sleep instead of spinning: beside one busy process an
 # epoch took 9.2 s instead of 13.1 s; on a quiet machine it costs 13% (README, Performance).
 reproduce-ex2: install
-	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --model_name ResNet --dataset CIFAR10 --data_root $(DATA_ROOT) --out_channels 16 --num_levels 3 \
-		--num_conv_per_level 2 6 12 --residual_step 0 2 --seed 0 1 2 --augment --optimizer sgd --lr 0.2 --momentum 0.9 \
-		--nesterov --weight_decay 5e-4 --label_smoothing 0.1 --lr_schedule onecycle --batch_size 128 \
-		--num_epochs 10 --out_dir $(RUNS)/ex2 --resume
+	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --preset exercise2 --data_root $(DATA_ROOT) --out_dir $(RUNS)/ex2 --resume
 	cp $(addprefix $(RUNS)/ex2/plots/,Conv_train_loss.png Conv_val_accuracy.png Conv_gradients_d38.png) img_show/
 	$(PY) report.py --ex2 $(RUNS)/ex2
 

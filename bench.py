@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import math
 import os
@@ -39,7 +40,7 @@ from torchvision import transforms
 import pipeline
 from cam import class_activation_maps
 from config import RunConfig
-from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, batch_indices,
+from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, TrainLoader,
                   load_dataset, normalize, num_batches, read_cifar10_batches)
 from models import build_model
 from train import (RunSetup, cpu_threads, evaluate, logged_weights, prepare_run, train_one_epoch,
@@ -49,9 +50,7 @@ from utils import ArgumentParser, UsageError, resolve_device, run_cli, seed_ever
 BATCH_SIZE = 128
 MLP_FLAGS = ["--model_name", "MLP", "--dataset", "MNIST", "--width", "16", "--num_hidden_layers", "22",
              "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
-RESNET20_FLAGS = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--num_levels", "3", "--out_channels", "16",
-                  "--num_conv_per_level", "6", "--residual_step", "2", "--stem", "cifar", "--augment",
-                  "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
+RESNET20_FLAGS = ["--preset", "resnet20", "--augment", "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
 # Exercise 1 as the README runs it: 9 depths x plain/residual x 5 seeds = 90 runs of 10 epochs
 EXERCISE1_DEPTHS = (2, 6, 10, 14, 18, 22, 26, 30, 34)
 EXERCISE1_RESIDUAL_STEPS = (0, 2)
@@ -241,7 +240,8 @@ def our_trainer(config: RunConfig, raw: RawData, limit_train: int | None, warmup
     run = prepare_run(replace(config, limit_train=limit_train), raw)
     if contiguous:
         run.model.to(memory_format=torch.contiguous_format)
-        run.train, run.val = (Split(s.images.contiguous(), s.labels) for s in (run.train, run.val))
+        run.train.images = run.train.images.contiguous()
+        run.val = Split(run.val.images.contiguous(), run.val.labels)
     if compile_model:
         run.net = torch.compile(run.model)
     settings = run_settings(config, contiguous)
@@ -250,12 +250,13 @@ def our_trainer(config: RunConfig, raw: RawData, limit_train: int | None, warmup
         with torch_settings(settings["threads"]):
             return train_one_epoch(trained, 1, 0)
 
-    warm = min(warmup_steps * config.batch_size, len(run.train))
-    warmup = replace(run, train=Split(run.train.images[:warm], run.train.labels[:warm]))
+    warm = min(warmup_steps * config.batch_size, len(run.train.labels))
+    warmup = replace(run, train=copy.copy(run.train))  # the same order and augmentation over the first images
+    warmup.train.images, warmup.train.labels = run.train.images[:warm], run.train.labels[:warm]
     seconds = warm_up(lambda: train_epoch(warmup), torch.device(config.device)) if warm else 0.0
     setup = Setup(OURS, **settings, optimizer=optimizer_name(run.optimizer),
                   grad_norms=norm_log(config.grad_log_every), compiled=compile_model)
-    return Contender(setup, run.model, train_epoch, len(run.train), seconds, run)
+    return Contender(setup, run.model, train_epoch, len(run.train.labels), seconds, run)
 
 
 def norm_log(every: int) -> str:
@@ -314,14 +315,10 @@ def loader_batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[t
             yield images.to(device), labels.to(device)
 
 
-def index_batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches gathered by index from a split already on the device, as train_one_epoch gathers them,
-    epoch after epoch."""
-    generator = torch.Generator().manual_seed(seed)
+def resident_batches(loader: TrainLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches our loader serves from tensors already on the device, epoch after epoch."""
     while True:
-        for index in batch_indices(len(split), batch_size, generator):
-            index = index.to(split.images.device)
-            yield split.images[index], split.labels[index]
+        yield from loader
 
 
 def conventional_trainer(config: RunConfig, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], data: str,
@@ -417,7 +414,8 @@ def mlp_contenders(raw: RawData, data_root: str | Path, device: torch.device, si
                                                                sizes.warmup_steps, options.compile_model)}
 
     def conventional(**loop) -> Contender:
-        batches = (index_batches(ours.run.train, config.batch_size, config.seed) if loop["data"] == RESIDENT
+        resident = TrainLoader(Split(ours.run.train.images, ours.run.train.labels), config.batch_size, config.seed)
+        batches = (resident_batches(resident) if loop["data"] == RESIDENT
                    else loader_batches(conventional_mnist_loader(data_root, config.batch_size), device))
         return conventional_trainer(config, batches, steps=sizes.mlp_steps, warmup_steps=sizes.warmup_steps, **loop)
 
@@ -620,7 +618,7 @@ def resnet20_epoch(raw: RawData, device: torch.device, sizes: Sizes, cnn: dict, 
         trainer = our_trainer(config, raw, sizes.limit_train, sizes.warmup_steps)
         seconds = best_seconds({"epoch": lambda: (trainer.train(), validate(trainer, trainer.run.val))}, 1,
                                device)["epoch"]
-        return {"estimated": False, "seconds": seconds, "train_images": len(trainer.run.train),
+        return {"estimated": False, "seconds": seconds, "train_images": len(trainer.run.train.labels),
                 **asdict(trainer.setup)}
     trainer = our_trainer(config, raw, config.batch_size, 0)
     sample = Split(trainer.run.val.images[:sizes.eval_sample], trainer.run.val.labels[:sizes.eval_sample])

@@ -1,8 +1,10 @@
-"""MNIST and CIFAR-10 as tensors: read from disk once, split, normalised once, batched by index."""
+"""MNIST and CIFAR-10 as tensors: read from disk once, split, normalised once, served in a seeded order by a
+TrainLoader."""
 from __future__ import annotations
 
 import codecs
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +91,19 @@ def read_cifar10_batches(folder: Path, files: tuple[str, ...]) -> tuple[torch.Te
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"cannot read CIFAR-10 batch {folder / name} ({first_line(e)}); delete the folder "
                              "and run again with --download to fetch a fresh copy") from None
+        check_labels(torch.from_numpy(images[-1]), torch.from_numpy(labels[-1]), DATASETS["CIFAR10"], folder / name)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def check_labels(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, source: Path) -> None:
+    """One label per image, each a class of the dataset, or a DatasetError naming the file."""
+    redo = "; delete it and run again with --download to fetch a fresh copy"
+    if len(labels) != len(images):
+        raise DatasetError(f"{source}: {len(images)} images but {len(labels)} labels{redo}")
+    outside = labels[(labels < 0) | (labels >= len(info.classes))]
+    if len(outside):
+        raise DatasetError(f"{source}: labels must be classes 0..{len(info.classes) - 1}, found {outside[0].item()}"
+                           f"{redo}")
 
 
 def load_cifar10(root: Path, download: bool) -> RawData:
@@ -122,6 +136,9 @@ def read_idx(path: Path) -> torch.Tensor:
     if len(data) < 4 or data[:3] != b"\0\0\x08":
         raise DatasetError(f"{path} is not an IDX file of unsigned bytes; delete it and run again with --download")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path} is truncated inside its header ({len(data)} bytes); delete it and run again with "
+                           "--download")
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -148,6 +165,8 @@ def load_mnist(root: Path, download: bool) -> RawData:
             raise DatasetError(f"{hint}, and the download failed ({first_line(e)}); "
                              f"copy the four files there by hand") from None
     train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
+    for images, labels, path in ((train_images, train_labels, paths[1]), (test_images, test_labels, paths[3])):
+        check_labels(images, labels, DATASETS["MNIST"], path)
     return RawData(train_images.unsqueeze(1), train_labels.long(), test_images.unsqueeze(1), test_labels.long())
 
 
@@ -202,15 +221,57 @@ def make_splits(raw: RawData, info: DatasetInfo, val_size: int, seed: int, limit
 
 
 def num_batches(n: int, batch_size: int) -> int:
-    """How many batches `batch_indices` makes of `n` images: a last batch of one image is dropped (batch norm
-    cannot train on a single image; it is a different one each epoch)."""
+    """How many batches a TrainLoader makes of `n` images: a last batch of one image is dropped (batch norm cannot
+    train on a single image; it is a different one each epoch)."""
     batches = -(-n // batch_size)
     return batches - 1 if batches > 1 and n % batch_size == 1 else batches
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch's shuffled batches of indices into a split of `n` images."""
-    return list(torch.randperm(n, generator=generator).split(batch_size))[:num_batches(n, batch_size)]
+class TrainLoader:
+    """A training split resident on its device, served in a seeded order: iterating it is one epoch of
+    (images, labels) steps, each batch gathered by index, cropped and flipped as a whole when `augment_info` is given,
+    and, under torchrun, cut to this rank's share (every `world_size`-th image of the global batch). Every rank
+    draws the same global batch: one generator, seeded alike, gives the order and the augmentation."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int, augment_info: DatasetInfo | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.images, self.labels = split.images, split.labels
+        self.batch_size, self.augment_info = batch_size, augment_info
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        """Steps per epoch."""
+        return num_batches(len(self.labels), self.batch_size)
+
+    def batch_sizes(self) -> list[int]:
+        """Each step's global batch size (all ranks together), without drawing from the generator."""
+        sizes = [self.batch_size] * len(self)
+        sizes[-1] = min(self.batch_size, len(self.labels) - (len(self) - 1) * self.batch_size)
+        return sizes
+
+    def epoch_indices(self) -> list[torch.Tensor]:
+        """Draw the next epoch's order: its global batches of indices into the split."""
+        return list(torch.randperm(len(self.labels), generator=self.generator).split(self.batch_size))[:len(self)]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in self.epoch_indices():
+            index = index.to(self.images.device, non_blocking=True)
+            # indexing keeps the split's channels_last layout (index_select would return a contiguous NCHW batch)
+            images, labels = self.images[index], self.labels.index_select(0, index)
+            if self.augment_info is not None:
+                images = augment(images, self.generator, self.augment_info)
+            if self.world_size > 1:
+                images, labels = images[self.rank::self.world_size], labels[self.rank::self.world_size]
+            yield images, labels
+
+    def state_dict(self) -> torch.Tensor:
+        """Where the order stands: the generator's state (the uint8 tensor checkpoints store under rng["data"])."""
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        """Continue the order from a `state_dict()`."""
+        self.generator.set_state(state)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, info: DatasetInfo, padding: int = 4) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import RunConfig
+from config import SHORTCUTS, RunConfig
 
 
 def block_sizes(num_layers: int, residual_step: int) -> list[int]:
@@ -60,9 +60,6 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int =
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False),
         nn.BatchNorm2d(out_channels))
-
-
-SHORTCUTS = ("identity", "projection")
 
 
 class PaddedIdentity(nn.Module):

@@ -7,186 +7,121 @@
 from __future__ import annotations
 
 import argparse
-import itertools
+import os
 from pathlib import Path
 
 import torch
 
-from config import RunConfig
+from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALING, TRACKING, RunConfig,
+                    value_type)
 from data import DATASETS, DatasetError, check_split_sizes, load_dataset, to_split
 from plots import plot_sweep
-from sweep import SWEEP_FLAGS, Plan, RunConflict, execute, expand, plan, with_prefix
+from sweep import Plan, RunConflict, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
 from runs import CheckpointError, ResumeError, RunFiles, RunLocked, load_model
 from train import Runtime, cpu_threads, evaluate
-from utils import (ArgumentParser, CLIError, UsageError, check_writable, distributed_world, init_distributed,
-                   resolve_device, run_cli, setup_for_distributed)
+from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writable, distributed_world,
+                   init_distributed, resolve_device, run_cli, setup_for_distributed)
+
+
+MAX_THREADS_PER_CORE = 4  # --threads beyond this many per core only adds contention (10000 crashed torch)
+SWEEPS = "; several values run every combination"
+
+
+class PipelineParser(ArgumentParser):
+    """pipeline.py's parser: `--preset NAME` fills in that preset's settings first, so that a flag given overrides
+    them wherever it stands on the line."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if namespace is None:
+            preset = ArgumentParser(add_help=False)
+            preset.add_argument("--preset", choices=list(PRESETS))
+            namespace = argparse.Namespace(**PRESETS.get(preset.parse_known_args(args)[0].preset, {}))
+        return super().parse_known_args(args, namespace)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The pipeline's flags; each `--snake_case` flag is also accepted as `--kebab-case`."""
-    parser = ArgumentParser(description="Depth, residual connections and convolutions: train, evaluate, "
-                            "sweep and plot.", add_help=add_help)
-
-    sweep = "; several values run every combination"
-    parser.add("--model_name", choices=["MLP", "ResNet"], default="MLP", help="model family")
-    parser.add("--dataset", choices=list(DATASETS), default="MNIST", help="dataset")
-    parser.add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
-    parser.add("--download", action=argparse.BooleanOptionalAction, default=True,
-               help="download the dataset through torchvision when it is missing")
-    parser.add("--val_size", type=int, default=5000, help="validation images held out of the training set")
-    parser.add("--limit_train", type=int, default=None,
-               help="train on the first N images of the training split only (default: all)")
-    parser.add("--num_epochs", type=int, default=1, help="training epochs")
-    parser.add("--lr", type=float, default=3e-4, help="learning rate")
-    parser.add("--batch_size", type=int, default=128, help="training batch size")
-    parser.add("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer")
-    parser.add("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov momentum (SGD)")
-    parser.add("--weight_decay", type=float, default=0.0, help="weight decay of conv and linear weights (biases and "
-               "batch norm are not decayed)")
-    parser.add("--lr_schedule", choices=["constant", "onecycle", "cosine", "step"], default="constant",
-               help="learning-rate schedule, stepped every batch: onecycle rises from lr/25 to --lr over the "
-                    "warm-up and anneals to lr/25e4; cosine decays to 0; step divides by 10 at 50%% and 75%%")
-    parser.add("--warmup_epochs", type=float, default=None,
-               help="epochs of linear warm-up (default: 30%% of training for onecycle, none otherwise)")
-    parser.add("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
-    parser.add("--augment", action=argparse.BooleanOptionalAction, default=False,
-               help="random 4-pixel-padded crops and horizontal flips (CIFAR-10 only)")
-    parser.add("--num_classes", type=int, default=10, help="output classes")
-    parser.add("--residual_step", type=int, nargs="+", default=[0],
-               help="layers per residual block, 0 = plain (no shortcuts)" + sweep)
-    parser.add("--width", type=int, nargs="+", default=[16], help="MLP hidden width" + sweep)
-    parser.add("--num_hidden_layers", type=int, nargs="+", default=[4], help="MLP hidden layers" + sweep)
-    parser.add("--in_channels", type=int, default=None, help="input channels (default: the dataset's)")
-    parser.add("--input_size", type=int, default=None, help="input height and width (default: the dataset's)")
-    parser.add("--out_channels", type=int, default=64, help="CNN channels of the first level (doubling per level)")
-    parser.add("--num_levels", type=int, default=4, help="CNN levels")
-    parser.add("--num_conv_per_level", type=int, nargs="+", default=[4], help="CNN 3x3 convolutions per level" + sweep)
-    parser.add("--stem", choices=["cifar", "imagenet"], default="cifar",
-               help="CNN stem: cifar = 3x3 conv at full resolution, imagenet = 7x7/2 conv + 3x3/2 max-pool")
-    parser.add("--shortcut", choices=["identity", "projection"], default=None,
-               help="residual CNN shortcut where the shape changes: identity = He et al.'s option A (subsample, "
-                    "zero-pad the new channels; no parameters), projection = option B (1x1 conv + batch norm) "
-                    "(default: identity for the cifar stem, projection for imagenet)")
-    parser.add("--seed", type=int, nargs="+", default=[0], help="random seed" + sweep)
-    parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add("--threads", type=int, default=0,
-               help="CPU threads; 0 = 1 for the MLP (its tiny matmuls only lose to a second thread), every core "
-                    "for CNNs")
-    parser.add("--jobs", type=int, default=1,
-               help="train a sweep's runs in N worker processes, longest first; on the CPU each gets cores // N "
-                    "threads (or --threads), on CUDA its own device (round robin)")
-    parser.add("--sync_bn", action=argparse.BooleanOptionalAction, default=False,
-               help="under torchrun: synchronise batch-norm statistics across processes (CUDA only)")
-    parser.add("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
-    parser.add("--grad_log_every", type=int, default=1, help="log gradient norms every N steps (0 = never)")
-    parser.add("--train", action=argparse.BooleanOptionalAction, default=True,
-               help="train; --no-train evaluates --checkpoint on the test set")
-    parser.add("--checkpoint", "--load_model_as", "--save_model_as", "--load-model-as", "--save-model-as",
-               help="checkpoint to write (default: <out_dir>/<run_name>/checkpoint.pt), or to evaluate with --no-train")
-    parser.add("--out_dir", default="runs", help="folder for run folders")
-    parser.add("--plots_dir", default=None, help="folder for plots (default: <out_dir>/plots)")
-    parser.add("--run_name", default=None,
-               help="run folder name (default: derived from the config; a prefix in sweeps)")
-    parser.add("--resume", action="store_true", default=False,
-               help="continue unfinished runs from their checkpoints and skip finished ones")
-    parser.add("--overwrite", action="store_true", default=False, help="replace existing run folders")
-    parser.add("--wandb", choices=["disabled", "offline", "online"], nargs="?", const="online", default="disabled",
-               help="track every run in Weights & Biases, grouped by --out_dir's name: offline writes "
-                    "<run folder>/wandb to upload later with wandb sync; online uploads as it trains (after wandb "
-                    "login); a bare --wandb, as in the original lab, means online")
-    parser.add("--wandb_proj_name", default=DEFAULT_PROJECT, help="W&B project (ignored without --wandb)")
-    parser.add("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
-               help="write TensorBoard event files to <run folder>/tensorboard (tensorboard --logdir <out_dir>)")
+    """The pipeline's flags in sections: the run settings as config.RunConfig declares them, then the flags of the
+    command itself; each `--snake_case` flag is also accepted as `--kebab-case`."""
+    parser = PipelineParser(description="Depth, residual connections and convolutions: train, evaluate, sweep and "
+                            "plot.", add_help=add_help)
+    groups = {name: parser.add_argument_group(name) for name in (MODEL, DATA, OPTIMISATION, RUN_FOLDER, TRACKING,
+                                                                  SCALING)}
+    add_flag(groups[MODEL], "--preset", choices=list(PRESETS), default=None,
+             help="start from a named configuration, which the other flags change: resnet8, resnet20 and resnet38 "
+                  "are He et al.'s CIFAR-10 ResNets (16 channels, 3 levels, option A shortcuts; 75k, 0.27M and "
+                  "0.56M parameters), exercise2 is Exercise 2's sweep (those depths plain and residual, seeds 0-2, "
+                  "10 epochs of one-cycle SGD with crops and flips) (default: none)")
+    for name, flag in FLAGS.items():
+        default = flag.cli_default or RunConfig.__dataclass_fields__[name].default
+        kwargs = dict(help=flag.help + (SWEEPS if flag.sweep else ""), default=[default] if flag.sweep else default)
+        if value_type(name) is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=value_type(name), choices=flag.choices, nargs="+" if flag.sweep else None)
+        add_flag(groups[flag.group], f"--{name}", **kwargs)
+    add_flag(groups[DATA], "--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
+    add_flag(groups[DATA], "--download", action=argparse.BooleanOptionalAction, default=True,
+             help="download the dataset through torchvision when it is missing")
+    run = groups[RUN_FOLDER]
+    add_flag(run, "--train", action=argparse.BooleanOptionalAction, default=True,
+             help="train; --no-train evaluates --checkpoint on the test set")
+    add_flag(run, "--checkpoint", "--load_model_as", "--save_model_as", "--load-model-as", "--save-model-as",
+             help="checkpoint to write (default: <out_dir>/<run_name>/checkpoint.pt), or to evaluate with --no-train")
+    add_flag(run, "--out_dir", default="runs", help="folder for run folders")
+    add_flag(run, "--plots_dir", default=None, help="folder for plots (default: <out_dir>/plots)")
+    add_flag(run, "--run_name", default=None,
+             help="run folder name (default: derived from the config; a prefix in sweeps)")
+    add_flag(run, "--resume", action="store_true", default=False,
+             help="continue unfinished runs from their checkpoints and skip finished ones")
+    add_flag(run, "--overwrite", action="store_true", default=False, help="replace existing run folders")
+    add_flag(groups[TRACKING], "--wandb", choices=["disabled", "offline", "online"], nargs="?", const="online",
+             default="disabled", help="track every run in Weights & Biases, grouped by --out_dir's name: offline "
+             "writes <run folder>/wandb to upload later with wandb sync; online uploads as it trains (after wandb "
+             "login); a bare --wandb, as in the original lab, means online")
+    add_flag(groups[TRACKING], "--wandb_proj_name", default=DEFAULT_PROJECT, help="W&B project (ignored without "
+             "--wandb)")
+    add_flag(groups[TRACKING], "--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+             help="write TensorBoard event files to <run folder>/tensorboard (tensorboard --logdir <out_dir>)")
+    add_flag(groups[SCALING], "--jobs", type=int, default=1,
+             help="train a sweep's runs in N worker processes, longest first; on the CPU each gets cores // N "
+                  "threads (or --threads), on CUDA its own device (round robin)")
     return parser
 
 
-SINGLE_VALUED = ("model_name", "dataset", "num_classes", "out_channels", "num_levels", "stem", "shortcut", "val_size",
-                 "limit_train", "augment", "num_epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
-                 "weight_decay", "lr_schedule", "label_smoothing", "sync_bn", "amp", "grad_log_every", "threads")
-
-
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad flag values before anything is loaded or written."""
-    for flag in ("val_size", "num_epochs", "batch_size", "num_classes", "out_channels", "num_levels",
-                 "limit_train", "in_channels", "input_size"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{flag} must be a positive integer, got {value}")
-    for flag in ("num_hidden_layers", "width", "num_conv_per_level"):
-        if any(v <= 0 for v in getattr(args, flag)):
-            raise UsageError(f"--{flag} must be positive integers, got {getattr(args, flag)}")
-    if any(k < 0 for k in args.residual_step):
-        raise UsageError(f"--residual_step must be 0 (plain) or a positive block size, got {args.residual_step}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
-    if args.weight_decay < 0 or args.momentum < 0:
-        raise UsageError("--weight_decay and --momentum must not be negative")
-    if args.nesterov and (args.optimizer != "sgd" or args.momentum == 0):
-        raise UsageError("--nesterov needs --optimizer sgd and a positive --momentum")
-    if not 0 <= args.label_smoothing < 1:
-        raise UsageError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.warmup_epochs is not None and not 0 <= args.warmup_epochs < args.num_epochs:
-        raise UsageError(f"--warmup_epochs must be at least 0 and below --num_epochs {args.num_epochs}, "
-                         f"got {args.warmup_epochs}")
-    if args.jobs < 1:
-        raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
-    if args.jobs > 1 and distributed_world() > 1:
-        raise UsageError("--jobs runs a sweep in worker processes and torchrun spreads one run over processes; "
-                         "use one of them")
-    if args.sync_bn and distributed_world() == 1:
-        raise UsageError("--sync_bn synchronises batch norm across torchrun's processes; start with torchrun")
-    if args.sync_bn and not args.device.startswith("cuda") and not (args.device == "auto" and
-                                                                   torch.cuda.is_available()):
-        raise UsageError("--sync_bn needs CUDA: torch's SyncBatchNorm does not run on the CPU")
-    if distributed_world() > 1 and args.batch_size % distributed_world():
-        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of torchrun's {distributed_world()} "
-                         "processes: each trains on an equal share of every batch")
-    if args.threads < 0:
-        raise UsageError(f"--threads must be 0 (automatic) or positive, got {args.threads}")
-    if args.wandb != "disabled" and (not args.wandb_proj_name or len(args.wandb_proj_name) > 128
-                                     or any(c in args.wandb_proj_name for c in "/\\#?%:")):
-        raise UsageError(f"--wandb_proj_name {args.wandb_proj_name!r} is not a W&B project name (1 to 128 "
-                         "characters, none of / \\ # ? % :)")
-    if args.grad_log_every < 0:
-        raise UsageError(f"--grad_log_every must be 0 (off) or positive, got {args.grad_log_every}")
-    info = DATASETS[args.dataset]
-    for flag in ("in_channels", "input_size"):
-        if getattr(args, flag) not in (None, getattr(info, flag)):
-            raise UsageError(f"--{flag} {getattr(args, flag)} does not match {args.dataset} "
-                             f"({getattr(info, flag)}); leave it out to derive it")
-    if args.num_classes < len(info.classes):
-        raise UsageError(f"--num_classes {args.num_classes} is smaller than {args.dataset}'s {len(info.classes)}")
-    check_split_sizes(info.num_train, args.val_size, args.limit_train)  # again once the files are read
-    if args.augment and args.dataset != "CIFAR10":
-        raise UsageError("--augment (crops and flips) is for CIFAR10 only")
-    if args.model_name == "MLP":
-        for n, k in itertools.product(args.num_hidden_layers, args.residual_step):
-            if k > 0 and n % k:
-                raise UsageError(f"--num_hidden_layers {n} is not a multiple of --residual_step {k}; "
-                                 "choose depths that the block size divides")
+    """Reject bad values of the command's own flags before anything is read or written (RunConfig checks the rest)."""
+    world, cores, project = distributed_world(), os.cpu_count() or 1, args.wandb_proj_name
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    rules = [
+        (args.jobs >= 1, f"--jobs must be a positive integer, got {args.jobs}"),
+        (args.jobs == 1 or world == 1, "--jobs runs a sweep in worker processes, torchrun one run in several; use one"),
+        (not args.sync_bn or (world > 1 and cuda), "--sync_bn synchronises batch norm across torchrun's processes on "
+         "CUDA (torch's SyncBatchNorm does not run on the CPU); start with torchrun on CUDA"),
+        (world == 1 or args.batch_size % world == 0, f"--batch_size {args.batch_size} must be a multiple of "
+         f"torchrun's {world} processes: each trains on an equal share of every batch"),
+        (args.threads <= MAX_THREADS_PER_CORE * cores, f"--threads {args.threads} is more than "
+         f"{MAX_THREADS_PER_CORE} per core of this machine's {cores}"),
+        (args.wandb == "disabled" or 0 < len(project) <= 128 and not any(c in project for c in "/\\#?%:"),
+         f"--wandb_proj_name {project!r} is not a W&B project name (1 to 128 characters, none of / \\ # ? % :)"),
+        (args.checkpoint is None or args.resume or args.overwrite or not Path(args.checkpoint).exists(),
+         f"--checkpoint {args.checkpoint} already exists; pass --resume to continue its run or --overwrite to "
+         "replace it"),
+    ]
+    for ok, problem in rules:
+        if not ok:
+            raise UsageError(problem)
     check_writable(Path(args.out_dir), "--out_dir")
-    if args.plots_dir is not None:
-        check_writable(Path(args.plots_dir), "--plots_dir")
+    check_writable(Path(args.out_dir if args.plots_dir is None else args.plots_dir), "--plots_dir")
 
 
 def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfig]:
-    """The sweep's run configs from the flags, with the dataset's shape and the warm-up filled in."""
-    info = DATASETS[args.dataset]
-    warmup = args.warmup_epochs
-    if warmup is None:
-        warmup = 0.3 * args.num_epochs if args.lr_schedule == "onecycle" else 0.0
-    settings = {flag: getattr(args, flag) for flag in SINGLE_VALUED}
-    shortcut = args.shortcut or ("identity" if args.stem == "cifar" else "projection")
-    settings.update(in_channels=info.in_channels, input_size=info.input_size, warmup_epochs=warmup,
-                    shortcut=shortcut, device=str(device))
-    sweep = {flag: getattr(args, flag) for flag in {f for flags in SWEEP_FLAGS.values() for f in flags}}
+    """The sweep's run configs from the flags, on `device`; a setting out of range is a UsageError."""
     try:
-        configs = expand(settings, sweep)
+        return with_prefix(expand(dict({name: getattr(args, name) for name in FLAGS}, device=str(device))),
+                           args.run_name)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return with_prefix(configs, args.run_name)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:

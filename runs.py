@@ -208,7 +208,7 @@ def build_checkpoint(run: RunSetup, history: dict, wandb_run_id: str | None) -> 
     return {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "lr_scheduler": run.scheduler.state_dict(), "epoch": len(history["epochs"]),
             "config": run.config.to_dict(), "history": history,
-            "rng": dict(rng_state(), data=run.generator.get_state()), "wandb_run_id": wandb_run_id}
+            "rng": dict(rng_state(), data=run.train.state_dict()), "wandb_run_id": wandb_run_id}
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -260,9 +260,14 @@ def load_model(path: str | Path) -> tuple[RunConfig, nn.Module]:
     config = saved_config(checkpoint, Path(path))
     try:
         model = build_model(config)
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, RuntimeError) as e:  # torch's first line only says that there are errors; the next names one
+        detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [first_line(e)]
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the {config.model_name} its config "
+                              f"describes ({detail[0][:200]})") from None
     return config, model
 
 
@@ -297,7 +302,7 @@ def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
         set_rng_state(checkpoint["rng"])
-        run.generator.set_state(checkpoint["rng"]["data"])
+        run.train.load_state_dict(checkpoint["rng"]["data"])
         history = {"epochs": list(checkpoint["history"]["epochs"])}
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None

@@ -1,4 +1,4 @@
-"""Sweeps: one RunConfig per combination of the swept values, run names, what to do with each run folder that
+"""Sweeps: one RunConfig per combination of the swept values, run-name prefixes, what to do with each run folder that
 already exists (train, continue, skip, or refuse), and running the runs in this process or in --jobs workers."""
 from __future__ import annotations
 
@@ -14,61 +14,32 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import RunConfig
+from config import FLAGS, RunConfig
 from data import RawData
-from models import build_model
 from runs import (CheckpointError, RunFiles, RunLock, check_checkpoint_resumable, check_resumable, load_checkpoint,
                   saved_config)
 from train import Runtime, train_run
 from utils import CLIError, first_line, setup_for_distributed
-
-# the flags that take several values, per model family; the order is the order of the runs
-SWEEP_FLAGS = {"MLP": ("num_hidden_layers", "residual_step", "width", "seed"),
-               "ResNet": ("num_conv_per_level", "residual_step", "seed")}
-MODEL_FIELDS = {"MLP": ("num_hidden_layers", "width"), "ResNet": ("num_conv_per_level", "out_channels", "num_levels",
-                                                                  "stem", "shortcut")}
 
 
 class RunConflict(ValueError):
     """A run folder holds something the command would silently replace or misreport."""
 
 
-def expand(settings: dict, sweep: dict[str, list]) -> list[RunConfig]:
-    """The configs of a sweep: `settings` holds every single-valued field, `sweep` each swept flag's values.
+def expand(values: dict) -> list[RunConfig]:
+    """The configs of a sweep: `values` holds every flag of RunConfig, a list of values for each sweepable one;
+    every combination of the swept values of the model's family is a run, in the order of RunConfig's fields.
 
     A swept flag that does not apply to the model may have one value (ignored) but not several."""
-    model = settings["model_name"]
-    for flag, values in sweep.items():
-        if flag not in SWEEP_FLAGS[model] and len(set(values)) > 1:
-            raise ValueError(f"--{flag} does not apply to the {model}; give it one value or leave it out")
-    unused = {f for fields in MODEL_FIELDS.values() for f in fields} - set(MODEL_FIELDS[model])
-    base = {**settings, **{flag: values[0] for flag, values in sweep.items()}, **dict.fromkeys(unused)}
-    flags = SWEEP_FLAGS[model]
-    configs = []
-    for values in itertools.product(*(list(dict.fromkeys(sweep[flag])) for flag in flags)):
-        fields = dict(base, **dict(zip(flags, values)))
-        if not fields["residual_step"]:
-            fields["shortcut"] = None  # a plain network has none
-        network = build_model(RunConfig(**dict(fields, depth=0, num_params=0, run_name="")))
-        config = RunConfig(**dict(fields, depth=network.depth, run_name="",
-                                  num_params=sum(p.numel() for p in network.parameters())))
-        configs.append(replace(config, run_name=run_name(config)))
-    return configs
-
-
-def run_name(config: RunConfig) -> str:
-    """A run folder name that states the model, dataset, depth, width, shortcuts and seed; the MLP's depth is its
-    hidden-layer count (h22 = --num_hidden_layers 22), the CNN's its weight layers (d20); res2proj marks projection
-    shortcuts."""
-    shortcuts = f"res{config.residual_step}" if config.residual_step else "plain"
-    if config.shortcut == "projection":
-        shortcuts += "proj"
-    if config.model_name == "MLP":
-        shape = f"h{config.num_hidden_layers}_w{config.width}"
-    else:
-        shape = f"d{config.depth}_c{config.out_channels}x{config.num_levels}" + (
-            "_in" if config.stem == "imagenet" else "")
-    return f"{config.model_name.lower()}_{config.dataset.lower()}_{shape}_{shortcuts}_s{config.seed}"
+    model = values["model_name"]
+    swept = [name for name, flag in FLAGS.items() if flag.sweep]
+    applies = [name for name in swept if FLAGS[name].family in (None, model)]
+    for name in swept:
+        if name not in applies and len(set(values[name])) > 1:
+            raise ValueError(f"--{name} does not apply to the {model}; give it one value or leave it out")
+    base = {**values, **{name: values[name][0] for name in swept}}
+    return [RunConfig(**dict(base, **dict(zip(applies, combination))))
+            for combination in itertools.product(*(list(dict.fromkeys(values[name])) for name in applies))]
 
 
 def with_prefix(configs: list[RunConfig], name: str | None) -> list[RunConfig]:

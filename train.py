@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -13,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import RunConfig
-from data import DATASETS, RawData, Split, augment, batch_indices, make_splits, num_batches
+from data import DATASETS, RawData, Split, TrainLoader, make_splits
 from models import build_model
 from runs import RunFiles, build_checkpoint, restore, save_checkpoint
 from tracking import TrackingOptions, start_trackers
@@ -96,11 +95,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig,
 
 @dataclass
 class RunSetup:
-    """Everything one run trains with: its splits on the device, a fresh model, loss, optimizer and schedule,
-    the data-order generator and the batch augmentation (or None). Under torchrun, `net` is the model wrapped in
-    DistributedDataParallel and this process trains on its `rank`'s share of every batch."""
+    """Everything one run trains with: its training data in its seeded order (this process's share of every batch
+    under torchrun), validation and test splits on the device, a fresh model, loss, optimizer and schedule. Under
+    torchrun, `net` is the model wrapped in DistributedDataParallel."""
     config: RunConfig
-    train: Split
+    train: TrainLoader
     val: Split
     test: Split
     model: nn.Module
@@ -108,14 +107,10 @@ class RunSetup:
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator
-    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
-    rank: int = 0
-    world_size: int = 1
 
 
 def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int = 1) -> RunSetup:
-    """Set up a run from its config: splits, model, loss, optimizer, schedule, data order and augmentation;
+    """Set up a run from its config: data order and augmentation, splits, model, loss, optimizer, schedule;
     with `world_size` > 1 (torchrun) the model is wrapped in DistributedDataParallel."""
     info = DATASETS[config.dataset]
     train, val, test = make_splits(raw, info, config.val_size, config.seed, config.limit_train, config.device,
@@ -128,12 +123,11 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device = torch.device(config.device)
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    loader = TrainLoader(train, config.batch_size, config.seed, info if config.augment else None, rank, world_size)
     optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, num_batches(len(train), config.batch_size))
-    return RunSetup(config, train, val, test, model, net,
-                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer, scheduler,
-                    torch.Generator().manual_seed(config.seed),
-                    partial(augment, info=info) if config.augment else None, rank, world_size)
+    scheduler = build_scheduler(optimizer, config, len(loader))
+    return RunSetup(config, loader, val, test, model, net,
+                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer, scheduler)
 
 
 @dataclass(frozen=True)
@@ -165,36 +159,29 @@ class EpochResult:
 
 
 def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool = False) -> EpochResult:
-    """Train for one epoch over seeded shuffled batches, stepping the schedule every batch; log each weight's
-    gradient L2 norm every `grad_log_every` steps with one fused call, kept on the device until the epoch ends.
-    The loss is checked every FINITE_CHECK_EVERY steps: a NaN stops training within that many steps.
+    """Train for one epoch of the run's loader, stepping the schedule every batch; log each weight's gradient L2 norm
+    every `grad_log_every` steps with one fused call, kept on the device until the epoch ends. The loss is checked
+    every FINITE_CHECK_EVERY steps: a NaN stops training within that many steps.
 
-    Under torchrun every rank draws the same global batch (same generator, same augmentation) and trains on every
-    world_size-th image of it, its loss weighted so that DDP's gradient average is the global batch's gradient."""
+    Under torchrun each rank trains on its share of the global batch, its loss weighted so that DDP's gradient
+    average is the global batch's gradient."""
     model, optimizer, config = run.model, run.optimizer, run.config
     run.net.train()
     device = run.train.images.device
-    batches = batch_indices(len(run.train), config.batch_size, run.generator)
+    steps, batch_sizes, world_size = len(run.train), run.train.batch_sizes(), run.train.world_size
     weights = list(logged_weights(model).values())
     every = config.grad_log_every
-    grad_steps = [s for s in range(start_step, start_step + len(batches)) if every > 0 and s % every == 0]
+    grad_steps = [s for s in range(start_step, start_step + steps) if every > 0 and s % every == 0]
     grad_norms = torch.zeros(len(grad_steps), len(weights), device=device)
-    losses = torch.zeros(len(batches), device=device)
-    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float32)
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
+    losses = torch.zeros(steps, device=device)
+    sizes = torch.tensor(batch_sizes, dtype=torch.float32)
+    bar = tqdm(run.train, total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     row = 0
-    for i, index in enumerate(bar):
-        index = index.to(device, non_blocking=True)
-        # indexing keeps the split's channels_last layout (index_select would return a contiguous NCHW batch)
-        images, labels = run.train.images[index], run.train.labels.index_select(0, index)
-        if run.augment_fn is not None:
-            images = run.augment_fn(images, run.generator)
-        if run.world_size > 1:
-            images, labels = images[run.rank::run.world_size], labels[run.rank::run.world_size]
+    for i, (images, labels) in enumerate(bar):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
             loss = run.criterion(run.net(images), labels)
-        if run.world_size > 1:
-            loss = loss * (len(labels) * run.world_size / len(index))
+        if world_size > 1:
+            loss = loss * (len(labels) * world_size / batch_sizes[i])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if row < len(grad_steps) and grad_steps[row] == start_step + i:
@@ -203,17 +190,17 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
         optimizer.step()
         run.scheduler.step()
         losses[i] = loss.detach()
-        if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == len(batches):
+        if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == steps:
             first = i - i % FINITE_CHECK_EVERY
             check_finite(losses[first:i + 1], f"training loss at epoch {epoch}", start_step + first)
         if progress and i % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    if run.world_size > 1:
+    if world_size > 1:
         torch.distributed.all_reduce(losses)
-        losses /= run.world_size
+        losses /= world_size
     losses = losses.cpu()
     mean_loss = (losses * sizes).sum().item() / sizes.sum().item()
-    return EpochResult(mean_loss, len(batches), grad_norms.cpu(), grad_steps)
+    return EpochResult(mean_loss, steps, grad_norms.cpu(), grad_steps)
 
 
 def check_finite(losses: torch.Tensor, what: str, first_step: int) -> None:

@@ -53,11 +53,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def add(self, name: str, *aliases: str, **kwargs) -> argparse.Action:
         """Add a `--snake_case` flag that is also accepted as `--kebab-case` (and as any `aliases`)."""
-        kebab = [name.replace("_", "-")] if "_" in name else []
-        return self.add_argument(name, *kebab, *aliases, **kwargs)
+        return add_flag(self, name, *aliases, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_flag(container: argparse._ActionsContainer, name: str, *aliases: str, **kwargs) -> argparse.Action:
+    """Add a `--snake_case` flag to a parser or one of its groups, also accepted as `--kebab-case` (and as any
+    `aliases`)."""
+    kebab = [name.replace("_", "-")] if "_" in name else []
+    return container.add_argument(name, *kebab, *aliases, **kwargs)
 
 
 def run_cli(main: Callable, args) -> None:

@@ -1,6 +1,7 @@
 """Tiny MNIST and CIFAR-10 written in their official on-disk formats, so the real loading code runs offline."""
 from __future__ import annotations
 
+import copy
 import pickle
 import struct
 import sys
@@ -15,6 +16,24 @@ sys.path.insert(0, str(ROOT))
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", action="store_true", help="run every case of tests/test_fuzz.py, not only its subset")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fuzz: a fuzz case beyond the seeded subset; runs with --fuzz (make fuzz)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --fuzz, leave out the fuzz cases beyond the seeded subset."""
+    if config.getoption("--fuzz"):
+        return
+    left_out = [item for item in items if item.get_closest_marker("fuzz")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("fuzz")]
+
+
 def run_config(*flags: str):
     """The first RunConfig pipeline.py plans from these flags, on the CPU (the real flag-to-config path)."""
     import pipeline
@@ -22,14 +41,21 @@ def run_config(*flags: str):
     return pipeline.run_configs(args, torch.device("cpu"))[0]
 
 
+def replay(loader):
+    """A copy of a TrainLoader over the same tensors whose order continues from where `loader` stands, to replay
+    its batches without advancing it."""
+    order = copy.copy(loader)
+    order.generator = torch.Generator()
+    order.load_state_dict(loader.state_dict())
+    return order
+
+
 def image_of_step(run, step: int) -> int:
-    """The first training image of the batch that a run's data order puts at `step` steps from now (over epochs;
-    a run without --augment, whose crops draw from the same generator)."""
-    from data import batch_indices
-    order = torch.Generator()
-    order.set_state(run.generator.get_state())
+    """The first training image of the batch that a run's loader puts at `step` steps from now (over epochs; a run
+    without --augment, whose crops draw from the same generator)."""
+    order = replay(run.train)
     while True:
-        batches = batch_indices(len(run.train), run.config.batch_size, order)
+        batches = order.epoch_indices()
         if step < len(batches):
             return batches[step][0].item()
         step -= len(batches)

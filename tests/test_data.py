@@ -1,4 +1,4 @@
-"""Loading the official formats, splits, batches and batch-level augmentation."""
+"""Loading the official formats, splits, the training loader's batches and batch-level augmentation."""
 import pickle
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import data
 from conftest import SHARED_DATASETS, write_cifar10, write_mnist
-from data import DATASETS, DatasetError, augment, batch_indices, load_dataset, make_splits, normalize
+from data import DATASETS, DatasetError, Split, TrainLoader, augment, load_dataset, make_splits, normalize
 
 
 def test_mnist_loads_from_idx_files(mnist_root):
@@ -100,17 +100,47 @@ def test_normalize_uses_dataset_constants():
     assert torch.allclose(x[0, :, 0, 0], expected)
 
 
-def test_batch_indices_cover_every_image_once():
-    g = torch.Generator().manual_seed(0)
-    batches = batch_indices(300, 128, g)
-    assert [len(b) for b in batches] == [128, 128, 44]
-    assert torch.equal(torch.cat(batches).sort().values, torch.arange(300))
-    assert len(batch_indices(257, 128, g)) == 2  # a lone last image is skipped: batch norm needs two
+def numbered_split(n: int) -> Split:
+    """`n` one-pixel images whose value is their index, labelled with their index too."""
+    return Split(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n))
+
+
+def test_loader_serves_every_image_once_an_epoch_in_a_new_order():
+    loader = TrainLoader(numbered_split(300), 128, seed=0)
+    first, second = list(loader), list(loader)
+    assert [len(labels) for _, labels in first] == [128, 128, 44] == loader.batch_sizes() and len(loader) == 3
+    for epoch in (first, second):
+        assert torch.equal(torch.cat([labels for _, labels in epoch]).sort().values, torch.arange(300))
+        assert all(torch.equal(images.flatten().long(), labels) for images, labels in epoch)
+    assert not torch.equal(first[0][1], second[0][1])
+    assert len(TrainLoader(numbered_split(257), 128, 0)) == 2  # a lone last image is skipped: batch norm needs two
 
 
 @pytest.mark.parametrize("n", [1, 2, 127, 128, 129, 130, 256, 257, 300])
-def test_num_batches_counts_what_batch_indices_makes(n):
-    assert data.num_batches(n, 128) == len(batch_indices(n, 128, torch.Generator().manual_seed(0)))
+def test_loader_length_and_batch_sizes_count_what_it_serves(n):
+    loader = TrainLoader(numbered_split(n), 128, seed=0)
+    served = [len(labels) for _, labels in loader]
+    assert data.num_batches(n, 128) == len(loader) == len(served) and loader.batch_sizes() == served
+
+
+def test_loader_state_continues_the_order():
+    loader = TrainLoader(numbered_split(100), 32, seed=3)
+    list(loader)
+    resumed = TrainLoader(numbered_split(100), 32, seed=99)
+    resumed.load_state_dict(loader.state_dict())
+    torch.Generator().set_state(loader.state_dict())  # a generator's state, as checkpoints stored before the loader
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(loader, resumed))
+
+
+def test_ranks_share_out_the_global_batch_with_the_same_crops():
+    images = torch.randn(70, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    split, info = Split(images, torch.arange(70)), DATASETS["CIFAR10"]
+    whole = list(TrainLoader(split, 20, 5, info))
+    ranks = [list(TrainLoader(split, 20, 5, info, rank, 2)) for rank in (0, 1)]
+    for step, (batch_images, batch_labels) in enumerate(whole):
+        for rank in (0, 1):
+            assert torch.equal(ranks[rank][step][0], batch_images[rank::2])
+            assert torch.equal(ranks[rank][step][1], batch_labels[rank::2])
 
 
 def test_augment_keeps_shapes_and_pixels():

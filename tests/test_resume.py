@@ -361,9 +361,13 @@ def straight_long_run(mnist_root, tmp_path_factory):
 def test_a_second_process_on_a_run_being_trained_is_refused_and_changes_nothing(mnist_root, tmp_path,
                                                                                 straight_long_run, flag):
     first = start_training(mnist_root, tmp_path)
-    second = subprocess.run([sys.executable, str(ROOT / "pipeline.py"),
-                             *args_for(mnist_root, tmp_path, "--num_epochs", "8", "--batch_size", "5", flag)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    os.kill(first.pid, signal.SIGSTOP)  # it holds the lock mid-run, however long the second takes to start
+    try:
+        second = subprocess.run([sys.executable, str(ROOT / "pipeline.py"),
+                                 *args_for(mnist_root, tmp_path, "--num_epochs", "8", "--batch_size", "5", flag)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert RUN in second.stderr and f"process {first.pid}" in second.stderr and "Traceback" not in second.stderr
     assert first.wait(timeout=300) == 0, first.communicate()

@@ -1,6 +1,7 @@
 """The training loop and its setup: gradient-norm log, full validation count, determinism, divergence, optimizer,
 schedules, threads and memory format."""
 import copy
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -9,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import image_of_step, run_config
-from data import Split, batch_indices, load_dataset
+from conftest import image_of_step, replay, run_config
+from data import Split, TrainLoader, load_dataset
 from models import MLP, ResNet, build_model
 from runs import RunFiles
 from train import (FINITE_CHECK_EVERY, NonFiniteLoss, Runtime, build_optimizer, build_scheduler, cpu_threads,
@@ -40,24 +41,17 @@ def random_split(n: int, shape=(1, 28, 28), seed: int = 0) -> Split:
     return Split(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
-def data_order(run: train.RunSetup) -> torch.Generator:
-    """A copy of the run's data-order generator, to replay its batches."""
-    generator = torch.Generator()
-    generator.set_state(run.generator.get_state())
-    return generator
-
-
 def test_grad_norms_equal_a_direct_computation(mnist):
     run = mlp_run(mnist, "--num_hidden_layers", "4", "--residual_step", "2", "--lr", "1e-3", "--limit_train", "200",
                   "--batch_size", "64")
     reference = copy.deepcopy(run.model)
     ref_optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
-    order = data_order(run)
+    order = replay(run.train)
     result = train_one_epoch(run, 1, 0)
     expected = []
-    for index in batch_indices(200, 64, order):
+    for images, labels in order:
         ref_optimizer.zero_grad()
-        loss = F.cross_entropy(reference(run.train.images[index]), run.train.labels[index])
+        loss = F.cross_entropy(reference(images), labels)
         loss.backward()
         expected.append([p.grad.norm().item() for p in logged_weights(reference).values()])
         ref_optimizer.step()
@@ -79,8 +73,8 @@ def test_grad_log_every_and_off(mnist):
 
 
 def test_training_loss_is_the_mean_over_samples(mnist):
-    # lr 0: weights stay, so losses can be recomputed; batches of 100 and 30
-    run = mlp_run(mnist, "--num_hidden_layers", "1", "--limit_train", "130", "--batch_size", "100", "--lr", "0")
+    # lr 1e-30: steps far below float32's resolution leave the weights, so losses can be recomputed; batches of 100, 30
+    run = mlp_run(mnist, "--num_hidden_layers", "1", "--limit_train", "130", "--batch_size", "100", "--lr", "1e-30")
     result = train_one_epoch(run, 1, 0)
     with torch.no_grad():
         expected = F.cross_entropy(run.model(run.train.images), run.train.labels).item()
@@ -139,9 +133,9 @@ def test_non_finite_validation_loss_stops_before_the_checkpoint(mnist, tmp_path,
 def plain_steps(model, optimizer, split: Split, steps: int) -> list[float]:
     """The textbook loop: zero, forward, backward, step."""
     losses = []
-    for index in batch_indices(len(split), 32, torch.Generator().manual_seed(0))[:steps]:
+    for images, labels in itertools.islice(TrainLoader(split, 32, seed=0), steps):
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(split.images[index]), split.labels[index])
+        loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())

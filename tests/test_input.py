@@ -1,0 +1,146 @@
+"""Hostile input refused up front with one line and exit status 2: flag values, run names, checkpoints that name the
+wrong thing, and dataset files that are cut or inconsistent."""
+import struct
+
+import pytest
+import torch
+
+import cam
+import pipeline
+import runs
+import utils
+from conftest import write_cifar10, write_mnist
+from data import DatasetError, load_dataset
+
+
+def cli_exit(capsys, main, parser, *args: str) -> tuple[int, list[str]]:
+    """Run a CLI in-process as a user would; return its exit status and stderr lines."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main, parser.parse_args(list(args)))
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def pipeline_exit(capsys, *args: str) -> tuple[int, list[str]]:
+    return cli_exit(capsys, pipeline.main, pipeline.get_args_parser(), *args)
+
+
+def mlp_flags(mnist_root, out_dir, *extra: str) -> list[str]:
+    return ["--data_root", str(mnist_root), "--no-download", "--val_size", "100", "--width", "8", "--device", "cpu",
+            "--num_hidden_layers", "1", "--out_dir", str(out_dir), *extra]
+
+
+@pytest.fixture(scope="module")
+def cnn_checkpoint(cifar_root, tmp_path_factory):
+    """The checkpoint of a tiny residual CNN trained one epoch on the tiny CIFAR-10."""
+    out_dir = tmp_path_factory.mktemp("cnn")
+    (config, _), = pipeline.main(pipeline.get_args_parser().parse_args([
+        "--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root), "--no-download",
+        "--val_size", "100", "--limit_train", "64", "--batch_size", "32", "--num_levels", "2", "--out_channels", "4",
+        "--num_conv_per_level", "1", "--residual_step", "1", "--device", "cpu", "--out_dir", str(out_dir)]))
+    return out_dir / config.run_name / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--weight_decay", "nan"], "--weight_decay"),
+    (["--weight_decay", "inf"], "--weight_decay"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--momentum", "-inf"], "--momentum"),
+    (["--lr", "inf"], "--lr"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "0", str(2 ** 40)], "--seed"),
+    (["--threads", "10000"], "--threads"),
+    (["--run_name", ""], "--run_name"),
+    (["--run_name", ".."], "--run_name"),
+    (["--run_name", "../../x"], "--run_name"),
+    (["--run_name", "a/b"], "--run_name"),
+    (["--num_hidden_layers", "100000"], "--num_hidden_layers"),
+    (["--width", "4096", "--num_hidden_layers", "1000"], "parameters"),
+])
+def test_bad_values_are_refused_before_anything_is_read(mnist_root, tmp_path, capsys, flags, message):
+    status, lines = pipeline_exit(capsys, *mlp_flags(tmp_path / "no data here", tmp_path / "runs", *flags))  # unread
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_existing_checkpoint_without_resume_names_the_checkpoint(mnist_root, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere.pt"
+    elsewhere.write_bytes(b"a file the user keeps")
+    status, lines = pipeline_exit(capsys, *mlp_flags(mnist_root, tmp_path / "runs", "--checkpoint", str(elsewhere)))
+    assert status == 2 and len(lines) == 1
+    assert "--checkpoint" in lines[0] and "elsewhere.pt" in lines[0] and "--resume" in lines[0]
+    assert "already holds a run" not in lines[0] and elsewhere.read_bytes() == b"a file the user keeps"
+
+
+def test_resuming_a_checkpoint_of_the_other_family_names_the_model(mnist_root, cifar_root, tmp_path, capsys,
+                                                                    cnn_checkpoint):
+    checkpoint = tmp_path / "cnn.pt"
+    checkpoint.write_bytes(cnn_checkpoint.read_bytes())
+    status, lines = pipeline_exit(capsys, *mlp_flags(mnist_root, tmp_path / "runs", "--checkpoint", str(checkpoint),
+                                                     "--resume"))
+    assert status == 2 and len(lines) == 1 and "--model_name ResNet, not MLP" in lines[0], lines
+    assert checkpoint.read_bytes() == cnn_checkpoint.read_bytes()
+
+
+def forged(cnn_checkpoint, tmp_path, **config) -> str:
+    """The CNN's checkpoint with its config changed."""
+    saved = runs.load_checkpoint(cnn_checkpoint)
+    saved["config"].update(config)
+    path = tmp_path / "forged.pt"
+    runs.save_checkpoint(path, saved)
+    return str(path)
+
+
+@pytest.mark.parametrize("config,message", [
+    (dict(dataset="SVHN"), "--dataset 'SVHN'"),
+    (dict(dataset="MNIST"), "--in_channels 3 does not match MNIST"),  # CIFAR weights and shapes, MNIST named
+    (dict(dataset="MNIST", in_channels=1, input_size=28), "weights do not fit the ResNet its config describes "
+                                                         "(size mismatch for stem"),  # MNIST shapes, CIFAR weights
+])
+def test_a_checkpoint_naming_the_wrong_data_is_one_line_in_both_tools(cnn_checkpoint, mnist_root, tmp_path, capsys,
+                                                                      config, message):
+    path = forged(cnn_checkpoint, tmp_path, **config)
+    status, lines = pipeline_exit(capsys, "--no-train", "--checkpoint", path, "--data_root", str(mnist_root),
+                                  "--no-download", "--device", "cpu")
+    assert status == 2 and len(lines) == 1 and message in lines[0] and "forged.pt" in lines[0], lines
+    status, lines = cli_exit(capsys, cam.main, cam.get_args_parser(), "--checkpoint", path, "--data_root",
+                             str(mnist_root), "--no-download", "--device", "cpu", "--out_dir", str(tmp_path / "cam"))
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "cam").exists()
+
+
+def test_an_idx_file_cut_inside_its_header_is_one_line(tmp_path):
+    root = write_mnist(tmp_path, n_train=20, n_test=10)
+    path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:9])  # magic, count and one byte of the row count
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte.*truncated"):
+        load_dataset("MNIST", root, download=False)
+
+
+def test_mnist_labels_out_of_range_or_fewer_than_images_are_refused(mnist_root, tmp_path, capsys):
+    root = write_mnist(tmp_path / "bad", n_train=20, n_test=10)
+    labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    good = labels.read_bytes()
+    labels.write_bytes(good[:-1] + bytes([12]))
+    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte.*0\.\.9.*12"):
+        load_dataset("MNIST", root, download=False)
+    labels.write_bytes(struct.pack(">II", 2049, 15) + good[8:23])
+    with pytest.raises(DatasetError, match="20 images but 15 labels"):
+        load_dataset("MNIST", root, download=False)
+    status, lines = pipeline_exit(capsys, *mlp_flags(root, tmp_path / "runs", "--val_size", "5"))
+    assert status == 2 and len(lines) == 1 and "15 labels" in lines[0]
+
+
+def test_cifar_labels_out_of_range_are_refused(tmp_path):
+    import pickle
+    root = write_cifar10(tmp_path, n_per_batch=4, n_test=4)
+    path = root / "cifar-10-batches-py" / "data_batch_3"
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    batch[b"labels"][2] = 10
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DatasetError, match=r"data_batch_3.*0\.\.9.*10"):
+        load_dataset("CIFAR10", root, download=False)
+    batch[b"labels"] = batch[b"labels"][:3]
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DatasetError, match="4 images but 3 labels"):
+        load_dataset("CIFAR10", root, download=False)
