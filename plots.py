@@ -12,12 +12,17 @@ GRAD_PLOT_LAYERS = 5  # the first weights of an MLP shown in its gradient figure
 ZERO_FLOOR = 1e-12  # where a gradient norm of exactly zero is drawn on a log scale
 
 
-def new_figure(panels: int = 1, width: float = 7, sharey: bool = True):
-    """A figure and its row of axes (a list), without pyplot."""
+def new_figure(panels: int = 1, columns: int | None = None, panel_size: tuple[float, float] = (5.5, 4.2),
+               sharey: bool = True):
+    """A figure and its axes (a flat list), `columns` panels a row (default: all in one row), without pyplot."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(width * panels if panels < 3 else 4.2 * panels, 4.5))
-    axes = fig.subplots(1, panels, sharey=sharey, squeeze=False)[0]
-    return fig, list(axes)
+    columns = min(columns or panels, panels)
+    rows = -(-panels // columns)
+    fig = Figure(figsize=(panel_size[0] * columns, panel_size[1] * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, sharex=rows > 1, sharey=sharey, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, list(axes[:panels])
 
 
 def savefig(fig, path: str | Path) -> None:
@@ -38,33 +43,48 @@ def depth_label(config: RunConfig) -> str:
 
 
 def plot_curves(panels: dict[str, dict[str, list[list[float]]]], ylabel: str, title: str, path: str | Path,
-                logy: bool = False) -> None:
-    """One panel per group (plain, residual), one colour per label, one line per run: seeds are drawn each on
-    its own, never averaged, so runs that train and runs that stall both stay visible."""
-    from matplotlib import colormaps
+                logy: bool = False, columns: int | None = None) -> None:
+    """One panel per group, one colour per curve label (the same in every panel), one thin line per seed: seeds
+    are drawn each on its own, never averaged, so runs that train and runs that stall both stay visible."""
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
-    fig, axes = new_figure(len(panels))
+    labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
+    colours = dict(zip(labels, curve_colours(len(labels))))
+    fig, axes = new_figure(len(panels), columns)
     for ax, (panel, curves) in zip(axes, panels.items()):
-        colours = colormaps["viridis"](np.linspace(0, 0.9, len(curves)))
-        for colour, (label, runs) in zip(colours, curves.items()):
-            for i, values in enumerate(runs):
-                name = (f"{label} ({len(runs)} seeds)" if len(runs) > 1 else label) if i == 0 else None
-                ax.plot(np.arange(1, len(values) + 1), values, color=colour, marker="o", markersize=2.5,
-                        linewidth=1.2 if len(runs) == 1 else 0.8, alpha=1 if len(runs) == 1 else 0.7, label=name)
-        ax.set(xlabel="epoch", title=f"{title}: {panel}" if len(panels) > 1 else title)
+        for label, runs in curves.items():
+            for values in runs:
+                ax.plot(np.arange(1, len(values) + 1), values, color=colours[label], marker="o", markersize=2,
+                        linewidth=1, alpha=0.8)
+        ax.set_title(panel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if logy:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel(ylabel)
+    for ax in axes:
+        if ax.get_subplotspec().is_last_row():
+            ax.set_xlabel("epoch")
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(ylabel)
+    seeds = {label: sorted({len(curves[label]) for curves in panels.values() if label in curves})
+             for label in labels}
+    handles = [Line2D([], [], color=colours[label], marker="o", markersize=3,
+                      label=f"{label} ({'/'.join(map(str, seeds[label]))} seeds)") for label in labels]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8)
+    fig.suptitle(f"{title} (one line per seed)")
     savefig(fig, path)
+
+
+def curve_colours(count: int) -> list:
+    """`count` colours told apart at a glance: matplotlib's tab10, then tab20 beyond ten."""
+    from matplotlib import colormaps
+    return [colormaps["tab10" if count <= 10 else "tab20"](i) for i in range(count)]
 
 
 def plot_grad_norms(panels: dict[str, tuple[list[int], dict[str, np.ndarray]]], title: str, path: str | Path,
                     ylim: tuple[float, float] | None = None) -> None:
     """Gradient L2 norm of named weight tensors over training steps, one panel per run, log scale."""
-    fig, axes = new_figure(len(panels))
+    fig, axes = new_figure(len(panels), panel_size=(4.2, 4.5))
     for ax, (panel, (steps, grad_norms)) in zip(axes, panels.items()):
         for name, norms in grad_norms.items():
             # a gradient that vanished to exactly zero is drawn at a floor rather than dropped by the log scale
@@ -82,7 +102,7 @@ def plot_grad_norms(panels: dict[str, tuple[list[int], dict[str, np.ndarray]]], 
 
 def plot_trainability(points: dict[str, list[tuple[int, float]]], xlabel: str, title: str, path: str | Path) -> None:
     """Each run's final validation accuracy against depth, one mark per seed, one colour per group."""
-    fig, (ax,) = new_figure()
+    fig, (ax,) = new_figure(panel_size=(7, 4.5))
     offsets = np.linspace(-0.3, 0.3, len(points))
     for offset, (label, marks) in zip(offsets, points.items()):
         x, y = np.array(marks, dtype=float).T

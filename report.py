@@ -51,8 +51,14 @@ def percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def shortcuts(config: RunConfig) -> str:
-    return f"residual (step {config.residual_step})" if config.residual_step else "plain"
+def median_range(values: list[float], fmt) -> str:
+    """The median of `values` and their range, each written with `fmt`: "93.5% (92.9% to 94.1%)"."""
+    values = sorted(values)
+    return f"{fmt(statistics.median(values))} ({fmt(values[0])} to {fmt(values[-1])})"
+
+
+def loss(value: float) -> str:
+    return f"{value:.3f}"
 
 
 def exercise1_table(runs: list[tuple[RunConfig, dict]]) -> str:
@@ -68,13 +74,12 @@ def exercise1_table(runs: list[tuple[RunConfig, dict]]) -> str:
     for layers in sorted({c.num_hidden_layers for c, _ in runs}):
         row = [str(layers)]
         for kind in kinds:
-            accs = sorted(cells.get((layers, kind), []))
+            accs = cells.get((layers, kind), [])
             if not accs:
                 row += ["", ""]
                 continue
             trained = sum(a >= TRAINED for a in accs)
-            row += [f"{trained}/{len(accs)}",
-                    f"{percent(statistics.median(accs))} ({percent(accs[0])} to {percent(accs[-1])})"]
+            row += [f"{trained}/{len(accs)}", median_range(accs, percent)]
         lines.append("| " + " | ".join(row) + " |")
     seeds = sorted({c.seed for c, _ in runs})
     epochs = sorted({c.num_epochs for c, _ in runs})
@@ -87,61 +92,80 @@ def exercise1_table(runs: list[tuple[RunConfig, dict]]) -> str:
     return "\n".join(lines)
 
 
+def network_label(config: RunConfig) -> str:
+    """A CNN by its depth and shortcuts: "depth 20, residual (step 2, identity shortcuts)"."""
+    if not config.residual_step:
+        return f"depth {config.depth}, plain"
+    return f"depth {config.depth}, residual (step {config.residual_step}, {config.shortcut} shortcuts)"
+
+
 def exercise2_table(runs: list[tuple[RunConfig, dict]]) -> str:
-    """One row per network: depth, shortcuts, size, final losses and accuracies, and training time."""
-    lines = ["| network | parameters | epochs | final train loss | final val acc | test acc | time per epoch |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for config, history in sorted(runs, key=lambda r: (r[0].depth, r[0].residual_step, r[0].seed)):
-        last = history["epochs"][-1]
-        seconds = statistics.median(e["seconds"] for e in history["epochs"])
-        lines.append(f"| depth {config.depth}, {shortcuts(config)}, seed {config.seed} | {config.num_params:,} | "
-                     f"{len(history['epochs'])} | {last['train_loss']:.3f} | {percent(last['val_acc'])} | "
-                     f"{percent(history['test']['acc'])} | {seconds:.0f} s |")
+    """One row per network (its seeds together): size, seeds, precision, median and range over seeds of the final
+    training loss and of the test accuracy, and the median time per epoch."""
+    networks: dict[tuple, list[tuple[RunConfig, dict]]] = {}
+    for config, history in runs:
+        networks.setdefault((config.depth, config.residual_step, config.shortcut or ""), []).append((config, history))
+    lines = ["| network | parameters | seeds | epochs | precision | final train loss: median (range) | "
+             "test acc: median (range) | time per epoch |", "|---|---:|---:|---:|---|---|---|---:|"]
+    for key in sorted(networks):
+        group = networks[key]
+        config = group[0][0]
+        epochs = "/".join(str(n) for n in sorted({len(h["epochs"]) for _, h in group}))
+        precision = "/".join(sorted({"bf16 autocast" if c.amp else "float32" for c, _ in group}))
+        seconds = statistics.median(e["seconds"] for _, h in group for e in h["epochs"])
+        lines.append(f"| {network_label(config)} | {config.num_params:,} | {len(group)} | {epochs} | {precision} | "
+                     f"{median_range([h['epochs'][-1]['train_loss'] for _, h in group], loss)} | "
+                     f"{median_range([h['test']['acc'] for _, h in group], percent)} | {seconds:.0f} s |")
+    seeds = sorted({c.seed for c, _ in runs})
+    lines.append("")
+    lines.append(f"{len(runs)} runs (seeds {', '.join(map(str, seeds))}); median and range over each network's seeds.")
     return "\n".join(lines)
 
 
 def exercise2_checks(runs: list[tuple[RunConfig, dict]]) -> str:
-    """What the lab expects to see, each marked as holding or not in these runs (seed-0 runs only)."""
-    seed = min(c.seed for c, _ in runs)
-    by_net = {(c.depth, c.residual_step > 0): h for c, h in runs if c.seed == seed}
-    depths = sorted({d for d, _ in by_net})
-    deepest, checks = depths[-1], []
+    """What the lab expects to see, judged seed by seed: each line says for how many of the seeds that both
+    networks were trained with it holds, and holds only when it does for every one of them."""
+    by_run = {(c.depth, c.residual_step > 0, c.seed): h for c, h in runs}
+    depths = sorted({c.depth for c, _ in runs})
+    checks = []
 
-    def losses(key):
-        return [e["train_loss"] for e in by_net[key]["epochs"]]
+    def losses(history: dict) -> list[float]:
+        return [e["train_loss"] for e in history["epochs"]]
 
-    def test(key):
-        return by_net[key]["test"]["acc"]
+    def test(history: dict) -> float:
+        return history["test"]["acc"]
 
+    def check(text: str, first: tuple[int, bool], second: tuple[int, bool], holds, medians: bool = False) -> None:
+        """Add `text` judged by `holds(history of first, history of second)` on every seed both networks have."""
+        seeds = sorted(s for d, r, s in by_run if (d, r) == first and (*second, s) in by_run)
+        if not seeds:
+            return
+        held = sum(bool(holds(by_run[(*first, s)], by_run[(*second, s)])) for s in seeds)
+        if medians:
+            text += " (median test acc {} vs {})".format(
+                *(percent(statistics.median(test(by_run[(*net, s)]) for s in seeds)) for net in (first, second)))
+        checks.append((f"{text}: for {held} of {len(seeds)} seeds", held == len(seeds)))
+
+    deepest = depths[-1]
     for shallow in depths[:-1]:
-        plain_deep, plain_shallow = (deepest, False), (shallow, False)
-        if plain_deep in by_net and plain_shallow in by_net:
-            worse = [a > b for a, b in zip(losses(plain_deep), losses(plain_shallow))]
-            checks.append((f"plain depth {deepest} has a higher training loss than plain depth {shallow} at every "
-                           f"epoch ({sum(worse)} of {len(worse)} epochs)", all(worse)))
-            checks.append((f"plain depth {deepest} tests worse than plain depth {shallow} "
-                           f"({percent(test(plain_deep))} vs {percent(test(plain_shallow))})",
-                           test(plain_deep) < test(plain_shallow)))
-        res_deep, res_shallow = (deepest, True), (shallow, True)
-        if res_deep in by_net and res_shallow in by_net:
-            final = losses(res_deep)[-1], losses(res_shallow)[-1]
-            checks.append((f"residual depth {deepest} ends with a training loss at most that of residual depth "
-                           f"{shallow} ({final[0]:.3f} vs {final[1]:.3f})", final[0] <= final[1]))
-            checks.append((f"residual depth {deepest} tests at least as well as residual depth {shallow} "
-                           f"({percent(test(res_deep))} vs {percent(test(res_shallow))})",
-                           test(res_deep) >= test(res_shallow)))
+        check(f"plain depth {deepest} has a higher training loss than plain depth {shallow} at every epoch",
+              (deepest, False), (shallow, False), lambda a, b: all(x > y for x, y in zip(losses(a), losses(b))))
+        check(f"plain depth {deepest} tests worse than plain depth {shallow}", (deepest, False), (shallow, False),
+              lambda a, b: test(a) < test(b), medians=True)
+        check(f"residual depth {deepest} ends with a training loss at most that of residual depth {shallow}",
+              (deepest, True), (shallow, True), lambda a, b: losses(a)[-1] <= losses(b)[-1])
+        check(f"residual depth {deepest} tests at least as well as residual depth {shallow}", (deepest, True),
+              (shallow, True), lambda a, b: test(a) >= test(b), medians=True)
     for depth in depths[1:]:  # at the smallest depth shortcuts are not expected to matter
-        if (depth, True) in by_net and (depth, False) in by_net:
-            lower = [a < b for a, b in zip(losses((depth, True)), losses((depth, False)))]
-            checks.append((f"at depth {depth} the residual network's training loss is below the plain one's at "
-                           f"every epoch ({sum(lower)} of {len(lower)} epochs) and it tests better "
-                           f"({percent(test((depth, True)))} vs {percent(test((depth, False)))})",
-                           all(lower) and test((depth, True)) > test((depth, False))))
+        check(f"at depth {depth} the residual network's training loss is below the plain one's at every epoch and "
+              "it tests better", (depth, True), (depth, False),
+              lambda a, b: all(x < y for x, y in zip(losses(a), losses(b))) and test(a) > test(b), medians=True)
     return "\n".join(f"- {'holds' if ok else '**does not hold**'}: {text}" for text, ok in checks)
 
 
 def best_checkpoint(runs: list[tuple[RunConfig, dict]], out_dir: Path) -> Path:
-    """The checkpoint of the residual run with the best final validation accuracy (never chosen on the test set)."""
+    """The checkpoint of the residual run with the best final validation accuracy over every network and seed
+    (its checkpoint holds the final weights; never chosen on the test set)."""
     residual = [(h["epochs"][-1]["val_acc"], c.run_name) for c, h in runs if c.residual_step]
     if not residual:
         raise UsageError(f"{out_dir} holds no finished residual run")

@@ -70,3 +70,19 @@ def test_cnn_sweep_figures_are_named_by_depth_and_share_the_y_range(tmp_path, fi
 def test_a_sweep_without_gradient_logs_draws_only_the_curves(tmp_path):
     runs = [fake_run(run_config("--num_hidden_layers", "2", "--grad_log_every", "0"), np.zeros((4, 0)))]
     assert [p.name for p in plots.plot_sweep(runs, tmp_path)] == ["mlp_training_loss.png", "mlp_Val_acc.png"]
+
+
+def test_curves_give_each_network_one_colour_and_each_seed_its_own_line(tmp_path, figures):
+    cnn = ("--model_name", "ResNet", "--out_channels", "4", "--num_levels", "1")
+    runs = [fake_run(run_config(*cnn, "--num_conv_per_level", convs, "--residual_step", step, "--seed", seed),
+                     np.ones((3, 2)))
+            for convs in ("1", "3") for step in ("0", "1") for seed in ("0", "1", "2")]
+    plots.plot_sweep(runs, tmp_path)
+    plain, residual = figures["Conv_train_loss.png"].axes
+    assert (plain.get_title(), residual.get_title()) == ("plain", "residual (step 1)")
+    colours = [[line.get_color() for line in ax.lines] for ax in (plain, residual)]
+    assert colours[0] == colours[1]  # a depth has the same colour in both panels
+    assert [len(set(colours[0][i:i + 3])) for i in (0, 3)] == [1, 1]  # the 3 seeds of a network: one colour
+    assert colours[0][0] != colours[0][3]
+    legend = figures["Conv_train_loss.png"].legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["depth 3 (3 seeds)", "depth 5 (3 seeds)"]

@@ -21,9 +21,9 @@ def mlp(hidden: int, step: int, seed: int):
     return run_config("--num_hidden_layers", str(hidden), "--residual_step", str(step), "--seed", str(seed))
 
 
-def cnn(convs: int, step: int):
+def cnn(convs: int, step: int, seed: int = 0):
     return run_config("--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "4", "--num_levels", "1",
-                      "--num_conv_per_level", str(convs), "--residual_step", str(step))
+                      "--num_conv_per_level", str(convs), "--residual_step", str(step), "--seed", str(seed))
 
 
 def test_exercise1_table_counts_trained_seeds_with_median_and_range(tmp_path):
@@ -37,30 +37,61 @@ def test_exercise1_table_counts_trained_seeds_with_median_and_range(tmp_path):
     assert "| 8 |" not in table and "6 runs (seeds 0, 1, 2; 1 epochs; width 16)" in table
 
 
-def test_exercise2_table_and_checks_say_what_holds(tmp_path):
-    write_run(tmp_path, cnn(1, 0), [2.0, 1.5], [0.5, 0.6], 0.60)
-    write_run(tmp_path, cnn(1, 1), [1.9, 1.4], [0.5, 0.6], 0.62)
-    write_run(tmp_path, cnn(3, 0), [2.1, 1.6], [0.4, 0.5], 0.50)  # the deeper plain net trains worse
-    write_run(tmp_path, cnn(3, 1), [1.8, 1.3], [0.6, 0.7], 0.59)  # the deeper residual net trains better, tests worse
-    runs = report.finished_runs(tmp_path)
-    table = report.exercise2_table(runs)
-    assert "| depth 5, residual (step 1), seed 0 | " in table and "| 1.300 | 70.0% | 59.0% | 10 s |" in table
-    checks = report.exercise2_checks(runs).splitlines()
-    assert ("- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch (2 of 2 epochs)"
+def three_seeds_of_four_networks(out_dir) -> None:
+    """Depth 3 and 5, plain and residual, seeds 0-2: the deeper plain net trains worse for every seed; the deeper
+    residual net trains better for every seed but tests worse for seed 2 only."""
+    for seed in range(3):
+        write_run(out_dir, cnn(1, 0, seed), [2.0, 1.5], [0.5, 0.6], 0.60 + seed / 100)
+        write_run(out_dir, cnn(1, 1, seed), [1.9, 1.4 + seed / 100], [0.5, 0.6], 0.62)
+        write_run(out_dir, cnn(3, 0, seed), [2.1, 1.6], [0.4, 0.5], 0.50)
+        write_run(out_dir, cnn(3, 1, seed), [1.8, 1.3], [0.6, 0.7], 0.59 if seed == 2 else 0.64 + seed / 100)
+
+
+def test_exercise2_table_gives_each_network_the_median_and_range_over_its_seeds(tmp_path):
+    three_seeds_of_four_networks(tmp_path)
+    table = report.exercise2_table(report.finished_runs(tmp_path)).splitlines()
+    assert len([line for line in table if line.startswith("| depth")]) == 4
+    assert ("| depth 3, plain | 318 | 3 | 2 | float32 | 1.500 (1.500 to 1.500) | 61.0% (60.0% to 62.0%) | 10 s |"
+            in table)
+    assert ("| depth 3, residual (step 1, identity shortcuts) | 318 | 3 | 2 | float32 | 1.410 (1.400 to 1.420) | "
+            "62.0% (62.0% to 62.0%) | 10 s |" in table)
+    assert ("| depth 5, residual (step 1, identity shortcuts) | 622 | 3 | 2 | float32 | 1.300 (1.300 to 1.300) | "
+            "64.0% (59.0% to 65.0%) | 10 s |" in table)
+    assert "12 runs (seeds 0, 1, 2)" in table[-1]
+
+
+def test_exercise2_checks_are_judged_on_every_seed(tmp_path):
+    three_seeds_of_four_networks(tmp_path)
+    checks = report.exercise2_checks(report.finished_runs(tmp_path)).splitlines()
+    assert ("- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch: for 3 of 3 seeds"
             in checks)
-    assert ("- holds: residual depth 5 ends with a training loss at most that of residual depth 3 (1.300 vs 1.400)"
-            in checks)
-    assert ("- **does not hold**: residual depth 5 tests at least as well as residual depth 3 (59.0% vs 62.0%)"
+    assert ("- holds: plain depth 5 tests worse than plain depth 3 (median test acc 50.0% vs 61.0%): for 3 of 3 "
+            "seeds" in checks)
+    assert ("- **does not hold**: residual depth 5 tests at least as well as residual depth 3 (median test acc 64.0% "
+            "vs 62.0%): for 2 of 3 seeds" in checks)  # the median holds; one seed does not
+    assert ("- holds: residual depth 5 ends with a training loss at most that of residual depth 3: for 3 of 3 seeds"
             in checks)
     assert not any("at depth 3 the residual" in line for line in checks)  # shortcuts are not judged at the smallest
 
 
-def test_best_checkpoint_is_the_residual_run_with_the_best_validation_accuracy(tmp_path):
+def test_exercise2_checks_count_only_seeds_both_networks_have(tmp_path):
+    write_run(tmp_path, cnn(1, 0, 0), [2.0, 1.5], [0.5, 0.6], 0.60)
+    write_run(tmp_path, cnn(3, 0, 0), [2.1, 1.6], [0.4, 0.5], 0.50)
+    write_run(tmp_path, cnn(3, 0, 1), [2.1, 1.6], [0.4, 0.5], 0.50)  # no plain depth 3 with seed 1 to compare with
+    checks = report.exercise2_checks(report.finished_runs(tmp_path)).splitlines()
+    assert checks[0] == ("- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch: "
+                         "for 1 of 1 seeds")
+    assert not any("residual" in line for line in checks)
+
+
+def test_best_checkpoint_is_the_residual_run_with_the_best_final_validation_accuracy_over_all_seeds(tmp_path):
     write_run(tmp_path, cnn(1, 0), [1.0], [0.99], 0.99)  # plain: never the CAM model
-    write_run(tmp_path, cnn(1, 1), [1.0], [0.70], 0.90)  # best test accuracy, but chosen on validation
-    write_run(tmp_path, cnn(3, 1), [1.0], [0.80], 0.80)
+    write_run(tmp_path, cnn(1, 1), [1.0], [0.70], 0.95)  # best test accuracy, but chosen on validation
+    write_run(tmp_path, cnn(3, 1, seed=0), [1.0, 1.0], [0.92, 0.80], 0.80)  # its checkpoint holds the last epoch
+    write_run(tmp_path, cnn(3, 1, seed=1), [1.0, 1.0], [0.80, 0.85], 0.80)
+    write_run(tmp_path, cnn(3, 1, seed=2), [1.0, 1.0], [0.80, 0.75], 0.80)
     assert report.best_checkpoint(report.finished_runs(tmp_path), tmp_path) == (
-        tmp_path / cnn(3, 1).run_name / "checkpoint.pt")
+        tmp_path / cnn(3, 1, seed=1).run_name / "checkpoint.pt")
 
 
 def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):
