@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+import re
+
 import numpy as np
 
 from config import RunConfig
@@ -10,6 +13,8 @@ from utils import atomic_write
 
 GRAD_PLOT_LAYERS = 5  # the first weights of an MLP shown in its gradient figure
 ZERO_FLOOR = 1e-12  # where a gradient norm of exactly zero is drawn on a log scale
+GRAD_FLOOR = 1e-20  # gradient norms below this (exact zeros among them) are drawn at it and marked as clipped
+HEATMAP_BLOCKS = 50  # columns of a gradient heat map: training split into this many blocks of steps
 
 
 def new_figure(panels: int = 1, columns: int | None = None, panel_size: tuple[float, float] = (5.5, 4.2),
@@ -100,6 +105,68 @@ def plot_grad_norms(panels: dict[str, tuple[list[int], dict[str, np.ndarray]]], 
     savefig(fig, path)
 
 
+def layer_names(parameter_names: list[str]) -> list[str]:
+    """Logged weights (in the model's order) named in words: "input layer", "hidden layer 1", ... "output layer"
+    for the MLP; "stem convolution", "convolution 1 (level 1)", "shortcut projection (level 2)", ... for the CNN."""
+    words, hidden, convs = [], 0, 0
+    for name in parameter_names:
+        level = re.match(r"levels\.(\d+)\.", name)
+        if name in ("input.1.weight",):
+            words.append("input layer")
+        elif name in ("head.weight", "fc.weight"):
+            words.append("output layer")
+        elif name.startswith("stem."):
+            words.append("stem convolution")
+        elif name.startswith("hidden."):
+            hidden += 1
+            words.append(f"hidden layer {hidden}")
+        elif level and ".shortcut." in name:
+            words.append(f"shortcut projection (level {int(level[1]) + 1})")
+        elif level:
+            convs += 1
+            words.append(f"convolution {convs} (level {int(level[1]) + 1})")
+        else:
+            words.append(name)
+    return words
+
+
+def block_log_norms(steps: list[int], grad_norms: dict[str, np.ndarray],
+                    blocks: int = HEATMAP_BLOCKS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training split into `blocks` blocks of consecutive logged steps: the block edges (in steps), the mean over
+    each block of log10 of each weight's gradient norm, (weights, blocks), and where a block held a norm below
+    GRAD_FLOOR (clipped to it)."""
+    norms = np.stack(list(grad_norms.values()))
+    parts = np.array_split(np.arange(len(steps)), min(blocks, len(steps)))
+    logs = np.log10(np.maximum(norms, GRAD_FLOOR))
+    means = np.stack([logs[:, part].mean(axis=1) for part in parts], axis=1)
+    clipped = np.stack([(norms[:, part] < GRAD_FLOOR).any(axis=1) for part in parts], axis=1)
+    step_of = np.asarray(steps)
+    edges = np.array([step_of[part[0]] for part in parts] + [step_of[-1] + 1])
+    return edges, means, clipped
+
+
+def plot_grad_heatmap(edges: np.ndarray, log_norms: np.ndarray, clipped: np.ndarray, names: list[str], title: str,
+                      path: str | Path, scale: tuple[float, float]) -> None:
+    """Every weight layer's gradient norm over training as a heat map: one row per layer (input at the top), one
+    column per block of steps, colour log10 of the norm on the colour `scale` (shared by the figures compared);
+    cells holding a clipped value are crossed."""
+    fig, (ax,) = new_figure(panel_size=(7, 2 + 0.16 * len(names)))
+    rows = np.arange(len(names) + 1) - 0.5
+    mesh = ax.pcolormesh(edges, rows, log_norms, cmap="viridis", vmin=scale[0], vmax=scale[1])
+    ax.set_yticks(np.arange(len(names)), names, fontsize=7 if len(names) <= 40 else 5)
+    ax.invert_yaxis()  # the input layer at the top
+    ax.set(xlabel="training step", title=title)
+    if clipped.any():
+        rows_clipped, cols = np.nonzero(clipped)
+        centres = (edges[:-1] + edges[1:]) / 2
+        ax.scatter(centres[cols], rows_clipped, marker="x", s=12, color="white", linewidths=0.8,
+                   label=f"block with a norm below {GRAD_FLOOR:g}, drawn at {GRAD_FLOOR:g} (clipped)")
+        fig.legend(loc="outside lower center", fontsize=7)
+    steps_per_block = int(np.median(np.diff(edges)))
+    fig.colorbar(mesh, ax=ax, label=f"log10 of gradient L2 norm (mean over blocks of {steps_per_block} steps)")
+    savefig(fig, path)
+
+
 def plot_trainability(points: dict[str, list[tuple[int, float]]], xlabel: str, title: str, path: str | Path) -> None:
     """Each run's final validation accuracy against depth, one mark per seed, one colour per group."""
     fig, (ax,) = new_figure(panel_size=(7, 4.5))
@@ -139,6 +206,7 @@ def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.n
     logged = [(c, g) for c, _, g in runs if g[0]]
     if not logged:
         return paths
+    paths += plot_gradient_heatmaps(logged, plots_dir)
     if mlp:
         paths += plot_mlp_gradients(logged, plots_dir)
         paths.append(plots_dir / "mlp_trainability.png")
@@ -192,4 +260,23 @@ def plot_cnn_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np
         paths.append(plots_dir / f"Conv_gradients_d{depth}.png")
         plot_grad_norms({f"depth {depth}": (steps_of[depth], series)},
                         "gradient norm of the first convolution", paths[-1], ylim)
+    return paths
+
+
+def plot_gradient_heatmaps(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np.ndarray]]]],
+                           plots_dir: Path) -> list[Path]:
+    """gradient_heatmap_<run name>.png: every weight layer's gradient norm over training, for the lowest seed of
+    each network, all on one colour scale."""
+    networks: dict[RunConfig, tuple[RunConfig, tuple]] = {}
+    for config, grads in sorted(runs, key=lambda r: r[0].seed):
+        networks.setdefault(dataclasses.replace(config, seed=0, run_name="", device="", threads=0), (config, grads))
+    maps = {config: block_log_norms(*grads) for config, grads in networks.values()}
+    values = np.concatenate([means.ravel() for _, means, _ in maps.values()])
+    scale = float(np.floor(values.min())), float(np.ceil(values.max()))
+    paths = []
+    for config, grads in networks.values():
+        paths.append(plots_dir / f"gradient_heatmap_{config.run_name}.png")
+        plot_grad_heatmap(*maps[config], layer_names(list(grads[1])),
+                          f"gradient norm of every weight layer: {depth_label(config)}, {shortcut_label(config)}, "
+                          f"seed {config.seed}", paths[-1], scale)
     return paths

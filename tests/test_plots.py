@@ -4,13 +4,17 @@ import pytest
 
 import plots
 from conftest import run_config
+from models import build_model
+from train import logged_weights
 
 
 def fake_run(config, norms: np.ndarray) -> tuple:
-    """(config, history, (steps, gradient norms)) of a 2-epoch run whose weights had these gradient norms."""
+    """(config, history, (steps, gradient norms)) of a 2-epoch run whose first weights (those of the config's real
+    model, in its order) had these gradient norms, a row each."""
     history = {"epochs": [{"train_loss": 2.0, "val_acc": 0.2}, {"train_loss": 1.0, "val_acc": 0.5}],
                "test": {"loss": 1.0, "acc": 0.5}}
-    return config, history, (list(range(norms.shape[1])), {f"layer{i}.weight": row for i, row in enumerate(norms)})
+    names = list(logged_weights(build_model(config)))
+    return config, history, (list(range(norms.shape[1])), dict(zip(names, norms)))
 
 
 @pytest.fixture
@@ -45,8 +49,9 @@ def test_mlp_sweep_figures_are_named_by_hidden_layers_shortcuts_and_width(tmp_pa
             fake_run(run_config("--num_hidden_layers", "4", "--residual_step", "2", "--width", "16"), large)]
     paths = plots.plot_sweep(runs, tmp_path)
     gradients = ["gradients_mlp_d5_w8.png", "gradients_mlp_d4_res2_w8.png", "gradients_mlp_d4_res2_w16.png"]
+    heatmaps = [f"gradient_heatmap_{runs[i][0].run_name}.png" for i in (0, 2, 3)]  # seed 0 of each network
     assert sorted(p.name for p in paths) == sorted(["mlp_training_loss.png", "mlp_Val_acc.png",
-                                                    "mlp_trainability.png", *gradients])
+                                                    "mlp_trainability.png", *gradients, *heatmaps])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
     assert [ax.get_title() for ax in figures["gradients_mlp_d5_w8.png"].axes] == ["seed 0", "seed 1"]
     assert all(len(ax.lines) == plots.GRAD_PLOT_LAYERS for name in gradients for ax in figures[name].axes)
@@ -60,8 +65,8 @@ def test_cnn_sweep_figures_are_named_by_depth_and_share_the_y_range(tmp_path, fi
     runs = [fake_run(run_config(*cnn, "--num_conv_per_level", convs, "--residual_step", step), norms)
             for (convs, step), norms in zip([("1", "0"), ("1", "1"), ("3", "0"), ("3", "1")], first_conv)]
     paths = plots.plot_sweep(runs, tmp_path)
-    assert sorted(p.name for p in paths) == ["Conv_gradients_d3.png", "Conv_gradients_d5.png",
-                                             "Conv_train_loss.png", "Conv_val_accuracy.png"]
+    assert sorted(p.name for p in paths if not p.name.startswith("gradient_heatmap_")) == [
+        "Conv_gradients_d3.png", "Conv_gradients_d5.png", "Conv_train_loss.png", "Conv_val_accuracy.png"]
     assert [len(figures[name].axes[0].lines) for name in ("Conv_gradients_d3.png", "Conv_gradients_d5.png")] == [2, 2]
     assert_shared_y_range([figures["Conv_gradients_d3.png"], figures["Conv_gradients_d5.png"]],
                           [s[0] for s in first_conv])
@@ -86,3 +91,45 @@ def test_curves_give_each_network_one_colour_and_each_seed_its_own_line(tmp_path
     assert colours[0][0] != colours[0][3]
     legend = figures["Conv_train_loss.png"].legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["depth 3 (3 seeds)", "depth 5 (3 seeds)"]
+
+
+def test_layers_are_named_in_words_from_input_to_output():
+    mlp = list(logged_weights(build_model(run_config("--num_hidden_layers", "4", "--residual_step", "2"))))
+    assert plots.layer_names(mlp) == ["input layer", "hidden layer 1", "hidden layer 2", "hidden layer 3",
+                                      "hidden layer 4", "output layer"]
+    cnn = list(logged_weights(build_model(run_config(
+        "--model_name", "ResNet", "--out_channels", "4", "--num_levels", "2", "--num_conv_per_level", "2",
+        "--residual_step", "2", "--shortcut", "projection"))))
+    assert plots.layer_names(cnn) == ["stem convolution", "convolution 1 (level 1)", "convolution 2 (level 1)",
+                                      "convolution 3 (level 2)", "convolution 4 (level 2)",
+                                      "shortcut projection (level 2)", "output layer"]
+
+
+def test_heatmap_cells_are_the_mean_log10_norm_of_their_block_and_mark_clipped_values():
+    steps = list(range(0, 8, 2))  # logged every 2 steps
+    norms = {"a": np.array([1e-2, 1e-4, 10.0, 10.0]), "b": np.array([0.0, 1.0, 1e-25, 1e-3])}
+    edges, means, clipped = plots.block_log_norms(steps, norms, blocks=2)
+    assert edges.tolist() == [0, 4, 7]
+    np.testing.assert_allclose(means, [[-3, 1], [(-20 + 0) / 2, (-20 - 3) / 2]])
+    assert clipped.tolist() == [[False, False], [True, True]]
+
+
+def test_heatmaps_show_every_layer_of_the_lowest_seed_of_each_network_on_one_colour_scale(tmp_path, figures):
+    quiet = np.geomspace(1e-9, 1e-3, 6 * 10).reshape(6, 10)  # 4 hidden layers: 6 weights, 10 logged steps
+    loud = np.full((6, 10), 5.0)
+    loud[0, :3] = 0.0  # clipped at the floor
+    runs = [fake_run(run_config("--num_hidden_layers", "4", "--seed", "1"), loud),
+            fake_run(run_config("--num_hidden_layers", "4", "--seed", "0"), quiet),
+            fake_run(run_config("--num_hidden_layers", "4", "--residual_step", "2"), loud)]
+    paths = plots.plot_gradient_heatmaps([(c, g) for c, _, g in runs], tmp_path)
+    assert [p.name for p in paths] == [f"gradient_heatmap_{runs[i][0].run_name}.png" for i in (1, 2)]
+    plain, residual = (figures[p.name].axes[0] for p in paths)
+    legends = [figures[p.name].legends for p in paths]
+    assert plain.get_title().endswith("4 hidden layers, width 16, plain, seed 0")
+    assert [t.get_text() for t in plain.get_yticklabels()][::5] == ["input layer", "output layer"]
+    assert plain.yaxis_inverted()  # the input layer at the top
+    meshes = [ax.collections[0] for ax in (plain, residual)]
+    assert meshes[0].get_array().shape == (6, 10)
+    assert {m.get_clim() for m in meshes} == {(-20.0, 1.0)}  # one scale, from the clipped floor to the loudest
+    assert legends[0] == [] and "clipped" in legends[1][0].get_texts()[0].get_text()
+    assert len(residual.collections[1].get_offsets()) == 3  # a cross on each clipped cell
