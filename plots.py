@@ -8,6 +8,8 @@ import re
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from config import RunConfig
 from utils import atomic_write
 
@@ -15,6 +17,8 @@ GRAD_PLOT_LAYERS = 5  # the first weights of an MLP shown in its gradient figure
 ZERO_FLOOR = 1e-12  # where a gradient norm of exactly zero is drawn on a log scale
 GRAD_FLOOR = 1e-20  # gradient norms below this (exact zeros among them) are drawn at it and marked as clipped
 HEATMAP_BLOCKS = 50  # columns of a gradient heat map: training split into this many blocks of steps
+TRAINED = 0.2  # a run "trains" when its accuracy reaches twice chance; a stalled MLP predicts one class (~11%)
+STALL_LAYERS = (14, 34)  # the plain MLPs whose stall is compared with their gradient at initialisation
 
 
 def new_figure(panels: int = 1, columns: int | None = None, panel_size: tuple[float, float] = (5.5, 4.2),
@@ -180,6 +184,95 @@ def plot_trainability(points: dict[str, list[tuple[int, float]]], xlabel: str, t
     savefig(fig, path)
 
 
+@dataclass(frozen=True)
+class Threshold:
+    """The best rule "a run trains when its value is above (or below) `value`" and how many runs it gets wrong,
+    against the best rule that ignores the value (every run trains, or none does)."""
+    value: float
+    above_trains: bool
+    misclassified: int
+    runs: int
+    without_value: int
+
+    def statement(self, what: str) -> str:
+        """The rule in words, `what` naming the value."""
+        if self.misclassified >= self.without_value:
+            return (f"no threshold on {what} separates the runs that train from those that stall better than "
+                    f"calling them all alike ({self.without_value} of {self.runs} wrong)")
+        side = "above" if self.above_trains else "below"
+        wrong = "separates them exactly" if self.misclassified == 0 else (
+            f"misclassifies {self.misclassified} of {self.runs} runs")
+        return f"runs with {what} {side} {self.value:.2g} train and the others stall: this threshold {wrong}"
+
+
+def separating_threshold(values: np.ndarray, trained: np.ndarray) -> Threshold:
+    """The threshold on positive `values` (between two neighbours, at their geometric mean) that best separates
+    the `trained` runs from the others, in either direction; ties go to the widest gap."""
+    order = np.argsort(values)
+    values, trained = np.asarray(values, dtype=float)[order], np.asarray(trained, dtype=bool)[order]
+    cuts = np.concatenate([[values[0] / 2], np.sqrt(values[:-1] * values[1:]), [values[-1] * 2]])
+    gaps = np.concatenate([[np.inf], values[1:] / values[:-1], [np.inf]])
+    below_trained = np.concatenate([[0], np.cumsum(trained)])  # trained runs below each cut
+    below_stalled = np.arange(len(values) + 1) - below_trained
+    above_errors = below_trained + (len(values) - trained.sum() - below_stalled)
+    below_errors = len(values) - above_errors
+    candidates = [(int(errors[i]), -gaps[i], not above, i) for above, errors in ((True, above_errors),
+                                                                              (False, below_errors))
+                  for i in range(len(cuts)) if gaps[i] > 1]  # no cut between two equal values
+    misclassified, _, below, best = min(candidates)
+    return Threshold(float(cuts[best]), not below, misclassified, len(values),
+                     int(min(trained.sum(), len(values) - trained.sum())))
+
+
+def in_stall_study(config: RunConfig) -> bool:
+    """Whether a run is one of the plain MLPs whose stall is compared with their gradient at initialisation."""
+    return (config.model_name == "MLP" and not config.residual_step
+            and STALL_LAYERS[0] <= config.num_hidden_layers <= STALL_LAYERS[1])
+
+
+def init_gradient_points(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.ndarray]]]]
+                         ) -> list[tuple[int, float, float]]:
+    """(hidden layers, first layer's gradient norm at step 0, final validation accuracy) of every run of the stall
+    study whose step 0 was logged."""
+    return [(c.num_hidden_layers, float(next(iter(norms.values()))[0]), h["epochs"][-1]["val_acc"])
+            for c, h, (steps, norms) in runs if in_stall_study(c) and steps and steps[0] == 0]
+
+
+def init_gradient_threshold(points: list[tuple[int, float, float]]) -> Threshold:
+    """The threshold on the first layer's gradient norm at step 0 that best tells the runs that train apart."""
+    _, norms, accs = np.array(points, dtype=float).T
+    return separating_threshold(np.maximum(norms, GRAD_FLOOR), accs >= TRAINED)
+
+
+def plot_init_gradients(points: list[tuple[int, float, float]], path: str | Path) -> None:
+    """Each plain run's first-layer gradient norm at initialisation (x, log) against its final validation
+    accuracy, coloured by depth, with the threshold that best separates the runs that train."""
+    from matplotlib import colormaps
+    fig, (ax,) = new_figure(panel_size=(7.5, 4.8))
+    layers, norms, accs = np.array(points, dtype=float).T
+    depths = sorted(set(layers.astype(int)))
+    colours = colormaps["plasma"](np.linspace(0, 0.85, len(depths)))
+    for colour, depth in zip(colours, depths):
+        mine = layers == depth
+        ax.scatter(np.maximum(norms[mine], GRAD_FLOOR), accs[mine], s=30, color=colour, alpha=0.85,
+                   edgecolors="black", linewidths=0.3, label=f"{depth} hidden layers ({mine.sum()} runs)")
+    threshold = init_gradient_threshold(points)
+    ax.axhline(TRAINED, color="grey", linestyle=":", linewidth=1)
+    ax.text(ax.get_xlim()[0], TRAINED, f" trains: {TRAINED:.0%} or more", va="bottom", fontsize=7, color="grey")
+    if threshold.misclassified < threshold.without_value:
+        ax.axvline(threshold.value, color="black", linestyle="--", linewidth=1,
+                   label=f"threshold {threshold.value:.2g}")
+    ax.set(xscale="log", ylim=(0, 1), xlabel="first layer's gradient L2 norm at step 0 (before any update)",
+           ylabel="final validation accuracy")
+    if (norms < GRAD_FLOOR).any():
+        ax.set_xlabel(ax.get_xlabel() + f"; below {GRAD_FLOOR:g} drawn at it (clipped)")
+    ax.set_title(f"plain MLPs of {STALL_LAYERS[0]} to {STALL_LAYERS[1]} hidden layers, one point per run:\n"
+                 f"{threshold.statement('this norm')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    savefig(fig, path)
+
+
 def grad_range(series: list[np.ndarray]) -> tuple[float, float]:
     """One log-scale y range that holds every series (zeros at the floor), so figures can be compared."""
     values = np.concatenate([np.maximum(s, ZERO_FLOOR) for s in series])
@@ -215,6 +308,10 @@ def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.n
             points.setdefault(shortcut_label(config), []).append(
                 (config.num_hidden_layers, history["epochs"][-1]["val_acc"]))
         plot_trainability(points, "hidden layers (--num_hidden_layers)", "MLP: which depths train", paths[-1])
+        init_points = init_gradient_points(runs)
+        if init_points:
+            paths.append(plots_dir / "mlp_init_gradient_vs_accuracy.png")
+            plot_init_gradients(init_points, paths[-1])
     else:
         paths += plot_cnn_gradients(logged, plots_dir)
     return paths

@@ -12,10 +12,9 @@ import statistics
 from pathlib import Path
 
 from config import RunConfig
+from plots import STALL_LAYERS, TRAINED, in_stall_study, init_gradient_points, init_gradient_threshold
 from train import RunFiles
 from utils import ArgumentParser, UsageError, atomic_write, run_cli
-
-TRAINED = 0.2  # a run "trains" when its test accuracy reaches twice chance; a stalled MLP predicts one class (~11%)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -90,6 +89,18 @@ def exercise1_table(runs: list[tuple[RunConfig, dict]]) -> str:
                  f"of at least {percent(TRAINED)} (twice chance). Training time, all runs together: "
                  f"{seconds / 60:.1f} min of epoch wall time.")
     return "\n".join(lines)
+
+
+def init_gradient_check(points: list[tuple[int, float, float]]) -> str:
+    """Whether the first layer's gradient norm at step 0 tells which plain MLPs will train, from (hidden layers,
+    norm, final validation accuracy) per run."""
+    runs = f"plain runs of {STALL_LAYERS[0]} to {STALL_LAYERS[1]} hidden layers"
+    if not points:
+        return f"No {runs} with their gradient norms logged at step 0."
+    trained = sum(acc >= TRAINED for _, _, acc in points)
+    threshold = init_gradient_threshold(points)
+    return (f"{len(points)} {runs}, {trained} of which train (a final validation accuracy of at least "
+            f"{percent(TRAINED)}): {threshold.statement('a first-layer gradient norm at step 0')}.")
 
 
 def network_label(config: RunConfig) -> str:
@@ -190,7 +201,11 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep), or --best_checkpoint")
     blocks = {}
     if args.ex1 is not None:
-        blocks["ex1"] = exercise1_table(finished_runs(Path(args.ex1)))
+        out_dir = Path(args.ex1)
+        runs = finished_runs(out_dir)
+        blocks["ex1"] = exercise1_table(runs)
+        study = [(c, h, RunFiles(out_dir / c.run_name).read_grad_norms()) for c, h in runs if in_stall_study(c)]
+        blocks["ex1-init"] = init_gradient_check(init_gradient_points(study))
     if args.ex2 is not None:
         runs = finished_runs(Path(args.ex2))
         blocks["ex2"] = exercise2_table(runs)

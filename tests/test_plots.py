@@ -133,3 +133,41 @@ def test_heatmaps_show_every_layer_of_the_lowest_seed_of_each_network_on_one_col
     assert {m.get_clim() for m in meshes} == {(-20.0, 1.0)}  # one scale, from the clipped floor to the loudest
     assert legends[0] == [] and "clipped" in legends[1][0].get_texts()[0].get_text()
     assert len(residual.collections[1].get_offsets()) == 3  # a cross on each clipped cell
+
+
+@pytest.mark.parametrize("trained, value, above, wrong", [
+    ([0, 0, 0, 1, 1, 1], 30 ** 0.5, True, 0),  # the runs with the larger norms train
+    ([1, 1, 1, 0, 0, 0], 30 ** 0.5, False, 0),  # the smaller ones do
+    ([0, 1, 0, 1, 1, 1], 30 ** 0.5, True, 1),  # two cuts err once each: the widest gap (3 to 10) wins
+])
+def test_the_separating_threshold_counts_the_runs_it_misclassifies(trained, value, above, wrong):
+    shuffled = [4, 0, 2, 5, 1, 3]  # the values in no particular order, each with its run's outcome
+    threshold = plots.separating_threshold(np.array([1, 2, 3, 10, 20, 30.0])[shuffled], np.array(trained)[shuffled])
+    assert (threshold.value, threshold.above_trains, threshold.misclassified) == (pytest.approx(value), above, wrong)
+    assert threshold.statement("x").endswith("separates them exactly" if wrong == 0 else
+                                             f"misclassifies {wrong} of 6 runs")
+
+
+@pytest.mark.parametrize("values, trained", [([1.0, 2.0, 3.0], [1, 1, 1]), ([1.0, 1.0], [1, 0])])
+def test_no_threshold_is_claimed_when_none_beats_ignoring_the_value(values, trained):
+    threshold = plots.separating_threshold(np.array(values), np.array(trained, dtype=bool))
+    assert threshold.statement("x").startswith("no threshold on x separates")
+
+
+def test_init_scatter_has_a_point_per_plain_run_of_14_to_34_hidden_layers(tmp_path, figures):
+    def run(hidden: int, step: int, seed: int, first_norm: float, val_acc: float) -> tuple:
+        config, history, grads = fake_run(run_config("--num_hidden_layers", str(hidden), "--residual_step",
+                                                     str(step), "--seed", str(seed)),
+                                          np.full((hidden + 2, 3), first_norm))
+        history["epochs"][-1]["val_acc"] = val_acc
+        return config, history, grads
+    runs = [run(14, 0, 0, 1e-6, 0.80), run(14, 0, 1, 1e-7, 0.70), run(18, 0, 0, 1e-9, 0.11),
+            run(18, 0, 1, 0.0, 0.11), run(18, 2, 0, 1.0, 0.95), run(10, 0, 0, 1e-3, 0.90)]
+    paths = plots.plot_sweep(runs, tmp_path)
+    assert "mlp_init_gradient_vs_accuracy.png" in [p.name for p in paths]
+    ax = figures["mlp_init_gradient_vs_accuracy.png"].axes[0]
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert sorted(map(tuple, points.tolist())) == [(1e-20, 0.11), (1e-9, 0.11), (1e-7, 0.7), (1e-6, 0.8)]
+    assert "separates them exactly" in ax.get_title() and "clipped" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["14 hidden layers (2 runs)",
+                                                                      "18 hidden layers (2 runs)"]

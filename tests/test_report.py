@@ -1,5 +1,6 @@
 """report.py: the README's tables and checks from run folders, the CAM checkpoint, and the README rewrite."""
 import pytest
+import torch
 
 import report
 import utils
@@ -7,9 +8,13 @@ from conftest import run_config
 from train import RunFiles
 
 
-def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True) -> None:
-    """A run folder as train_run leaves it: config.json and history.json (test result only when finished)."""
+def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True, first_grad_norm=None) -> None:
+    """A run folder as train_run leaves it: config.json and history.json (test result only when finished), and
+    with `first_grad_norm`, a grad_norms.csv of two steps whose first weight had this norm at step 0."""
     files = RunFiles(out_dir / config.run_name)
+    if first_grad_norm is not None:
+        files.start_grad_norms(["input.1.weight", "head.weight"])
+        files.append_grad_norms([0, 1], torch.tensor([[first_grad_norm, 1.0], [1.0, 1.0]]))
     utils.write_json(files.config, config.to_dict())
     epochs = [{"epoch": i + 1, "train_loss": loss, "val_loss": 1.0, "val_acc": acc, "lr": 0.1, "seconds": 10.0 + i,
                "steps": 10 * (i + 1)} for i, (loss, acc) in enumerate(zip(train_losses, val_accs))]
@@ -35,6 +40,17 @@ def test_exercise1_table_counts_trained_seeds_with_median_and_range(tmp_path):
     table = report.exercise1_table(report.finished_runs(tmp_path))
     assert "| 4 | 1/3 | 11.3% (11.3% to 80.0%) | 3/3 | 94.0% (93.0% to 95.0%) |" in table
     assert "| 8 |" not in table and "6 runs (seeds 0, 1, 2; 1 epochs; width 16)" in table
+
+
+def test_exercise1_init_check_finds_the_threshold_on_the_first_layers_gradient_at_step_0(tmp_path):
+    for hidden, step, seed, first_norm, acc in [(14, 0, 0, 1e-6, 0.8), (14, 0, 1, 1e-9, 0.11), (18, 0, 0, 1e-10, 0.11),
+                                                (14, 2, 0, 1e-12, 0.9), (10, 0, 0, 1e-12, 0.9)]:
+        write_run(tmp_path, mlp(hidden, step, seed), [1.0], [acc], acc, first_grad_norm=first_norm)
+    blocks = report.main(report.get_args_parser().parse_args(["--ex1", str(tmp_path)]))
+    assert blocks["ex1-init"] == (
+        "3 plain runs of 14 to 34 hidden layers, 1 of which train (a final validation accuracy of at least 20.0%): "
+        "runs with a first-layer gradient norm at step 0 above 3.2e-08 train and the others stall: this threshold "
+        "separates them exactly.")
 
 
 def three_seeds_of_four_networks(out_dir) -> None:
@@ -97,13 +113,15 @@ def test_best_checkpoint_is_the_residual_run_with_the_best_final_validation_accu
 def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):
     write_run(tmp_path / "ex1", mlp(4, 0, 0), [2.3], [0.11], 0.11)
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- report:ex1 -->\nold table\n<!-- /report:ex1 -->\nend\n")
+    readme.write_text("intro\n<!-- report:ex1 -->\nold table\n<!-- /report:ex1 -->\n"
+                      "<!-- report:ex1-init -->\nold check\n<!-- /report:ex1-init -->\nend\n")
     args = report.get_args_parser().parse_args(["--ex1", str(tmp_path / "ex1"), "--readme", str(readme)])
     blocks = report.main(args)
     text = readme.read_text()
     assert text.startswith("intro\n<!-- report:ex1 -->\n| hidden layers |")
-    assert text.endswith("<!-- /report:ex1 -->\nend\n")
-    assert "old table" not in text and blocks["ex1"] in text
+    assert text.endswith("<!-- /report:ex1-init -->\nend\n")
+    assert "old table" not in text and "old check" not in text and blocks["ex1"] in text
+    assert blocks["ex1-init"] == "No plain runs of 14 to 34 hidden layers with their gradient norms logged at step 0."
 
 
 @pytest.mark.parametrize("case", ["no runs", "no block", "no folder"])
