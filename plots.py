@@ -14,7 +14,6 @@ from config import RunConfig
 from utils import atomic_write
 
 GRAD_PLOT_LAYERS = 5  # the first weights of an MLP shown in its gradient figure
-ZERO_FLOOR = 1e-12  # where a gradient norm of exactly zero is drawn on a log scale
 GRAD_FLOOR = 1e-20  # gradient norms below this (exact zeros among them) are drawn at it and marked as clipped
 HEATMAP_BLOCKS = 50  # columns of a gradient heat map: training split into this many blocks of steps
 TRAINED = 0.2  # a run "trains" when its accuracy reaches twice chance; a stalled MLP predicts one class (~11%)
@@ -69,6 +68,7 @@ def plot_curves(panels: dict[str, dict[str, list[list[float]]]], ylabel: str, ti
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if logy:
             ax.set_yscale("log")
+            plain_log_ticks(ax)
         ax.grid(alpha=0.3)
     for ax in axes:
         if ax.get_subplotspec().is_last_row():
@@ -90,21 +90,43 @@ def curve_colours(count: int) -> list:
     return [colormaps["tab10" if count <= 10 else "tab20"](i) for i in range(count)]
 
 
+def plain_log_ticks(ax, which: str = "y") -> None:
+    """Label a log axis with plain numbers (0.8, 1, 1.5, 2; 0.001; 1e-12), not 2x10^0, with more ticks when it
+    spans few decades."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    low, high = ax.get_ylim() if which == "y" else ax.get_xlim()
+    decades = np.log10(max(low, high) / min(low, high))
+    subs = (1, 1.5, 2, 3, 4, 5, 6, 8) if decades < 1.2 else (1, 2, 5) if decades < 3 else (1,)
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_locator(LogLocator(subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_grad_norms(panels: dict[str, tuple[list[int], dict[str, np.ndarray]]], title: str, path: str | Path,
-                    ylim: tuple[float, float] | None = None) -> None:
-    """Gradient L2 norm of named weight tensors over training steps, one panel per run, log scale."""
+                    ylim: tuple[float, float]) -> None:
+    """Gradient L2 norms over training steps, one panel per group of curves, one colour per curve label (the same
+    in every panel), one legend, log scale on `ylim`; norms below GRAD_FLOOR are drawn at it and marked clipped."""
+    from matplotlib.lines import Line2D
+    labels = list(dict.fromkeys(label for _, curves in panels.values() for label in curves))
+    colours = dict(zip(labels, curve_colours(len(labels))))
     fig, axes = new_figure(len(panels), panel_size=(4.2, 4.5))
-    for ax, (panel, (steps, grad_norms)) in zip(axes, panels.items()):
-        for name, norms in grad_norms.items():
-            # a gradient that vanished to exactly zero is drawn at a floor rather than dropped by the log scale
-            label = f"{name} (exactly 0 drawn at {ZERO_FLOOR:g})" if (norms == 0).any() else name
-            ax.plot(steps, np.maximum(norms, ZERO_FLOOR), linewidth=0.8, label=label)
-        ax.set(xlabel="training step", title=panel, yscale="log")
-        if ylim is not None:
-            ax.set_ylim(*ylim)
+    clipped = False
+    for ax, (panel, (steps, curves)) in zip(axes, panels.items()):
+        for label, norms in curves.items():
+            clipped |= bool((norms < GRAD_FLOOR).any())
+            ax.plot(steps, np.maximum(norms, GRAD_FLOOR), color=colours[label], linewidth=0.8)
+        ax.set(xlabel="training step", title=panel, yscale="log", ylim=ylim)
+        plain_log_ticks(ax)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     axes[0].set_ylabel("gradient L2 norm")
+    handles = [Line2D([], [], color=colours[label], label=label) for label in labels]
+    if clipped:
+        for ax in axes:
+            ax.axhline(GRAD_FLOOR, color="black", linestyle=":", linewidth=1)
+        handles.append(Line2D([], [], color="black", linestyle=":",
+                              label=f"clipped: norms below {GRAD_FLOOR:g} drawn at it"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle(title)
     savefig(fig, path)
 
@@ -264,6 +286,7 @@ def plot_init_gradients(points: list[tuple[int, float, float]], path: str | Path
                    label=f"threshold {threshold.value:.2g}")
     ax.set(xscale="log", ylim=(0, 1), xlabel="first layer's gradient L2 norm at step 0 (before any update)",
            ylabel="final validation accuracy")
+    plain_log_ticks(ax, "x")
     if (norms < GRAD_FLOOR).any():
         ax.set_xlabel(ax.get_xlabel() + f"; below {GRAD_FLOOR:g} drawn at it (clipped)")
     ax.set_title(f"plain MLPs of {STALL_LAYERS[0]} to {STALL_LAYERS[1]} hidden layers, one point per run:\n"
@@ -274,8 +297,8 @@ def plot_init_gradients(points: list[tuple[int, float, float]], path: str | Path
 
 
 def grad_range(series: list[np.ndarray]) -> tuple[float, float]:
-    """One log-scale y range that holds every series (zeros at the floor), so figures can be compared."""
-    values = np.concatenate([np.maximum(s, ZERO_FLOOR) for s in series])
+    """One log-scale y range that holds every series (norms below GRAD_FLOOR at it), so figures can be compared."""
+    values = np.maximum(np.concatenate(series), GRAD_FLOOR)
     return float(values.min()) / 2, float(values.max()) * 2
 
 
@@ -286,16 +309,20 @@ def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.n
     mlp = runs[0][0].model_name == "MLP"
     loss: dict[str, dict[str, list[list[float]]]] = {}
     acc: dict[str, dict[str, list[list[float]]]] = {}
-    for config, history, _ in runs:
-        loss.setdefault(shortcut_label(config), {}).setdefault(depth_label(config), []).append(
-            [e["train_loss"] for e in history["epochs"]])
-        acc.setdefault(shortcut_label(config), {}).setdefault(depth_label(config), []).append(
-            [e["val_acc"] for e in history["epochs"]])
+    # the MLP's many depths as small multiples, plain against residual in each; the CNN's few depths in one panel
+    # per shortcut kind, so that the deeper plain network's curve sits beside the shallower one's
+    order = sorted(runs, key=lambda r: (r[0].depth, r[0].width or 0, r[0].residual_step, r[0].seed))
+    for config, history, _ in order:
+        panel, curve = (depth_label(config), shortcut_label(config)) if mlp else (shortcut_label(config),
+                                                                                 depth_label(config))
+        loss.setdefault(panel, {}).setdefault(curve, []).append([e["train_loss"] for e in history["epochs"]])
+        acc.setdefault(panel, {}).setdefault(curve, []).append([e["val_acc"] for e in history["epochs"]])
     family = "MLP" if mlp else "CNN"
     paths = [plots_dir / ("mlp_training_loss.png" if mlp else "Conv_train_loss.png"),
              plots_dir / ("mlp_Val_acc.png" if mlp else "Conv_val_accuracy.png")]
-    plot_curves(loss, "training loss", f"{family} training loss", paths[0], logy=True)
-    plot_curves(acc, "validation accuracy", f"{family} validation accuracy", paths[1])
+    columns = 3 if mlp else None
+    plot_curves(loss, "training loss", f"{family} training loss", paths[0], logy=True, columns=columns)
+    plot_curves(acc, "validation accuracy", f"{family} validation accuracy", paths[1], columns=columns)
     logged = [(c, g) for c, _, g in runs if g[0]]
     if not logged:
         return paths
@@ -332,8 +359,8 @@ def plot_mlp_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np
     ylim = grad_range([s for layers in first for s in layers.values()])
     paths = []
     for name, group in groups.items():
-        panels = {f"seed {c.seed}": (steps, dict(list(norms.items())[:GRAD_PLOT_LAYERS]))
-                  for c, (steps, norms) in group}
+        panels = {f"seed {c.seed}": (steps, dict(list(zip(layer_names(list(norms)), norms.values()))[
+            :GRAD_PLOT_LAYERS])) for c, (steps, norms) in group}
         paths.append(plots_dir / f"{name}.png")
         plot_grad_norms(panels, f"gradients of the first layers: {depth_label(group[0][0])}, "
                         f"{shortcut_label(group[0][0])}", paths[-1], ylim)
@@ -346,17 +373,16 @@ def plot_cnn_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np
     against residual, on one y range across depths."""
     by_depth: dict[int, dict[str, np.ndarray]] = {}
     steps_of: dict[int, list[int]] = {}
-    for config, (steps, norms) in runs:
-        first_name, first_norms = next(iter(norms.items()))
-        label = f"{shortcut_label(config)}, seed {config.seed}: {first_name}"
-        by_depth.setdefault(config.depth, {})[label] = first_norms
+    for config, (steps, norms) in sorted(runs, key=lambda r: (r[0].residual_step, r[0].seed)):
+        by_depth.setdefault(config.depth, {})[f"{shortcut_label(config)}, seed {config.seed}"] = next(
+            iter(norms.values()))
         steps_of[config.depth] = steps
     ylim = grad_range([s for series in by_depth.values() for s in series.values()])
     paths = []
     for depth, series in by_depth.items():
         paths.append(plots_dir / f"Conv_gradients_d{depth}.png")
         plot_grad_norms({f"depth {depth}": (steps_of[depth], series)},
-                        "gradient norm of the first convolution", paths[-1], ylim)
+                        "gradient norm of the first convolution (the stem's)", paths[-1], ylim)
     return paths
 
 

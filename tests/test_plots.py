@@ -35,7 +35,7 @@ def assert_shared_y_range(figures: list, series: list[np.ndarray]) -> None:
     ranges = {ax.get_ylim() for fig in figures for ax in fig.axes}
     assert len(ranges) == 1
     low, high = ranges.pop()
-    values = np.maximum(np.concatenate(series), plots.ZERO_FLOOR)
+    values = np.maximum(np.concatenate(series), plots.GRAD_FLOOR)
     assert low <= values.min() and values.max() <= high
 
 
@@ -54,7 +54,14 @@ def test_mlp_sweep_figures_are_named_by_hidden_layers_shortcuts_and_width(tmp_pa
                                                     "mlp_trainability.png", *gradients, *heatmaps])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
     assert [ax.get_title() for ax in figures["gradients_mlp_d5_w8.png"].axes] == ["seed 0", "seed 1"]
-    assert all(len(ax.lines) == plots.GRAD_PLOT_LAYERS for name in gradients for ax in figures[name].axes)
+    # the figure with vanished gradients draws the clipped floor too, and says so once
+    assert {name: [len(ax.lines) for ax in figures[name].axes] for name in gradients} == {
+        gradients[0]: [plots.GRAD_PLOT_LAYERS + 1] * 2, gradients[1]: [plots.GRAD_PLOT_LAYERS],
+        gradients[2]: [plots.GRAD_PLOT_LAYERS]}
+    assert [[t.get_text() for t in figures[name].legends[0].get_texts()] for name in gradients[:2]] == [
+        ["input layer", "hidden layer 1", "hidden layer 2", "hidden layer 3", "hidden layer 4",
+         "clipped: norms below 1e-20 drawn at it"],
+        ["input layer", "hidden layer 1", "hidden layer 2", "hidden layer 3", "hidden layer 4"]]
     first_layers = [s[:plots.GRAD_PLOT_LAYERS] for s in (vanished, small, large)]
     assert_shared_y_range([figures[name] for name in gradients], first_layers)
 
@@ -171,3 +178,31 @@ def test_init_scatter_has_a_point_per_plain_run_of_14_to_34_hidden_layers(tmp_pa
     assert "separates them exactly" in ax.get_title() and "clipped" in ax.get_xlabel()
     assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["14 hidden layers (2 runs)",
                                                                       "18 hidden layers (2 runs)"]
+
+
+def test_mlp_curves_are_small_multiples_by_depth_with_plain_ticks_on_log_axes(tmp_path, figures):
+    runs = []
+    for hidden in ("6", "2", "4"):
+        for step in ("0", "2"):
+            for seed in ("0", "1"):
+                config, history, grads = fake_run(run_config("--num_hidden_layers", hidden, "--residual_step", step,
+                                                             "--seed", seed), np.ones((2, 3)))
+                for epoch, loss in zip(history["epochs"], (2.0, 0.8)):
+                    epoch["train_loss"] = loss
+                runs.append((config, history, grads))
+    plots.plot_sweep(runs, tmp_path)
+    axes = [ax for ax in figures["mlp_training_loss.png"].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [f"{n} hidden layers, width 16" for n in (2, 4, 6)]
+    assert all([line.get_color() for line in ax.lines] == [line.get_color() for line in axes[0].lines]
+               for ax in axes)  # plain, plain, residual, residual: the same two colours in every panel
+    low, high = axes[0].get_ylim()
+    labels = [t.get_text() for t, value in zip(axes[0].get_yticklabels(), axes[0].get_yticks()) if low <= value <= high]
+    assert labels == ["0.8", "1", "1.5", "2"]
+
+
+def test_gradient_norms_below_the_floor_are_marked_clipped_even_when_not_zero(tmp_path, figures):
+    tiny = np.full((4, 3), 1e-25)
+    plots.plot_sweep([fake_run(run_config("--num_hidden_layers", "2"), tiny)], tmp_path)
+    figure = figures["gradients_mlp_d2.png"]
+    assert figure.legends[0].get_texts()[-1].get_text() == "clipped: norms below 1e-20 drawn at it"
+    assert figure.axes[0].get_ylim()[0] < plots.GRAD_FLOOR == figure.axes[0].lines[0].get_ydata().min()
