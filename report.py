@@ -3,18 +3,30 @@
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2            # print the tables
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --readme README.md   # and rewrite them there
     python report.py --best_checkpoint runs/reproduce/ex2                        # the CAM model of Exercise 3
+
+Every run folder it does not use is listed on stderr with the reason, and so is every run a complete sweep would
+hold (each network with each seed the others have) that is missing; --readme then writes nothing unless given
+--allow_missing.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import re
 import statistics
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from config import RunConfig
 from plots import STALL_LAYERS, TRAINED, in_stall_study, init_gradient_points, init_gradient_threshold
+from sweep import run_name
 from train import RunFiles
 from utils import ArgumentParser, UsageError, atomic_write, run_cli
+
+FAMILIES = {"--ex1": ("MLP", "Exercise 1's MLP runs"), "--ex2": ("ResNet", "Exercise 2's CNN runs"),
+            "--best_checkpoint": ("ResNet", "Exercise 2's CNN runs")}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -28,22 +40,93 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--best_checkpoint", default=None,
                help="print the checkpoint of the residual run with the best final validation accuracy in this "
                     "out_dir, and nothing else")
+    parser.add("--allow_missing", action="store_true", default=False,
+               help="let --readme write tables that lack runs of the sweep (unfinished, unreadable or missing)")
     return parser
 
 
-def finished_runs(out_dir: Path) -> list[tuple[RunConfig, dict]]:
-    """(config, history) of every finished run folder directly under `out_dir`, in name order."""
+@dataclass(frozen=True)
+class LeftOut:
+    """A run folder the report does not use, why, and its config when that could be read."""
+    folder: str
+    reason: str
+    config: RunConfig | None = None
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_history(history: dict, path: Path) -> None:
+    """Refuse a finished history.json that lacks what the tables read: a test accuracy and, for every epoch, the
+    training loss, validation accuracy and seconds."""
+    test = history["test"]
+    if not isinstance(test, dict) or not is_number(test.get("acc")):
+        raise UsageError(f"{path}: its test result has no accuracy ('acc'); the file is damaged: train that run "
+                         "again (--overwrite) or move its folder away")
+    for epoch in history["epochs"] or [None]:
+        if not isinstance(epoch, dict) or not all(is_number(epoch.get(k)) for k in ("train_loss", "val_acc",
+                                                                                    "seconds")):
+            raise UsageError(f"{path}: an epoch without a numeric train_loss, val_acc and seconds; the file is "
+                             "damaged: train that run again (--overwrite) or move its folder away")
+
+
+def read_runs(out_dir: Path) -> tuple[list[tuple[RunConfig, dict]], list[LeftOut]]:
+    """(config, history) of every finished run folder directly under `out_dir`, in name order, and every other
+    run folder there with the reason it is not used (folders holding no run file, such as plots/, are not runs)."""
     if not out_dir.is_dir():
         raise UsageError(f"{out_dir} is not a folder; run the sweep first")
-    runs = []
+    runs, left_out = [], []
     for run_dir in sorted(p for p in out_dir.iterdir() if p.is_dir()):
         files = RunFiles(run_dir)
+        if not files.exist():
+            continue
         config, history = files.read_config(), files.read_history()
-        if config is not None and history is not None and "test" in history:
+        if config is None:
+            left_out.append(LeftOut(run_dir.name, "no readable config.json"))
+        elif history is None:
+            left_out.append(LeftOut(run_dir.name, "no readable history.json (no epoch finished)", config))
+        elif "test" not in history:
+            left_out.append(LeftOut(run_dir.name, f"unfinished: {len(history['epochs'])} of {config.num_epochs} "
+                                    "epochs, no test result", config))
+        else:
+            check_history(history, files.history)
             runs.append((config, history))
+    return runs, left_out
+
+
+def missing_runs(configs: list[RunConfig]) -> list[str]:
+    """The runs a complete sweep of these configs would hold, every network with every seed that any has, that are
+    not among them, by the folder name the sweep gives them."""
+    networks = {run_name(dataclasses.replace(c, seed=0)): c for c in configs}
+    seeds = sorted({c.seed for c in configs})
+    present = {run_name(c) for c in configs}
+    return [name for config in networks.values() for seed in seeds
+            if (name := run_name(dataclasses.replace(config, seed=seed))) not in present]
+
+
+def check_family(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
+    """Refuse runs of the other model family than `flag`'s exercise takes."""
+    model_name, what = FAMILIES[flag]
+    wrong = [c for c in configs if c.model_name != model_name]
+    if wrong:
+        raise UsageError(f"{flag} takes {what}, but {out_dir} holds {len(wrong)} {wrong[0].model_name} runs "
+                         f"({wrong[0].run_name}, ...)")
+
+
+def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]], int]:
+    """The finished runs of `out_dir` for the exercise of `flag`, after listing on stderr every run folder not used
+    and every run missing from the sweep; with how many those are."""
+    runs, left_out = read_runs(out_dir)
+    check_family([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
+    missing = missing_runs([c for c, _ in runs] + [item.config for item in left_out if item.config])
+    for item in left_out:
+        print(f"{out_dir}: not used: {item.folder}: {item.reason}", file=sys.stderr)
+    for name in missing:
+        print(f"{out_dir}: missing: {name} (no run folder; the other networks have this seed)", file=sys.stderr)
     if not runs:
         raise UsageError(f"{out_dir} holds no finished runs; run the sweep first")
-    return runs
+    return runs, len(left_out) + len(missing)
 
 
 def percent(value: float) -> str:
@@ -191,34 +274,64 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
 
 
+def stall_study(out_dir: Path, runs: list[tuple[RunConfig, dict]]
+                ) -> tuple[list[tuple[RunConfig, dict, tuple[list[int], dict]]], int]:
+    """(config, history, gradient norms) of the runs of the initialisation study; a run whose grad_norms.csv
+    cannot be read is listed on stderr and counted."""
+    study, unread = [], 0
+    for config, history in runs:
+        if in_stall_study(config):
+            try:
+                study.append((config, history, RunFiles(out_dir / config.run_name).read_grad_norms()))
+            except (OSError, ValueError, IndexError):
+                print(f"{out_dir}: not used for the initialisation check: {config.run_name}: no readable "
+                      "grad_norms.csv", file=sys.stderr)
+                unread += 1
+    return study, unread
+
+
+def read_readme(path: Path) -> str:
+    """The text of --readme, or a UsageError saying why it cannot be read."""
+    try:
+        return path.read_text()
+    except IsADirectoryError:
+        raise UsageError(f"--readme {path} is a folder; give the README file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--readme {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def main(args: argparse.Namespace) -> dict[str, str]:
     """Print (and with --readme, write) the tables; return them by block name."""
     if args.best_checkpoint is not None:
         out_dir = Path(args.best_checkpoint)
-        print(best_checkpoint(finished_runs(out_dir), out_dir))
+        print(best_checkpoint(finished_runs(out_dir, "--best_checkpoint")[0], out_dir))
         return {}
     if args.ex1 is None and args.ex2 is None:
         raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep), or --best_checkpoint")
-    blocks = {}
+    text = read_readme(Path(args.readme)) if args.readme is not None else None
+    blocks, incomplete = {}, 0
     if args.ex1 is not None:
         out_dir = Path(args.ex1)
-        runs = finished_runs(out_dir)
+        runs, left = finished_runs(out_dir, "--ex1")
+        study, unread = stall_study(out_dir, runs)
         blocks["ex1"] = exercise1_table(runs)
-        study = [(c, h, RunFiles(out_dir / c.run_name).read_grad_norms()) for c, h in runs if in_stall_study(c)]
         blocks["ex1-init"] = init_gradient_check(init_gradient_points(study))
+        incomplete += left + unread
     if args.ex2 is not None:
-        runs = finished_runs(Path(args.ex2))
+        runs, left = finished_runs(Path(args.ex2), "--ex2")
         blocks["ex2"] = exercise2_table(runs)
         blocks["ex2-checks"] = exercise2_checks(runs)
+        incomplete += left
     for name, content in blocks.items():
         print(f"<!-- report:{name} -->\n{content}\n")
-    if args.readme is not None:
-        readme = Path(args.readme)
-        text = readme.read_text()
+    if text is not None:
+        if incomplete and not args.allow_missing:
+            raise UsageError(f"not rewriting {args.readme}: {incomplete} runs of the sweep are not in these tables "
+                             "(listed above); finish them, or pass --allow_missing to write the tables without them")
         for name, content in blocks.items():
             text = replace_block(text, name, content)
-        atomic_write(readme, lambda tmp: tmp.write_text(text))
-        print(f"rewrote {len(blocks)} tables in {readme}")
+        atomic_write(Path(args.readme), lambda tmp: tmp.write_text(text))
+        print(f"rewrote {len(blocks)} tables in {args.readme}")
     return blocks
 
 
