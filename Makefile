@@ -36,7 +36,7 @@ reproduce-ex1: install
 	cp $(addprefix $(RUNS)/ex1/plots/,mlp_training_loss.png mlp_Val_acc.png mlp_trainability.png \
 		gradients_mlp_d22.png gradients_mlp_d34.png gradients_mlp_d34_res2.png \
 		gradient_heatmap_mlp_mnist_h22_w16_plain_s0.png gradient_heatmap_mlp_mnist_h34_w16_plain_s0.png \
-		gradient_heatmap_mlp_mnist_h34_w16_res2_s0.png) img_show/
+		gradient_heatmap_mlp_mnist_h34_w16_res2_s0.png mlp_init_gradient_vs_accuracy.png) img_show/
 	$(PY) report.py --ex1 $(RUNS)/ex1
 
 # Exercise 2: He et al.'s CIFAR family at depths 8, 20 and 38, plain and residual (option A shortcuts), seeds 0 to 2,

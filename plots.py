@@ -78,8 +78,8 @@ def plot_curves(panels: dict[str, dict[str, list[list[float]]]], ylabel: str, ti
     seeds = {label: sorted({len(curves[label]) for curves in panels.values() if label in curves})
              for label in labels}
     handles = [Line2D([], [], color=colours[label], marker="o", markersize=3,
-                      label=f"{label} ({'/'.join(map(str, seeds[label]))} seeds)") for label in labels]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(labels), 4), fontsize=8)
+                      label=f"{label}: {'/'.join(map(str, seeds[label]))} seeds") for label in labels]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(labels), 4), fontsize=10)
     fig.suptitle(f"{title} (one line per seed)")
     savefig(fig, path)
 
@@ -90,8 +90,13 @@ def curve_colours(count: int) -> list:
     return [colormaps["tab10" if count <= 10 else "tab20"](i) for i in range(count)]
 
 
+def plain_number(value: float, digits: int = 6) -> str:
+    """A number as a student writes it: 0.8, 1.5, 0.0001, 1e-6 (no zero-padded exponent)."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:.{digits}g}").replace("e+", "e")
+
+
 def plain_log_ticks(ax, which: str = "y") -> None:
-    """Label a log axis with plain numbers (0.8, 1, 1.5, 2; 0.001; 1e-12), not 2x10^0, with more ticks when it
+    """Label a log axis with plain numbers (0.8, 1, 1.5, 2; 0.001; 1e-6), not 2x10^0, with more ticks when it
     spans few decades."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     low, high = ax.get_ylim() if which == "y" else ax.get_xlim()
@@ -99,7 +104,7 @@ def plain_log_ticks(ax, which: str = "y") -> None:
     subs = (1, 1.5, 2, 3, 4, 5, 6, 8) if decades < 1.2 else (1, 2, 5) if decades < 3 else (1,)
     axis = ax.yaxis if which == "y" else ax.xaxis
     axis.set_major_locator(LogLocator(subs=subs))
-    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: plain_number(value)))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -224,7 +229,8 @@ class Threshold:
         side = "above" if self.above_trains else "below"
         wrong = "separates them exactly" if self.misclassified == 0 else (
             f"misclassifies {self.misclassified} of {self.runs} runs")
-        return f"runs with {what} {side} {self.value:.2g} train and the others stall: this threshold {wrong}"
+        return (f"runs with {what} {side} {plain_number(self.value, 2)} train and the others stall: this threshold "
+                f"{wrong}")
 
 
 def separating_threshold(values: np.ndarray, trained: np.ndarray) -> Threshold:
@@ -273,17 +279,18 @@ def plot_init_gradients(points: list[tuple[int, float, float]], path: str | Path
     fig, (ax,) = new_figure(panel_size=(7.5, 4.8))
     layers, norms, accs = np.array(points, dtype=float).T
     depths = sorted(set(layers.astype(int)))
-    colours = colormaps["plasma"](np.linspace(0, 0.85, len(depths)))
+    colours = colormaps["viridis"](np.linspace(0, 0.9, len(depths)))
     for colour, depth in zip(colours, depths):
         mine = layers == depth
         ax.scatter(np.maximum(norms[mine], GRAD_FLOOR), accs[mine], s=30, color=colour, alpha=0.85,
                    edgecolors="black", linewidths=0.3, label=f"{depth} hidden layers ({mine.sum()} runs)")
     threshold = init_gradient_threshold(points)
     ax.axhline(TRAINED, color="grey", linestyle=":", linewidth=1)
-    ax.text(ax.get_xlim()[0], TRAINED, f" trains: {TRAINED:.0%} or more", va="bottom", fontsize=7, color="grey")
+    ax.text(0.01, TRAINED, f"trains: {TRAINED:.0%} or more", va="bottom", fontsize=7, color="grey",
+            transform=ax.get_yaxis_transform())
     if threshold.misclassified < threshold.without_value:
         ax.axvline(threshold.value, color="black", linestyle="--", linewidth=1,
-                   label=f"threshold {threshold.value:.2g}")
+                   label=f"threshold {plain_number(threshold.value, 2)}")
     ax.set(xscale="log", ylim=(0, 1), xlabel="first layer's gradient L2 norm at step 0 (before any update)",
            ylabel="final validation accuracy")
     plain_log_ticks(ax, "x")

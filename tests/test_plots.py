@@ -97,7 +97,7 @@ def test_curves_give_each_network_one_colour_and_each_seed_its_own_line(tmp_path
     assert [len(set(colours[0][i:i + 3])) for i in (0, 3)] == [1, 1]  # the 3 seeds of a network: one colour
     assert colours[0][0] != colours[0][3]
     legend = figures["Conv_train_loss.png"].legends[0]
-    assert [t.get_text() for t in legend.get_texts()] == ["depth 3 (3 seeds)", "depth 5 (3 seeds)"]
+    assert [t.get_text() for t in legend.get_texts()] == ["depth 3: 3 seeds", "depth 5: 3 seeds"]
 
 
 def test_layers_are_named_in_words_from_input_to_output():

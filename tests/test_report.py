@@ -49,7 +49,7 @@ def test_exercise1_init_check_finds_the_threshold_on_the_first_layers_gradient_a
     blocks = report.main(report.get_args_parser().parse_args(["--ex1", str(tmp_path)]))
     assert blocks["ex1-init"] == (
         "3 plain runs of 14 to 34 hidden layers, 1 of which train (a final validation accuracy of at least 20.0%): "
-        "runs with a first-layer gradient norm at step 0 above 3.2e-08 train and the others stall: this threshold "
+        "runs with a first-layer gradient norm at step 0 above 3.2e-8 train and the others stall: this threshold "
         "separates them exactly.")
 
 
