@@ -108,19 +108,22 @@ def plain_log_ticks(ax, which: str = "y") -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def plot_grad_norms(panels: dict[str, tuple[list[int], dict[str, np.ndarray]]], title: str, path: str | Path,
-                    ylim: tuple[float, float]) -> None:
+def plot_grad_norms(panels: dict[str, tuple[list[int], dict[str, list[np.ndarray]]]], title: str,
+                    path: str | Path, ylim: tuple[float, float]) -> None:
     """Gradient L2 norms over training steps, one panel per group of curves, one colour per curve label (the same
-    in every panel), one legend, log scale on `ylim`; norms below GRAD_FLOOR are drawn at it and marked clipped."""
+    in every panel) with a line for each of its series, one legend, log scale on `ylim`; norms below GRAD_FLOOR
+    are drawn at it and marked clipped."""
     from matplotlib.lines import Line2D
     labels = list(dict.fromkeys(label for _, curves in panels.values() for label in curves))
     colours = dict(zip(labels, curve_colours(len(labels))))
-    fig, axes = new_figure(len(panels), panel_size=(4.2, 4.5))
+    fig, axes = new_figure(len(panels), panel_size=(4.2, 4.5) if len(panels) > 1 else (7, 4.5))
     clipped = False
     for ax, (panel, (steps, curves)) in zip(axes, panels.items()):
-        for label, norms in curves.items():
-            clipped |= bool((norms < GRAD_FLOOR).any())
-            ax.plot(steps, np.maximum(norms, GRAD_FLOOR), color=colours[label], linewidth=0.8)
+        for label, series in curves.items():
+            for norms in series:
+                clipped |= bool((norms < GRAD_FLOOR).any())
+                ax.plot(steps, np.maximum(norms, GRAD_FLOOR), color=colours[label], linewidth=0.8,
+                        alpha=1 if len(series) == 1 else 0.6)
         ax.set(xlabel="training step", title=panel, yscale="log", ylim=ylim)
         plain_log_ticks(ax)
         ax.grid(alpha=0.3)
@@ -366,8 +369,8 @@ def plot_mlp_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np
     ylim = grad_range([s for layers in first for s in layers.values()])
     paths = []
     for name, group in groups.items():
-        panels = {f"seed {c.seed}": (steps, dict(list(zip(layer_names(list(norms)), norms.values()))[
-            :GRAD_PLOT_LAYERS])) for c, (steps, norms) in group}
+        panels = {f"seed {c.seed}": (steps, {name: [series] for name, series in list(zip(
+            layer_names(list(norms)), norms.values()))[:GRAD_PLOT_LAYERS]}) for c, (steps, norms) in group}
         paths.append(plots_dir / f"{name}.png")
         plot_grad_norms(panels, f"gradients of the first layers: {depth_label(group[0][0])}, "
                         f"{shortcut_label(group[0][0])}", paths[-1], ylim)
@@ -376,19 +379,20 @@ def plot_mlp_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np
 
 def plot_cnn_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np.ndarray]]]],
                        plots_dir: Path) -> list[Path]:
-    """Conv_gradients_d<depth>.png: the first convolution's gradient norm of every run of that depth, plain
-    against residual, on one y range across depths."""
-    by_depth: dict[int, dict[str, np.ndarray]] = {}
+    """Conv_gradients_d<depth>.png: the first convolution's gradient norm of every run of that depth, one colour
+    for plain and one for residual (a line per seed), on one y range across depths."""
+    by_depth: dict[int, dict[str, list[np.ndarray]]] = {}
     steps_of: dict[int, list[int]] = {}
     for config, (steps, norms) in sorted(runs, key=lambda r: (r[0].residual_step, r[0].seed)):
-        by_depth.setdefault(config.depth, {})[f"{shortcut_label(config)}, seed {config.seed}"] = next(
-            iter(norms.values()))
+        by_depth.setdefault(config.depth, {}).setdefault(shortcut_label(config), []).append(next(iter(norms.values())))
         steps_of[config.depth] = steps
-    ylim = grad_range([s for series in by_depth.values() for s in series.values()])
+    ylim = grad_range([s for curves in by_depth.values() for series in curves.values() for s in series])
     paths = []
-    for depth, series in by_depth.items():
+    for depth, curves in by_depth.items():
+        named = {f"{label}, {len(series)} seeds" if len(series) > 1 else label: series
+                 for label, series in curves.items()}
         paths.append(plots_dir / f"Conv_gradients_d{depth}.png")
-        plot_grad_norms({f"depth {depth}": (steps_of[depth], series)},
+        plot_grad_norms({f"depth {depth}": (steps_of[depth], named)},
                         "gradient norm of the first convolution (the stem's)", paths[-1], ylim)
     return paths
 

@@ -98,6 +98,9 @@ def test_curves_give_each_network_one_colour_and_each_seed_its_own_line(tmp_path
     assert colours[0][0] != colours[0][3]
     legend = figures["Conv_train_loss.png"].legends[0]
     assert [t.get_text() for t in legend.get_texts()] == ["depth 3: 3 seeds", "depth 5: 3 seeds"]
+    gradients = figures["Conv_gradients_d3.png"]
+    assert [t.get_text() for t in gradients.legends[0].get_texts()] == ["plain, 3 seeds", "residual (step 1), 3 seeds"]
+    assert len({line.get_color() for line in gradients.axes[0].lines}) == 2 and len(gradients.axes[0].lines) == 6
 
 
 def test_layers_are_named_in_words_from_input_to_output():
