@@ -54,6 +54,7 @@ class LeftOut:
 
 
 def is_number(value: object) -> bool:
+    """Whether a JSON value is a finite number (not a bool, not NaN)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -85,7 +86,7 @@ def read_runs(out_dir: Path) -> tuple[list[tuple[RunConfig, dict]], list[LeftOut
         if config is None:
             left_out.append(LeftOut(run_dir.name, "no readable config.json"))
         elif history is None:
-            left_out.append(LeftOut(run_dir.name, "no readable history.json (no epoch finished)", config))
+            left_out.append(LeftOut(run_dir.name, "no readable history.json (none yet, or damaged)", config))
         elif "test" not in history:
             left_out.append(LeftOut(run_dir.name, f"unfinished: {len(history['epochs'])} of {config.num_epochs} "
                                     "epochs, no test result", config))
@@ -110,8 +111,8 @@ def check_family(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
     model_name, what = FAMILIES[flag]
     wrong = [c for c in configs if c.model_name != model_name]
     if wrong:
-        raise UsageError(f"{flag} takes {what}, but {out_dir} holds {len(wrong)} {wrong[0].model_name} runs "
-                         f"({wrong[0].run_name}, ...)")
+        raise UsageError(f"{flag} takes {what}, but {out_dir} holds {wrong[0].model_name} runs ({len(wrong)}, such as "
+                         f"{wrong[0].run_name})")
 
 
 def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]], int]:
@@ -140,6 +141,7 @@ def median_range(values: list[float], fmt) -> str:
 
 
 def loss(value: float) -> str:
+    """A loss as the tables write it: 0.942."""
     return f"{value:.3f}"
 
 
