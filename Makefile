@@ -38,7 +38,9 @@ reproduce-ex1: install
 		26 30 34 --width 16 --residual_step 0 2 --seed 0 1 2 3 4 --num_epochs 10 --jobs $(JOBS) \
 		--out_dir $(RUNS)/ex1 --resume
 	cp $(addprefix $(RUNS)/ex1/plots/,mlp_training_loss.png mlp_Val_acc.png mlp_trainability.png \
-		gradients_mlp_d22.png gradients_mlp_d34.png gradients_mlp_d34_res2.png) img_show/
+		gradients_mlp_d22.png gradients_mlp_d34.png gradients_mlp_d34_res2.png \
+		gradient_heatmap_mlp_mnist_h22_w16_plain_s0.png gradient_heatmap_mlp_mnist_h34_w16_plain_s0.png \
+		gradient_heatmap_mlp_mnist_h34_w16_res2_s0.png mlp_init_gradient_vs_accuracy.png) img_show/
 	$(PY) report.py --ex1 $(RUNS)/ex1
 
 # Exercise 2: He et al.'s CIFAR family at depths 8, 20 and 38, plain and residual (option A shortcuts), seeds 0 to 2,
@@ -46,7 +48,9 @@ reproduce-ex1: install
 # epoch took 9.2 s instead of 13.1 s; on a quiet machine it costs 13% (README, Performance).
 reproduce-ex2: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --preset exercise2 --data_root $(DATA_ROOT) --out_dir $(RUNS)/ex2 --resume
-	cp $(addprefix $(RUNS)/ex2/plots/,Conv_train_loss.png Conv_val_accuracy.png Conv_gradients_d38.png) img_show/
+	cp $(addprefix $(RUNS)/ex2/plots/,Conv_train_loss.png Conv_val_accuracy.png Conv_gradients_d38.png \
+		gradient_heatmap_resnet_cifar10_d38_c16x3_plain_s0.png gradient_heatmap_resnet_cifar10_d38_c16x3_res2_s0.png) \
+		img_show/
 	$(PY) report.py --ex2 $(RUNS)/ex2
 
 # Exercise 3: class activation maps of Exercise 2's residual network with the best validation accuracy.

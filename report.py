@@ -3,19 +3,29 @@
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2            # print the tables
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --readme README.md   # and rewrite them there
     python report.py --best_checkpoint runs/reproduce/ex2                        # the CAM model of Exercise 3
+
+Every run folder it does not use is listed on stderr with the reason, and so is every run a complete sweep would
+hold (each network with each seed the others have) that is missing; --readme then writes nothing unless given
+--allow_missing.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import re
 import statistics
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from config import RunConfig
+from plots import STALL_LAYERS, TRAINED, in_stall_study, init_gradient_points, init_gradient_threshold
 from runs import RunFiles
 from utils import ArgumentParser, UsageError, atomic_write, run_cli
 
-TRAINED = 0.2  # a run "trains" when its test accuracy reaches twice chance; a stalled MLP predicts one class (~11%)
+FAMILIES = {"--ex1": ("MLP", "Exercise 1's MLP runs"), "--ex2": ("ResNet", "Exercise 2's CNN runs"),
+            "--best_checkpoint": ("ResNet", "Exercise 2's CNN runs")}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -29,30 +39,109 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--best_checkpoint", default=None,
                help="print the checkpoint of the residual run with the best final validation accuracy in this "
                     "out_dir, and nothing else")
+    parser.add("--allow_missing", action="store_true", default=False,
+               help="let --readme write tables that lack runs of the sweep (unfinished, unreadable or missing)")
     return parser
 
 
-def finished_runs(out_dir: Path) -> list[tuple[RunConfig, dict]]:
-    """(config, history) of every finished run folder directly under `out_dir`, in name order."""
+@dataclass(frozen=True)
+class LeftOut:
+    """A run folder the report does not use, why, and its config when that could be read."""
+    folder: str
+    reason: str
+    config: RunConfig | None = None
+
+
+def is_number(value: object) -> bool:
+    """Whether a JSON value is a finite number (not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_history(history: dict, path: Path) -> None:
+    """Refuse a finished history.json that lacks what the tables read: a test accuracy and, for every epoch, the
+    training loss, validation accuracy and seconds."""
+    test = history["test"]
+    if not isinstance(test, dict) or not is_number(test.get("acc")):
+        raise UsageError(f"{path}: its test result has no accuracy ('acc'); the file is damaged: train that run "
+                         "again (--overwrite) or move its folder away")
+    for epoch in history["epochs"] or [None]:
+        if not isinstance(epoch, dict) or not all(is_number(epoch.get(k)) for k in ("train_loss", "val_acc",
+                                                                                    "seconds")):
+            raise UsageError(f"{path}: an epoch without a numeric train_loss, val_acc and seconds; the file is "
+                             "damaged: train that run again (--overwrite) or move its folder away")
+
+
+def read_runs(out_dir: Path) -> tuple[list[tuple[RunConfig, dict]], list[LeftOut]]:
+    """(config, history) of every finished run folder directly under `out_dir`, in name order, and every other
+    run folder there with the reason it is not used (folders holding no run file, such as plots/, are not runs)."""
     if not out_dir.is_dir():
         raise UsageError(f"{out_dir} is not a folder; run the sweep first")
-    runs = []
+    runs, left_out = [], []
     for run_dir in sorted(p for p in out_dir.iterdir() if p.is_dir()):
         files = RunFiles(run_dir)
+        if not files.exist():
+            continue
         config, history = files.read_config(), files.read_history()
-        if config is not None and history is not None and "test" in history:
+        if config is None:
+            left_out.append(LeftOut(run_dir.name, "no readable config.json"))
+        elif history is None:
+            left_out.append(LeftOut(run_dir.name, "no readable history.json (none yet, or damaged)", config))
+        elif "test" not in history:
+            left_out.append(LeftOut(run_dir.name, f"unfinished: {len(history['epochs'])} of {config.num_epochs} "
+                                    "epochs, no test result", config))
+        else:
+            check_history(history, files.history)
             runs.append((config, history))
+    return runs, left_out
+
+
+def missing_runs(configs: list[RunConfig]) -> list[str]:
+    """The runs a complete sweep of these configs would hold, every network with every seed that any has, that are
+    not among them, by the folder name the sweep gives them."""
+    networks = {dataclasses.replace(c, seed=0).default_run_name(): c for c in configs}
+    seeds = sorted({c.seed for c in configs})
+    present = {c.default_run_name() for c in configs}
+    return [name for config in networks.values() for seed in seeds
+            if (name := dataclasses.replace(config, seed=seed).default_run_name()) not in present]
+
+
+def check_family(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
+    """Refuse runs of the other model family than `flag`'s exercise takes."""
+    model_name, what = FAMILIES[flag]
+    wrong = [c for c in configs if c.model_name != model_name]
+    if wrong:
+        raise UsageError(f"{flag} takes {what}, but {out_dir} holds {wrong[0].model_name} runs ({len(wrong)}, such as "
+                         f"{wrong[0].run_name})")
+
+
+def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]], int]:
+    """The finished runs of `out_dir` for the exercise of `flag`, after listing on stderr every run folder not used
+    and every run missing from the sweep; with how many those are."""
+    runs, left_out = read_runs(out_dir)
+    check_family([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
+    missing = missing_runs([c for c, _ in runs] + [item.config for item in left_out if item.config])
+    for item in left_out:
+        print(f"{out_dir}: not used: {item.folder}: {item.reason}", file=sys.stderr)
+    for name in missing:
+        print(f"{out_dir}: missing: {name} (no run folder; the other networks have this seed)", file=sys.stderr)
     if not runs:
         raise UsageError(f"{out_dir} holds no finished runs; run the sweep first")
-    return runs
+    return runs, len(left_out) + len(missing)
 
 
 def percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def shortcuts(config: RunConfig) -> str:
-    return f"residual (step {config.residual_step})" if config.residual_step else "plain"
+def median_range(values: list[float], fmt) -> str:
+    """The median of `values` and their range, each written with `fmt`: "93.5% (92.9% to 94.1%)"."""
+    values = sorted(values)
+    return f"{fmt(statistics.median(values))} ({fmt(values[0])} to {fmt(values[-1])})"
+
+
+def loss(value: float) -> str:
+    """A loss as the tables write it: 0.942."""
+    return f"{value:.3f}"
 
 
 def exercise1_table(runs: list[tuple[RunConfig, dict]]) -> str:
@@ -68,13 +157,12 @@ def exercise1_table(runs: list[tuple[RunConfig, dict]]) -> str:
     for layers in sorted({c.num_hidden_layers for c, _ in runs}):
         row = [str(layers)]
         for kind in kinds:
-            accs = sorted(cells.get((layers, kind), []))
+            accs = cells.get((layers, kind), [])
             if not accs:
                 row += ["", ""]
                 continue
             trained = sum(a >= TRAINED for a in accs)
-            row += [f"{trained}/{len(accs)}",
-                    f"{percent(statistics.median(accs))} ({percent(accs[0])} to {percent(accs[-1])})"]
+            row += [f"{trained}/{len(accs)}", median_range(accs, percent)]
         lines.append("| " + " | ".join(row) + " |")
     seeds = sorted({c.seed for c, _ in runs})
     epochs = sorted({c.num_epochs for c, _ in runs})
@@ -87,61 +175,92 @@ def exercise1_table(runs: list[tuple[RunConfig, dict]]) -> str:
     return "\n".join(lines)
 
 
+def init_gradient_check(points: list[tuple[int, float, float]]) -> str:
+    """Whether the first layer's gradient norm at step 0 tells which plain MLPs will train, from (hidden layers,
+    norm, final validation accuracy) per run."""
+    runs = f"plain runs of {STALL_LAYERS[0]} to {STALL_LAYERS[1]} hidden layers"
+    if not points:
+        return f"No {runs} with their gradient norms logged at step 0."
+    trained = sum(acc >= TRAINED for _, _, acc in points)
+    threshold = init_gradient_threshold(points)
+    return (f"{len(points)} {runs}, {trained} of which train (a final validation accuracy of at least "
+            f"{percent(TRAINED)}): {threshold.statement('a first-layer gradient norm at step 0')}.")
+
+
+def network_label(config: RunConfig) -> str:
+    """A CNN by its depth and shortcuts: "depth 20, residual (step 2, identity shortcuts)"."""
+    if not config.residual_step:
+        return f"depth {config.depth}, plain"
+    return f"depth {config.depth}, residual (step {config.residual_step}, {config.shortcut} shortcuts)"
+
+
 def exercise2_table(runs: list[tuple[RunConfig, dict]]) -> str:
-    """One row per network: depth, shortcuts, size, final losses and accuracies, and training time."""
-    lines = ["| network | parameters | epochs | final train loss | final val acc | test acc | time per epoch |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for config, history in sorted(runs, key=lambda r: (r[0].depth, r[0].residual_step, r[0].seed)):
-        last = history["epochs"][-1]
-        seconds = statistics.median(e["seconds"] for e in history["epochs"])
-        lines.append(f"| depth {config.depth}, {shortcuts(config)}, seed {config.seed} | {config.num_params:,} | "
-                     f"{len(history['epochs'])} | {last['train_loss']:.3f} | {percent(last['val_acc'])} | "
-                     f"{percent(history['test']['acc'])} | {seconds:.0f} s |")
+    """One row per network (its seeds together): size, seeds, precision, median and range over seeds of the final
+    training loss and of the test accuracy, and the median time per epoch."""
+    networks: dict[tuple, list[tuple[RunConfig, dict]]] = {}
+    for config, history in runs:
+        networks.setdefault((config.depth, config.residual_step, config.shortcut or ""), []).append((config, history))
+    lines = ["| network | parameters | seeds | epochs | precision | final train loss: median (range) | "
+             "test acc: median (range) | time per epoch |", "|---|---:|---:|---:|---|---|---|---:|"]
+    for key in sorted(networks):
+        group = networks[key]
+        config = group[0][0]
+        epochs = "/".join(str(n) for n in sorted({len(h["epochs"]) for _, h in group}))
+        precision = "/".join(sorted({"bf16 autocast" if c.amp else "float32" for c, _ in group}))
+        seconds = statistics.median(e["seconds"] for _, h in group for e in h["epochs"])
+        lines.append(f"| {network_label(config)} | {config.num_params:,} | {len(group)} | {epochs} | {precision} | "
+                     f"{median_range([h['epochs'][-1]['train_loss'] for _, h in group], loss)} | "
+                     f"{median_range([h['test']['acc'] for _, h in group], percent)} | {seconds:.0f} s |")
+    seeds = sorted({c.seed for c, _ in runs})
+    lines.append("")
+    lines.append(f"{len(runs)} runs (seeds {', '.join(map(str, seeds))}); median and range over each network's seeds.")
     return "\n".join(lines)
 
 
 def exercise2_checks(runs: list[tuple[RunConfig, dict]]) -> str:
-    """What the lab expects to see, each marked as holding or not in these runs (seed-0 runs only)."""
-    seed = min(c.seed for c, _ in runs)
-    by_net = {(c.depth, c.residual_step > 0): h for c, h in runs if c.seed == seed}
-    depths = sorted({d for d, _ in by_net})
-    deepest, checks = depths[-1], []
+    """What the lab expects to see, judged seed by seed: each line says for how many of the seeds that both
+    networks were trained with it holds, and holds only when it does for every one of them."""
+    by_run = {(c.depth, c.residual_step > 0, c.seed): h for c, h in runs}
+    depths = sorted({c.depth for c, _ in runs})
+    checks = []
 
-    def losses(key):
-        return [e["train_loss"] for e in by_net[key]["epochs"]]
+    def losses(history: dict) -> list[float]:
+        return [e["train_loss"] for e in history["epochs"]]
 
-    def test(key):
-        return by_net[key]["test"]["acc"]
+    def test(history: dict) -> float:
+        return history["test"]["acc"]
 
+    def check(text: str, first: tuple[int, bool], second: tuple[int, bool], holds, medians: bool = False) -> None:
+        """Add `text` judged by `holds(history of first, history of second)` on every seed both networks have."""
+        seeds = sorted(s for d, r, s in by_run if (d, r) == first and (*second, s) in by_run)
+        if not seeds:
+            return
+        held = sum(bool(holds(by_run[(*first, s)], by_run[(*second, s)])) for s in seeds)
+        if medians:
+            text += " (median test acc {} vs {})".format(
+                *(percent(statistics.median(test(by_run[(*net, s)]) for s in seeds)) for net in (first, second)))
+        checks.append((f"{text}: for {held} of {len(seeds)} seeds", held == len(seeds)))
+
+    deepest = depths[-1]
     for shallow in depths[:-1]:
-        plain_deep, plain_shallow = (deepest, False), (shallow, False)
-        if plain_deep in by_net and plain_shallow in by_net:
-            worse = [a > b for a, b in zip(losses(plain_deep), losses(plain_shallow))]
-            checks.append((f"plain depth {deepest} has a higher training loss than plain depth {shallow} at every "
-                           f"epoch ({sum(worse)} of {len(worse)} epochs)", all(worse)))
-            checks.append((f"plain depth {deepest} tests worse than plain depth {shallow} "
-                           f"({percent(test(plain_deep))} vs {percent(test(plain_shallow))})",
-                           test(plain_deep) < test(plain_shallow)))
-        res_deep, res_shallow = (deepest, True), (shallow, True)
-        if res_deep in by_net and res_shallow in by_net:
-            final = losses(res_deep)[-1], losses(res_shallow)[-1]
-            checks.append((f"residual depth {deepest} ends with a training loss at most that of residual depth "
-                           f"{shallow} ({final[0]:.3f} vs {final[1]:.3f})", final[0] <= final[1]))
-            checks.append((f"residual depth {deepest} tests at least as well as residual depth {shallow} "
-                           f"({percent(test(res_deep))} vs {percent(test(res_shallow))})",
-                           test(res_deep) >= test(res_shallow)))
+        check(f"plain depth {deepest} has a higher training loss than plain depth {shallow} at every epoch",
+              (deepest, False), (shallow, False), lambda a, b: all(x > y for x, y in zip(losses(a), losses(b))))
+        check(f"plain depth {deepest} tests worse than plain depth {shallow}", (deepest, False), (shallow, False),
+              lambda a, b: test(a) < test(b), medians=True)
+        check(f"residual depth {deepest} ends with a training loss at most that of residual depth {shallow}",
+              (deepest, True), (shallow, True), lambda a, b: losses(a)[-1] <= losses(b)[-1])
+        check(f"residual depth {deepest} tests at least as well as residual depth {shallow}", (deepest, True),
+              (shallow, True), lambda a, b: test(a) >= test(b), medians=True)
     for depth in depths[1:]:  # at the smallest depth shortcuts are not expected to matter
-        if (depth, True) in by_net and (depth, False) in by_net:
-            lower = [a < b for a, b in zip(losses((depth, True)), losses((depth, False)))]
-            checks.append((f"at depth {depth} the residual network's training loss is below the plain one's at "
-                           f"every epoch ({sum(lower)} of {len(lower)} epochs) and it tests better "
-                           f"({percent(test((depth, True)))} vs {percent(test((depth, False)))})",
-                           all(lower) and test((depth, True)) > test((depth, False))))
+        check(f"at depth {depth} the residual network's training loss is below the plain one's at every epoch and "
+              "it tests better", (depth, True), (depth, False),
+              lambda a, b: all(x < y for x, y in zip(losses(a), losses(b))) and test(a) > test(b), medians=True)
     return "\n".join(f"- {'holds' if ok else '**does not hold**'}: {text}" for text, ok in checks)
 
 
 def best_checkpoint(runs: list[tuple[RunConfig, dict]], out_dir: Path) -> Path:
-    """The checkpoint of the residual run with the best final validation accuracy (never chosen on the test set)."""
+    """The checkpoint of the residual run with the best final validation accuracy over every network and seed
+    (its checkpoint holds the final weights; never chosen on the test set)."""
     residual = [(h["epochs"][-1]["val_acc"], c.run_name) for c, h in runs if c.residual_step]
     if not residual:
         raise UsageError(f"{out_dir} holds no finished residual run")
@@ -156,30 +275,64 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
 
 
+def stall_study(out_dir: Path, runs: list[tuple[RunConfig, dict]]
+                ) -> tuple[list[tuple[RunConfig, dict, tuple[list[int], dict]]], int]:
+    """(config, history, gradient norms) of the runs of the initialisation study; a run whose grad_norms.csv
+    cannot be read is listed on stderr and counted."""
+    study, unread = [], 0
+    for config, history in runs:
+        if in_stall_study(config):
+            try:
+                study.append((config, history, RunFiles(out_dir / config.run_name).read_grad_norms()))
+            except (OSError, ValueError, IndexError):
+                print(f"{out_dir}: not used for the initialisation check: {config.run_name}: no readable "
+                      "grad_norms.csv", file=sys.stderr)
+                unread += 1
+    return study, unread
+
+
+def read_readme(path: Path) -> str:
+    """The text of --readme, or a UsageError saying why it cannot be read."""
+    try:
+        return path.read_text()
+    except IsADirectoryError:
+        raise UsageError(f"--readme {path} is a folder; give the README file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--readme {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def main(args: argparse.Namespace) -> dict[str, str]:
     """Print (and with --readme, write) the tables; return them by block name."""
     if args.best_checkpoint is not None:
         out_dir = Path(args.best_checkpoint)
-        print(best_checkpoint(finished_runs(out_dir), out_dir))
+        print(best_checkpoint(finished_runs(out_dir, "--best_checkpoint")[0], out_dir))
         return {}
     if args.ex1 is None and args.ex2 is None:
         raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep), or --best_checkpoint")
-    blocks = {}
+    text = read_readme(Path(args.readme)) if args.readme is not None else None
+    blocks, incomplete = {}, 0
     if args.ex1 is not None:
-        blocks["ex1"] = exercise1_table(finished_runs(Path(args.ex1)))
+        out_dir = Path(args.ex1)
+        runs, left = finished_runs(out_dir, "--ex1")
+        study, unread = stall_study(out_dir, runs)
+        blocks["ex1"] = exercise1_table(runs)
+        blocks["ex1-init"] = init_gradient_check(init_gradient_points(study))
+        incomplete += left + unread
     if args.ex2 is not None:
-        runs = finished_runs(Path(args.ex2))
+        runs, left = finished_runs(Path(args.ex2), "--ex2")
         blocks["ex2"] = exercise2_table(runs)
         blocks["ex2-checks"] = exercise2_checks(runs)
+        incomplete += left
     for name, content in blocks.items():
         print(f"<!-- report:{name} -->\n{content}\n")
-    if args.readme is not None:
-        readme = Path(args.readme)
-        text = readme.read_text()
+    if text is not None:
+        if incomplete and not args.allow_missing:
+            raise UsageError(f"not rewriting {args.readme}: {incomplete} runs of the sweep are not in these tables "
+                             "(listed above); finish them, or pass --allow_missing to write the tables without them")
         for name, content in blocks.items():
             text = replace_block(text, name, content)
-        atomic_write(readme, lambda tmp: tmp.write_text(text))
-        print(f"rewrote {len(blocks)} tables in {readme}")
+        atomic_write(Path(args.readme), lambda tmp: tmp.write_text(text))
+        print(f"rewrote {len(blocks)} tables in {args.readme}")
     return blocks
 
 

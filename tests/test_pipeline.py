@@ -52,7 +52,9 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["run_name"] == "mlp_mnist_h4_w8_res2_s0"
     assert {"model", "optimizer", "lr_scheduler", "history", "rng"} <= checkpoint.keys()
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert plots == ["gradients_mlp_d2.png", "gradients_mlp_d2_res2.png", "gradients_mlp_d4.png",
+    assert plots == ["gradient_heatmap_mlp_mnist_h2_w8_plain_s0.png", "gradient_heatmap_mlp_mnist_h2_w8_res2_s0.png",
+                     "gradient_heatmap_mlp_mnist_h4_w8_plain_s0.png", "gradient_heatmap_mlp_mnist_h4_w8_res2_s0.png",
+                     "gradients_mlp_d2.png", "gradients_mlp_d2_res2.png", "gradients_mlp_d4.png",
                      "gradients_mlp_d4_res2.png", "mlp_Val_acc.png", "mlp_trainability.png", "mlp_training_loss.png"]
     assert "mlp_mnist_h4_w8_res2_s0: test loss" in result.stdout and "test acc" in result.stdout
 
@@ -78,8 +80,10 @@ def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
     names = {config.run_name for config, _ in runs}
     assert "resnet_cifar10_d8_c4x2_in_res2proj_s1" in names and "resnet_cifar10_d4_c4x2_in_plain_s0" in names
     assert all(len(h["epochs"]) == 1 and "test" in h for _, h in runs)
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"Conv_train_loss.png", "Conv_val_accuracy.png",
-                                                                "Conv_gradients_d4.png", "Conv_gradients_d8.png"}
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {
+        "Conv_train_loss.png", "Conv_val_accuracy.png", "Conv_gradients_d4.png", "Conv_gradients_d8.png",
+        *(f"gradient_heatmap_resnet_cifar10_{name}_s0.png" for name in ("d4_c4x2_in_plain", "d4_c4x2_in_res2proj",
+                                                                         "d8_c4x2_in_plain", "d8_c4x2_in_res2proj"))}
 
 
 def test_same_seed_gives_the_same_history(mnist_root, tmp_path):

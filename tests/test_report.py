@@ -1,5 +1,6 @@
 """report.py: the README's tables and checks from run folders, the CAM checkpoint, and the README rewrite."""
 import pytest
+import torch
 
 import report
 import utils
@@ -7,9 +8,13 @@ from conftest import run_config
 from runs import RunFiles
 
 
-def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True) -> None:
-    """A run folder as train_run leaves it: config.json and history.json (test result only when finished)."""
+def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True, first_grad_norm=None) -> None:
+    """A run folder as train_run leaves it: config.json and history.json (test result only when finished), and
+    with `first_grad_norm`, a grad_norms.csv of two steps whose first weight had this norm at step 0."""
     files = RunFiles(out_dir / config.run_name)
+    if first_grad_norm is not None:
+        files.start_grad_norms(["input.1.weight", "head.weight"])
+        files.append_grad_norms([0, 1], torch.tensor([[first_grad_norm, 1.0], [1.0, 1.0]]))
     utils.write_json(files.config, config.to_dict())
     epochs = [{"epoch": i + 1, "train_loss": loss, "val_loss": 1.0, "val_acc": acc, "lr": 0.1, "seconds": 10.0 + i,
                "steps": 10 * (i + 1)} for i, (loss, acc) in enumerate(zip(train_losses, val_accs))]
@@ -21,9 +26,9 @@ def mlp(hidden: int, step: int, seed: int):
     return run_config("--num_hidden_layers", str(hidden), "--residual_step", str(step), "--seed", str(seed))
 
 
-def cnn(convs: int, step: int):
+def cnn(convs: int, step: int, seed: int = 0):
     return run_config("--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "4", "--num_levels", "1",
-                      "--num_conv_per_level", str(convs), "--residual_step", str(step))
+                      "--num_conv_per_level", str(convs), "--residual_step", str(step), "--seed", str(seed))
 
 
 def test_exercise1_table_counts_trained_seeds_with_median_and_range(tmp_path):
@@ -32,60 +37,160 @@ def test_exercise1_table_counts_trained_seeds_with_median_and_range(tmp_path):
     for seed, acc in enumerate([0.95, 0.93, 0.94]):
         write_run(tmp_path, mlp(4, 2, seed), [0.2], [acc], acc)
     write_run(tmp_path, mlp(8, 0, 0), [2.3], [0.5], 0.5, finished=False)  # unfinished: left out
-    table = report.exercise1_table(report.finished_runs(tmp_path))
+    table = report.exercise1_table(report.read_runs(tmp_path)[0])
     assert "| 4 | 1/3 | 11.3% (11.3% to 80.0%) | 3/3 | 94.0% (93.0% to 95.0%) |" in table
     assert "| 8 |" not in table and "6 runs (seeds 0, 1, 2; 1 epochs; width 16)" in table
 
 
-def test_exercise2_table_and_checks_say_what_holds(tmp_path):
-    write_run(tmp_path, cnn(1, 0), [2.0, 1.5], [0.5, 0.6], 0.60)
-    write_run(tmp_path, cnn(1, 1), [1.9, 1.4], [0.5, 0.6], 0.62)
-    write_run(tmp_path, cnn(3, 0), [2.1, 1.6], [0.4, 0.5], 0.50)  # the deeper plain net trains worse
-    write_run(tmp_path, cnn(3, 1), [1.8, 1.3], [0.6, 0.7], 0.59)  # the deeper residual net trains better, tests worse
-    runs = report.finished_runs(tmp_path)
-    table = report.exercise2_table(runs)
-    assert "| depth 5, residual (step 1), seed 0 | " in table and "| 1.300 | 70.0% | 59.0% | 10 s |" in table
-    checks = report.exercise2_checks(runs).splitlines()
-    assert ("- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch (2 of 2 epochs)"
+def test_exercise1_init_check_finds_the_threshold_on_the_first_layers_gradient_at_step_0(tmp_path):
+    for hidden, step, seed, first_norm, acc in [(14, 0, 0, 1e-6, 0.8), (14, 0, 1, 1e-9, 0.11), (18, 0, 0, 1e-10, 0.11),
+                                                (14, 2, 0, 1e-12, 0.9), (10, 0, 0, 1e-12, 0.9)]:
+        write_run(tmp_path, mlp(hidden, step, seed), [1.0], [acc], acc, first_grad_norm=first_norm)
+    blocks = report.main(report.get_args_parser().parse_args(["--ex1", str(tmp_path)]))
+    assert blocks["ex1-init"] == (
+        "3 plain runs of 14 to 34 hidden layers, 1 of which train (a final validation accuracy of at least 20.0%): "
+        "runs with a first-layer gradient norm at step 0 above 3.2e-8 train and the others stall: this threshold "
+        "separates them exactly.")
+
+
+def three_seeds_of_four_networks(out_dir) -> None:
+    """Depth 3 and 5, plain and residual, seeds 0-2: the deeper plain net trains worse for every seed; the deeper
+    residual net trains better for every seed but tests worse for seed 2 only."""
+    for seed in range(3):
+        write_run(out_dir, cnn(1, 0, seed), [2.0, 1.5], [0.5, 0.6], 0.60 + seed / 100)
+        write_run(out_dir, cnn(1, 1, seed), [1.9, 1.4 + seed / 100], [0.5, 0.6], 0.62)
+        write_run(out_dir, cnn(3, 0, seed), [2.1, 1.6], [0.4, 0.5], 0.50)
+        write_run(out_dir, cnn(3, 1, seed), [1.8, 1.3], [0.6, 0.7], 0.59 if seed == 2 else 0.64 + seed / 100)
+
+
+def test_exercise2_table_gives_each_network_the_median_and_range_over_its_seeds(tmp_path):
+    three_seeds_of_four_networks(tmp_path)
+    table = report.exercise2_table(report.read_runs(tmp_path)[0]).splitlines()
+    assert len([line for line in table if line.startswith("| depth")]) == 4
+    assert ("| depth 3, plain | 318 | 3 | 2 | float32 | 1.500 (1.500 to 1.500) | 61.0% (60.0% to 62.0%) | 10 s |"
+            in table)
+    assert ("| depth 3, residual (step 1, identity shortcuts) | 318 | 3 | 2 | float32 | 1.410 (1.400 to 1.420) | "
+            "62.0% (62.0% to 62.0%) | 10 s |" in table)
+    assert ("| depth 5, residual (step 1, identity shortcuts) | 622 | 3 | 2 | float32 | 1.300 (1.300 to 1.300) | "
+            "64.0% (59.0% to 65.0%) | 10 s |" in table)
+    assert "12 runs (seeds 0, 1, 2)" in table[-1]
+
+
+def test_exercise2_checks_are_judged_on_every_seed(tmp_path):
+    three_seeds_of_four_networks(tmp_path)
+    checks = report.exercise2_checks(report.read_runs(tmp_path)[0]).splitlines()
+    assert ("- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch: for 3 of 3 seeds"
             in checks)
-    assert ("- holds: residual depth 5 ends with a training loss at most that of residual depth 3 (1.300 vs 1.400)"
-            in checks)
-    assert ("- **does not hold**: residual depth 5 tests at least as well as residual depth 3 (59.0% vs 62.0%)"
+    assert ("- holds: plain depth 5 tests worse than plain depth 3 (median test acc 50.0% vs 61.0%): for 3 of 3 "
+            "seeds" in checks)
+    assert ("- **does not hold**: residual depth 5 tests at least as well as residual depth 3 (median test acc 64.0% "
+            "vs 62.0%): for 2 of 3 seeds" in checks)  # the median holds; one seed does not
+    assert ("- holds: residual depth 5 ends with a training loss at most that of residual depth 3: for 3 of 3 seeds"
             in checks)
     assert not any("at depth 3 the residual" in line for line in checks)  # shortcuts are not judged at the smallest
 
 
-def test_best_checkpoint_is_the_residual_run_with_the_best_validation_accuracy(tmp_path):
+def test_exercise2_checks_count_only_seeds_both_networks_have(tmp_path):
+    write_run(tmp_path, cnn(1, 0, 0), [2.0, 1.5], [0.5, 0.6], 0.60)
+    write_run(tmp_path, cnn(3, 0, 0), [2.1, 1.6], [0.4, 0.5], 0.50)
+    write_run(tmp_path, cnn(3, 0, 1), [2.1, 1.6], [0.4, 0.5], 0.50)  # no plain depth 3 with seed 1 to compare with
+    checks = report.exercise2_checks(report.read_runs(tmp_path)[0]).splitlines()
+    assert checks[0] == ("- holds: plain depth 5 has a higher training loss than plain depth 3 at every epoch: "
+                         "for 1 of 1 seeds")
+    assert not any("residual" in line for line in checks)
+
+
+def test_best_checkpoint_is_the_residual_run_with_the_best_final_validation_accuracy_over_all_seeds(tmp_path):
     write_run(tmp_path, cnn(1, 0), [1.0], [0.99], 0.99)  # plain: never the CAM model
-    write_run(tmp_path, cnn(1, 1), [1.0], [0.70], 0.90)  # best test accuracy, but chosen on validation
-    write_run(tmp_path, cnn(3, 1), [1.0], [0.80], 0.80)
-    assert report.best_checkpoint(report.finished_runs(tmp_path), tmp_path) == (
-        RunFiles(tmp_path / cnn(3, 1).run_name).checkpoint)
+    write_run(tmp_path, cnn(1, 1), [1.0], [0.70], 0.95)  # best test accuracy, but chosen on validation
+    write_run(tmp_path, cnn(3, 1, seed=0), [1.0, 1.0], [0.92, 0.80], 0.80)  # its checkpoint holds the last epoch
+    write_run(tmp_path, cnn(3, 1, seed=1), [1.0, 1.0], [0.80, 0.85], 0.80)
+    write_run(tmp_path, cnn(3, 1, seed=2), [1.0, 1.0], [0.80, 0.75], 0.80)
+    assert report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path) == (
+        RunFiles(tmp_path / cnn(3, 1, seed=1).run_name).checkpoint)
 
 
 def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):
     write_run(tmp_path / "ex1", mlp(4, 0, 0), [2.3], [0.11], 0.11)
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- report:ex1 -->\nold table\n<!-- /report:ex1 -->\nend\n")
+    readme.write_text("intro\n<!-- report:ex1 -->\nold table\n<!-- /report:ex1 -->\n"
+                      "<!-- report:ex1-init -->\nold check\n<!-- /report:ex1-init -->\nend\n")
     args = report.get_args_parser().parse_args(["--ex1", str(tmp_path / "ex1"), "--readme", str(readme)])
     blocks = report.main(args)
     text = readme.read_text()
     assert text.startswith("intro\n<!-- report:ex1 -->\n| hidden layers |")
-    assert text.endswith("<!-- /report:ex1 -->\nend\n")
-    assert "old table" not in text and blocks["ex1"] in text
+    assert text.endswith("<!-- /report:ex1-init -->\nend\n")
+    assert "old table" not in text and "old check" not in text and blocks["ex1"] in text
+    assert blocks["ex1-init"] == "No plain runs of 14 to 34 hidden layers with their gradient norms logged at step 0."
 
 
-@pytest.mark.parametrize("case", ["no runs", "no block", "no folder"])
+README_BLOCKS = "".join(f"<!-- report:{name} -->\nold\n<!-- /report:{name} -->\n" for name in ("ex1", "ex1-init"))
+
+
+def report_cli(*flags: str) -> int:
+    """report.py run as its command line runs it; its exit status."""
+    try:
+        utils.run_cli(report.main, report.get_args_parser().parse_args(list(flags)))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def one_sweep_with_a_run_of_each_kind_left_out(out_dir) -> None:
+    """Plain and residual 4-hidden-layer MLPs, seeds 0 and 1: two finished, one unfinished, one with a damaged
+    config, one never started (plain seed 1); and a plots/ folder, which is not a run."""
+    write_run(out_dir, mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    write_run(out_dir, mlp(4, 2, 0), [0.3], [0.9], 0.9)
+    write_run(out_dir, mlp(4, 2, 1), [], [], 0.9, finished=False)
+    (out_dir / "broken").mkdir()
+    (out_dir / "broken" / "config.json").write_text("{not json")
+    (out_dir / "plots").mkdir()
+    (out_dir / "plots" / "mlp_Val_acc.png").write_bytes(b"png")
+
+
+def test_every_run_folder_not_used_and_every_missing_run_is_listed_with_why(tmp_path, capsys):
+    one_sweep_with_a_run_of_each_kind_left_out(tmp_path)
+    assert report_cli("--ex1", str(tmp_path)) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        f"{tmp_path}: not used: broken: no readable config.json",
+        f"{tmp_path}: not used: {mlp(4, 2, 1).run_name}: unfinished: 0 of 1 epochs, no test result",
+        f"{tmp_path}: missing: {mlp(4, 0, 1).run_name} (no run folder; the other networks have this seed)"]
+    assert "| 4 | 0/1 | 11.0% (11.0% to 11.0%) | 1/1 | 90.0% (90.0% to 90.0%) |" in out
+
+
+def test_readme_is_not_rewritten_with_runs_left_out_unless_allowed(tmp_path, capsys):
+    one_sweep_with_a_run_of_each_kind_left_out(tmp_path / "ex1")
+    readme = tmp_path / "README.md"
+    readme.write_text(README_BLOCKS)
+    assert report_cli("--ex1", str(tmp_path / "ex1"), "--readme", str(readme)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and f"error: not rewriting {readme}: 3 runs of the sweep" in err[-1]
+    assert readme.read_text() == README_BLOCKS
+    assert report_cli("--ex1", str(tmp_path / "ex1"), "--readme", str(readme), "--allow_missing") == 0
+    assert "| 4 | 0/1 |" in readme.read_text()
+
+
+@pytest.mark.parametrize("case", ["no runs", "no block", "no folder", "readme missing", "readme is a folder",
+                                  "test without acc", "CNN runs to --ex1", "MLP runs to --ex2",
+                                  "MLP runs to --best_checkpoint"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     out_dir = tmp_path / "runs"
     if case != "no folder":
         out_dir.mkdir()
-    if case == "no block":
-        write_run(out_dir, mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    if case not in ("no runs", "no folder"):
+        write_run(out_dir, cnn(1, 1) if case == "CNN runs to --ex1" else mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    if case == "test without acc":
+        history = RunFiles(out_dir / mlp(4, 0, 0).run_name).history
+        history.write_text(history.read_text().replace('"acc"', '"accuracy"'))
     readme = tmp_path / "README.md"
-    readme.write_text("no markers\n")
-    with pytest.raises(SystemExit) as exit_info:
-        utils.run_cli(report.main, report.get_args_parser().parse_args(["--ex1", str(out_dir), "--readme",
-                                                                        str(readme)]))
-    assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
-    assert readme.read_text() == "no markers\n"
+    if case == "readme is a folder":
+        readme.mkdir()
+    elif case != "readme missing":
+        readme.write_text("no markers\n" if case == "no block" else README_BLOCKS)
+    flag = {"MLP runs to --ex2": "--ex2", "MLP runs to --best_checkpoint": "--best_checkpoint"}.get(case, "--ex1")
+    assert report_cli(flag, str(out_dir), "--readme", str(readme)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ": error: " in err[0], err
+    if readme.is_file():
+        assert readme.read_text() in ("no markers\n", README_BLOCKS)
