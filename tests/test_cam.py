@@ -1,4 +1,5 @@
 """Class activation maps: the CAM identity, batching, image sizes, photo reading, and the CLI end to end."""
+import json
 import struct
 import subprocess
 import sys
@@ -235,6 +236,27 @@ def test_cli_photo_keeps_every_pixel(checkpoint, tmp_path, name, make):
             assert image.mode == "RGB" and image.size == size
 
 
+def test_cli_faithfulness_writes_the_table_json_and_curves(checkpoint, cifar_root, tmp_path, capsys):
+    args = ["--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download", "--faithfulness", "6",
+            "--batch_size", "4", "--device", "cpu"]
+    written = run_main(*args, "--out_dir", str(tmp_path / "a"))
+    assert [p.name for p in written] == ["faithfulness.json", "faithfulness_curves.png"]
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {p.name for p in written}  # no CAM PNGs
+    out = capsys.readouterr().out
+    assert "first 6 CIFAR10 test images" in out
+    for label in ("| CAM |", "| random |", "| centred Gaussian |"):
+        assert out.count(label) == 1
+    record = json.loads((tmp_path / "a" / "faithfulness.json").read_text())
+    assert record["num_images"] == 6 and record["dataset"] == "CIFAR10" and len(record["fractions"]) == 21
+    assert set(record["maps"]) == {"cam", "random", "centre"}
+    for row in record["maps"].values():
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
+        assert 0 <= row["average_drop_percent"] <= 100 and len(row["deletion_curve"]) == 21
+    run_main(*args, "--out_dir", str(tmp_path / "b"))  # the random map is seeded: the same numbers again
+    again = json.loads((tmp_path / "b" / "faithfulness.json").read_text())
+    assert again["maps"] == record["maps"]
+
+
 def test_help_states_defaults_and_dashed_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cam.get_args_parser().parse_args(["-h"])
@@ -286,12 +308,16 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
         "class name": ([*ckpt, "--class", "unicorn"], "--class 'unicorn'"),
         "alpha": ([*ckpt, "--alpha", "1.5"], "--alpha"),
         "out_dir is a file": ([*ckpt, "--out_dir", str(tmp_path / "notes.txt")], "is not a folder"),
+        "faithfulness 0": ([*ckpt, "--faithfulness", "0"], "--faithfulness must be a positive number"),
+        "faithfulness beyond the test set": ([*ckpt, "--faithfulness", "101"], "test set has 100 images"),
+        "faithfulness of a photo": ([*ckpt, "--faithfulness", "5", "--image", str(photo)], "takes no --image"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "MLP", "config without lr", "empty image",
                                   "not an image", "truncated image", "index", "class name", "alpha",
-                                  "out_dir is a file"])
+                                  "out_dir is a file", "faithfulness 0", "faithfulness beyond the test set",
+                                  "faithfulness of a photo"])
 def test_errors_exit_2_with_one_line(capsys, tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root,
                                      case):
     args, message = error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root)[case]
