@@ -31,6 +31,7 @@ from utils import (ArgumentParser, CheckpointError, UsageError, atomic_write, ch
 
 MAX_PIXELS = 50_000_000  # a bigger photo would need several GB for its float map and overlay
 MAX_IMAGES = 100  # the grid has one row per image
+MAX_DISPLAY_SCALE = 16  # a 32 x 32 test image shown 512 x 512; 2000 would ask for a 12 GB array
 RANDOM_MAP_SEED = 0  # of the random baseline maps of --faithfulness
 KINDS = ("orig", "actv_map", "mix")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -60,7 +61,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "or name")
     parser.add("--alpha", type=float, default=0.5, help="weight of the coloured map in the overlay (0 = image only)")
     parser.add("--display_scale", type=int, default=8,
-               help="test images are saved this many times larger (pixels repeated, map upsampled smoothly)")
+               help=f"test images are saved this many times larger (pixels repeated, map upsampled smoothly), "
+                    f"1 to {MAX_DISPLAY_SCALE}")
     parser.add("--faithfulness", type=int, default=None, metavar="N",
                help="instead of drawing maps, measure how faithful the maps of the first N test images are: "
                     "deletion and insertion AUC, Average Drop and Increase in Confidence, beside a random and a "
@@ -74,9 +76,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad flag values before anything is loaded."""
-    for flag in ("num_images_to_save", "batch_size", "display_scale"):
+    for flag in ("num_images_to_save", "batch_size"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if not 1 <= args.display_scale <= MAX_DISPLAY_SCALE:
+        raise UsageError(f"--display_scale must be between 1 and {MAX_DISPLAY_SCALE} (a 32 x 32 test image is then "
+                         f"{32 * MAX_DISPLAY_SCALE} x {32 * MAX_DISPLAY_SCALE} pixels), got {args.display_scale}")
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha must be between 0 and 1, got {args.alpha}")
     if args.image is not None and args.indices is not None:

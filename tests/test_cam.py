@@ -308,6 +308,8 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
         "class name": ([*ckpt, "--class", "unicorn"], "--class 'unicorn'"),
         "alpha": ([*ckpt, "--alpha", "1.5"], "--alpha"),
         "out_dir is a file": ([*ckpt, "--out_dir", str(tmp_path / "notes.txt")], "is not a folder"),
+        "display_scale huge": ([*ckpt, "--display_scale", "2000"], "--display_scale must be between 1 and 16"),
+        "display_scale 0": ([*ckpt, "--display_scale", "0"], "--display_scale must be between 1 and 16"),
         "faithfulness 0": ([*ckpt, "--faithfulness", "0"], "--faithfulness must be a positive number"),
         "faithfulness beyond the test set": ([*ckpt, "--faithfulness", "101"], "test set has 100 images"),
         "faithfulness of a photo": ([*ckpt, "--faithfulness", "5", "--image", str(photo)], "takes no --image"),
@@ -316,8 +318,8 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "MLP", "config without lr", "empty image",
                                   "not an image", "truncated image", "index", "class name", "alpha",
-                                  "out_dir is a file", "faithfulness 0", "faithfulness beyond the test set",
-                                  "faithfulness of a photo"])
+                                  "out_dir is a file", "display_scale huge", "display_scale 0", "faithfulness 0",
+                                  "faithfulness beyond the test set", "faithfulness of a photo"])
 def test_errors_exit_2_with_one_line(capsys, tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root,
                                      case):
     args, message = error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root)[case]
