@@ -257,6 +257,25 @@ def test_cli_faithfulness_writes_the_table_json_and_curves(checkpoint, cifar_roo
     assert again["maps"] == record["maps"]
 
 
+def test_cli_photo_honours_the_exif_orientation(checkpoint, tmp_path):
+    """A phone photo stored landscape, red left and blue right, tagged "rotate 90 degrees clockwise to view" (EXIF
+    orientation 6): cam.py must explain and save it upright, portrait with red on top."""
+    stored = Image.new("RGB", (40, 20), "blue")
+    stored.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    written = run_main("--checkpoint", str(checkpoint), "--image", str(tmp_path / "phone.jpg"), "--device", "cpu",
+                       "--out_dir", str(tmp_path / "out"))
+    for path in written:
+        with Image.open(path) as image:
+            assert image.size == (20, 40), path.name
+    with Image.open(written[0]) as image:
+        upright = np.asarray(image).astype(int)
+    top, bottom = upright[:18].reshape(-1, 3).mean(0), upright[22:].reshape(-1, 3).mean(0)
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)
+
+
 def test_help_states_defaults_and_dashed_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cam.get_args_parser().parse_args(["-h"])
