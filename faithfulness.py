@@ -40,9 +40,9 @@ def protocol(side: int, random_seed: int) -> dict[str, str]:
         "centre_map": f"Gaussian of std {CENTRE_SIGMA * side:g} px on the image centre"}
 
 
-def step_counts(num_pixels: int, step: float = STEP) -> torch.Tensor:
+def step_counts(num_pixels: int) -> torch.Tensor:
     """How many pixels are perturbed at each step: 0, 5%, ..., 100% of `num_pixels`, rounded."""
-    steps = round(1 / step)
+    steps = round(1 / STEP)
     return torch.round(torch.arange(steps + 1, dtype=torch.float64) * num_pixels / steps).long()
 
 
@@ -113,7 +113,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, maps
             "deletion": deletion, "insertion": insertion,
             "deletion_auc": torch.trapezoid(deletion.double(), fractions, dim=1),
             "insertion_auc": torch.trapezoid(insertion.double(), fractions, dim=1),
-            "drop": (original - masked).clamp(min=0) / original, "increase": masked > original}
+            # a chosen class (--class) can have probability 0 in float32: no drop then, not 0 / 0
+            "drop": (original - masked).clamp(min=0) / original.clamp(min=torch.finfo(original.dtype).tiny),
+            "increase": masked > original}
     return {name: {key: value.cpu() for key, value in result.items()} for name, result in results.items()}
 
 

@@ -59,6 +59,16 @@ def test_a_constant_model_gives_every_map_the_same_scores():
         assert torch.equal(result["drop"], torch.zeros(4)) and not result["increase"].any()
 
 
+def test_a_class_of_probability_zero_has_no_drop_rather_than_nan():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, -200.0]))  # exp(-200) underflows float32: probability 0
+    maps = {"random": torch.rand(1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))}
+    result = faithfulness.evaluate(model, object_image(), torch.tensor([1]), maps, 8)["random"]
+    assert result["drop"].tolist() == [0.0] and result["deletion_auc"].tolist() == [0.0]
+
+
 @pytest.mark.parametrize("num_pixels", [1024, 784, 256, 16])
 def test_fractions_run_from_0_to_1_in_5_percent_steps(num_pixels):
     fractions = faithfulness.step_fractions(num_pixels)
