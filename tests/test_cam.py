@@ -1,4 +1,5 @@
 """Class activation maps: the CAM identity, batching, image sizes, photo reading, and the CLI end to end."""
+import json
 import struct
 import subprocess
 import sys
@@ -236,6 +237,46 @@ def test_cli_photo_keeps_every_pixel(checkpoint, tmp_path, name, make):
             assert image.mode == "RGB" and image.size == size
 
 
+def test_cli_faithfulness_writes_the_table_json_and_curves(checkpoint, cifar_root, tmp_path, capsys):
+    args = ["--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download", "--faithfulness", "6",
+            "--batch_size", "4", "--device", "cpu"]
+    written = run_main(*args, "--out_dir", str(tmp_path / "a"))
+    assert [p.name for p in written] == ["faithfulness.json", "faithfulness_curves.png"]
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {p.name for p in written}  # no CAM PNGs
+    out = capsys.readouterr().out
+    assert "first 6 CIFAR10 test images" in out
+    for label in ("| CAM |", "| random |", "| centred Gaussian |"):
+        assert out.count(label) == 1
+    record = json.loads((tmp_path / "a" / "faithfulness.json").read_text())
+    assert record["num_images"] == 6 and record["dataset"] == "CIFAR10" and len(record["fractions"]) == 21
+    assert set(record["maps"]) == {"cam", "random", "centre"}
+    for row in record["maps"].values():
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
+        assert 0 <= row["average_drop_percent"] <= 100 and len(row["deletion_curve"]) == 21
+    run_main(*args, "--out_dir", str(tmp_path / "b"))  # the random map is seeded: the same numbers again
+    again = json.loads((tmp_path / "b" / "faithfulness.json").read_text())
+    assert again["maps"] == record["maps"]
+
+
+def test_cli_photo_honours_the_exif_orientation(checkpoint, tmp_path):
+    """A phone photo stored landscape, red left and blue right, tagged "rotate 90 degrees clockwise to view" (EXIF
+    orientation 6): cam.py must explain and save it upright, portrait with red on top."""
+    stored = Image.new("RGB", (40, 20), "blue")
+    stored.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    written = run_main("--checkpoint", str(checkpoint), "--image", str(tmp_path / "phone.jpg"), "--device", "cpu",
+                       "--out_dir", str(tmp_path / "out"))
+    for path in written:
+        with Image.open(path) as image:
+            assert image.size == (20, 40), path.name
+    with Image.open(written[0]) as image:
+        upright = np.asarray(image).astype(int)
+    top, bottom = upright[:18].reshape(-1, 3).mean(0), upright[22:].reshape(-1, 3).mean(0)
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)
+
+
 def test_help_states_defaults_and_dashed_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cam.get_args_parser().parse_args(["-h"])
@@ -287,12 +328,18 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
         "class name": ([*ckpt, "--class", "unicorn"], "--class 'unicorn'"),
         "alpha": ([*ckpt, "--alpha", "1.5"], "--alpha"),
         "out_dir is a file": ([*ckpt, "--out_dir", str(tmp_path / "notes.txt")], "is not a folder"),
+        "display_scale huge": ([*ckpt, "--display_scale", "2000"], "--display_scale must be between 1 and 16"),
+        "display_scale 0": ([*ckpt, "--display_scale", "0"], "--display_scale must be between 1 and 16"),
+        "faithfulness 0": ([*ckpt, "--faithfulness", "0"], "--faithfulness must be a positive number"),
+        "faithfulness beyond the test set": ([*ckpt, "--faithfulness", "101"], "test set has 100 images"),
+        "faithfulness of a photo": ([*ckpt, "--faithfulness", "5", "--image", str(photo)], "takes no --image"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "MLP", "config without lr", "empty image",
                                   "not an image", "truncated image", "index", "class name", "alpha",
-                                  "out_dir is a file"])
+                                  "out_dir is a file", "display_scale huge", "display_scale 0", "faithfulness 0",
+                                  "faithfulness beyond the test set", "faithfulness of a photo"])
 def test_errors_exit_2_with_one_line(capsys, tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root,
                                      case):
     args, message = error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root)[case]
