@@ -1,7 +1,7 @@
 """How fast the lab's training code is, against the loop most course code uses, on the same data in one process.
 
-    python bench.py --data_root ../shared/datasets --quick    # a few minutes on 2 CPU cores
-    python bench.py --data_root ../shared/datasets            # 5 minutes here: Exercise 1's seed 0 and an epoch
+    python bench.py --quick    # a few minutes on 2 CPU cores
+    python bench.py            # about 5 minutes on 2 CPU cores: Exercise 1's seed 0 and an epoch for real
 
 Prints a table and writes the numbers to --out (JSON). Every rate is the best of a few timed repeats of a fixed number
 of steps after a warm-up, the contenders interleaved so that a busy neighbour slows them alike; the clock is
@@ -125,8 +125,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The benchmark's flags; each `--snake_case` flag is also accepted as `--kebab-case`."""
     parser = ArgumentParser(description="Benchmark the lab's training code against the conventional DataLoader "
                             "loop, a float32 matmul for reference, CAM and whole exercises.", add_help=add_help)
-    parser.add("--data_root", default="data",
-               help="folder holding MNIST/raw and cifar-10-batches-py (nothing is downloaded)")
+    parser.add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
+    parser.add("--download", action=argparse.BooleanOptionalAction, default=True,
+               help="download MNIST and CIFAR-10 through torchvision when they are missing, as pipeline.py does")
     parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add("--quick", action="store_true", default=False,
                help="short run: fewer steps, and Exercise 1 and the ResNet-20 epoch estimated rather than run")
@@ -298,7 +299,7 @@ def conventional_cifar10_loader(data_root: str | Path, batch_size: int) -> DataL
     """CIFAR-10 as most course code loads it: PIL images, per-image crop and flip, a DataLoader with 2 workers.
 
     The dataset is built from data.read_cifar10_batches because torchvision.datasets.CIFAR10 refuses copies of the
-    pickles whose md5 differs from the official files (as the rebuilt ones in shared/datasets do).
+    pickles whose md5 differs from the official files (as rebuilt copies do).
     """
     info = DATASETS["CIFAR10"]
     images, labels = read_cifar10_batches(Path(data_root) / CIFAR10_FOLDER, CIFAR10_TRAIN_FILES)
@@ -744,8 +745,8 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     options = Options(args.threads, args.threads or torch.get_num_threads(), args.amp, args.compile)
     start, load_at_start = time.perf_counter(), os.getloadavg()
     try:
-        mnist = load_dataset("MNIST", args.data_root, download=False)
-        cifar = load_dataset("CIFAR10", args.data_root, download=False)
+        mnist = load_dataset("MNIST", args.data_root, args.download)
+        cifar = load_dataset("CIFAR10", args.data_root, args.download)
     except DatasetError as e:
         raise UsageError(str(e)) from None
     results = {"meta": {"torch": torch.__version__, "numpy": np.__version__, "device": str(device),

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torchvision
 from torchvision import transforms
 
 import bench
@@ -239,4 +240,25 @@ def test_negative_threads_is_a_usage_error(tmp_path):
 
 def test_parser_defaults():
     args = bench.get_args_parser().parse_args([])
-    assert (args.data_root, args.device, args.quick, args.out) == ("data", "auto", False, "bench_results/bench.json")
+    assert (args.data_root, args.device, args.quick, args.out, args.download) == (
+        "data", "auto", False, "bench_results/bench.json", True)
+
+
+@pytest.mark.parametrize("flags,message", [((), "download failed.*no route to host"),
+                                           (("--no-download",), "run without --no-download")])
+def test_missing_data_is_downloaded_unless_refused(tmp_path, monkeypatch, capsys, flags, message):
+    """A fresh clone has no data: bench.py fetches it as pipeline.py does (here the network is down), or with
+    --no-download says what to run; either is one line, exit status 2."""
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    args = bench.get_args_parser().parse_args(["--data_root", str(tmp_path), "--device", "cpu", "--out",
+                                               str(tmp_path / "b.json"), *flags])
+    with pytest.raises(UsageError, match=message):
+        bench.main(args)
+    assert "shared" not in bench.get_args_parser().format_help()

@@ -129,3 +129,10 @@ def test_substitutions_and_chains_are_split_into_commands():
         ("report", ("--best_checkpoint", "runs/ex2")), ("cam", ("--checkpoint", "$best", "--jobs", JOBS))]
     assert commands_in("OMP_WAIT_POLICY=PASSIVE .venv/bin/python pipeline.py --augment", "t")[0].env == (
         "OMP_WAIT_POLICY=PASSIVE",)
+
+
+def test_no_development_path_reaches_the_user():
+    """Our own data layout (../shared/datasets) is neither a default nor in the README, the Makefile or any help."""
+    texts = [(ROOT / name).read_text() for name in ("README.md", "Makefile")]
+    texts += [importlib.import_module(script).get_args_parser().format_help() for script in SCRIPTS]
+    assert not [text for text in texts if "shared/datasets" in text or "../shared" in text]
