@@ -42,7 +42,7 @@ from config import RunConfig
 from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, batch_indices,
                   load_dataset, normalize, num_batches, read_cifar10_batches)
 from models import build_model
-from train import (RunSetup, cpu_threads, evaluate, logged_weights, prepare_run, train_one_epoch,
+from train import (RunSetup, amp_precision, cpu_threads, evaluate, logged_weights, prepare_run, train_one_epoch,
                    uses_channels_last)
 from utils import ArgumentParser, UsageError, resolve_device, run_cli, seed_everything, write_json
 
@@ -67,14 +67,18 @@ CIFAR10_LOADER = "DataLoader (2 workers), per-image PIL crop+flip"
 FUSED_NORMS = "_foreach_norm each step"
 ITEM_NORMS = ".item() per weight each step"
 NO_NORMS = "off"
-FLOAT32, BFLOAT16 = "float32", "bfloat16 autocast"
+FLOAT32 = "float32"
+PRECISIONS = {"float32": FLOAT32, "bfloat16": "bfloat16 autocast", "float16": "float16 autocast, GradScaler"}
+CPU_ISA = {"AVX2": torch.cpu._is_avx2_supported, "AVX-512": torch.cpu._is_avx512_supported,
+           "AVX512-BF16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported}
 OURS, CONVENTIONAL = "ours", "conventional loop"
 CONVENTIONAL_ROWS = ("conventional", "conventional_1_thread")  # the conventional loop at each thread count tried
 # the MLP's ablation: the conventional loop, then our levers switched on one at a time, in this order
 ABLATION = (("plus_resident_data", {"data": RESIDENT}), ("plus_one_thread", {"threads": 1}),
             ("plus_fused_optimizer", {"fused_optimizer": True}), ("plus_fused_norms", {"grad_norms": FUSED_NORMS}))
-ROW_NAMES = {"ours": "ours", "ours_no_logging": "ours, norm log off", "ours_1_thread": "ours, 1 thread",
-             "ours_contiguous": "ours, contiguous", "conventional": "conventional loop",
+ROW_NAMES = {"ours": "ours", "ours_no_logging": "ours, norm log off", "ours_amp": "ours, --amp",
+             "ours_1_thread": "ours, 1 thread", "ours_contiguous": "ours, contiguous",
+             "conventional": "conventional loop",
              "conventional_1_thread": "conventional loop, 1 thread", "plus_resident_data": "+ resident data",
              "plus_one_thread": "+ one thread", "plus_fused_optimizer": "+ fused Adam",
              "plus_fused_norms": "+ fused norm log"}
@@ -117,7 +121,7 @@ class Options:
     """What the command line decides about the rows."""
     threads: int  # pipeline.py's --threads for our rows and the exercises (0: its own policy, train.cpu_threads)
     conventional_threads: int  # of the conventional loop (also timed on 1), CAM and the matmul
-    amp: bool  # bfloat16 autocast in our rows and the exercises
+    amp: bool  # --amp (train.amp_precision) in our rows and the exercises
     compile_model: bool  # torch.compile the model in our training rows
 
 
@@ -140,7 +144,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                help="torch.compile the model in our training rows (the conventional loop and the exercises stay "
                     "eager)")
     parser.add("--amp", action="store_true", default=False,
-               help="bfloat16 autocast in our rows and the exercises (the conventional loop stays float32)")
+               help="pipeline.py's --amp in our rows and the exercises (the conventional loop stays float32); "
+                    "without it our MLP and CNN also get an --amp row where the device has a faster precision")
     return parser
 
 
@@ -200,7 +205,7 @@ class Setup:
     code: str  # OURS (train.train_one_epoch on what train.prepare_run sets up) or CONVENTIONAL
     threads: int  # torch CPU threads during every timed call
     memory_format: str  # of the convolution weights and the batches: channels_last or contiguous
-    precision: str  # FLOAT32 or BFLOAT16
+    precision: str  # a value of PRECISIONS
     data: str  # where the batches come from
     optimizer: str  # "fused Adam", or "Adam" (torch's default implementation)
     grad_norms: str  # how the gradient norm of every weight is logged (FUSED_NORMS, ITEM_NORMS), or NO_NORMS
@@ -225,7 +230,7 @@ def run_settings(config: RunConfig, contiguous: bool = False) -> dict:
     on_cpu = torch.device(config.device).type == "cpu"  # pipeline.py leaves the thread count alone on CUDA
     return {"threads": cpu_threads(config) if on_cpu else torch.get_num_threads(),
             "memory_format": "channels_last" if uses_channels_last(config) and not contiguous else "contiguous",
-            "precision": BFLOAT16 if config.amp else FLOAT32,
+            "precision": PRECISIONS[config.precision],
             "data": RESIDENT + (BATCH_AUGMENT if config.augment else "")}
 
 
@@ -259,6 +264,24 @@ def our_trainer(config: RunConfig, raw: RawData, limit_train: int | None, warmup
     return Contender(setup, run.model, train_epoch, len(run.train), seconds, run)
 
 
+def amp_row(config: RunConfig) -> RunConfig | None:
+    """Our run with pipeline.py's --amp, where it chooses another precision than float32 on this device and the
+    run does not use --amp already; else None."""
+    precision = amp_precision(torch.device(config.device))
+    return None if config.amp or precision == "float32" else replace(config, amp=True, precision=precision)
+
+
+def cpu_description() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one) and the instruction sets that decide its speed
+    and --amp's precision, as torch detects them."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}; " + ", ".join(f"{isa} {'yes' if has() else 'no'}" for isa, has in CPU_ISA.items())
+
+
 def norm_log(every: int) -> str:
     """How our training code logs gradient norms when it logs them every `every` steps."""
     if every == 0:
@@ -269,7 +292,7 @@ def norm_log(every: int) -> str:
 def validate(ours: Contender, split: Split) -> tuple[float, float]:
     """train.evaluate of our trainer's model on `split`, on the trainer's thread count."""
     with torch_settings(ours.setup.threads):
-        return evaluate(ours.run.net, split, amp=ours.run.config.amp)
+        return evaluate(ours.run.net, split, precision=ours.run.config.precision)
 
 
 class CIFAR10Images(Dataset):
@@ -416,6 +439,8 @@ def mlp_contenders(raw: RawData, data_root: str | Path, device: torch.device, si
     ours = our_trainer(config, raw, limit, sizes.warmup_steps, options.compile_model)
     contenders = {"ours": ours, "ours_no_logging": our_trainer(replace(config, grad_log_every=0), raw, limit,
                                                                sizes.warmup_steps, options.compile_model)}
+    if amp_row(config):
+        contenders["ours_amp"] = our_trainer(amp_row(config), raw, limit, sizes.warmup_steps, options.compile_model)
 
     def conventional(**loop) -> Contender:
         batches = (index_batches(ours.run.train, config.batch_size, config.seed) if loop["data"] == RESIDENT
@@ -467,6 +492,8 @@ def cnn_contenders(raw: RawData, data_root: str | Path, device: torch.device, si
                                     sizes.warmup_steps)
 
     contenders = {"ours": ours()}
+    if amp_row(config):
+        contenders["ours_amp"] = ours(amp_row(config))
     if device.type == "cpu" and contenders["ours"].setup.threads > 1:
         contenders["ours_1_thread"] = ours(replace(config, threads=1))
     if uses_channels_last(config):
@@ -693,12 +720,12 @@ def format_table(results: dict) -> str:
 
     config = mlp["config"]
     title(f"MLP {config['num_hidden_layers']}x{config['width']} on MNIST, batch {config['batch_size']}")
-    training_rows(mlp, ("ours", "ours_no_logging", *CONVENTIONAL_ROWS), mlp_step)
+    training_rows(mlp, ("ours", "ours_no_logging", "ours_amp", *CONVENTIONAL_ROWS), mlp_step)
     title("  ablation: the conventional loop with our levers added one at a time")
     training_rows(mlp, mlp["ablation"][1:], ablation_step)
     title(f"ResNet-20 shape on CIFAR-10, batch {cnn['config']['batch_size']}, crops+flips: "
           f"{cnn['flops_per_step'] / 1e9:.2f} GFLOP/step")
-    training_rows(cnn, ("ours", "ours_1_thread", "ours_contiguous", *CONVENTIONAL_ROWS),
+    training_rows(cnn, ("ours", "ours_1_thread", "ours_contiguous", "ours_amp", *CONVENTIONAL_ROWS),
                   lambda name: f"{cnn['rows'][name]['gflops']:.1f} GFLOP/s")
     rows.append((f"  float32 matmul {cnn['matmul_size']}^3 (reference)", f"{cnn['matmul_gflops']:.1f} GFLOP/s", "",
                  count(cnn["matmul_threads"], "thread")))
@@ -724,7 +751,8 @@ def format_table(results: dict) -> str:
     vwidth = max(len(value) for _, value, _, _ in rows) + 2
     header = (f"bench.py {'--quick ' if meta['quick'] else ''}on {meta['device']} ({meta['cpu_count']} cores, torch "
               f"{meta['torch']}); best of {meta['repeats']} repeats; under each row, what it ran")
-    lines = [header, "-" * len(header)]
+    lines = [header, f"CPU: {meta['cpu']}; --amp trains in {meta['amp_precision']} on {meta['device']}",
+             "-" * len(header)]
     for name, value, extra, settings in rows:
         lines.append(f"{name:<{width}}{value:>{vwidth}}  {extra}".rstrip() if value else name)
         if settings:
@@ -751,7 +779,8 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
         raise UsageError(str(e)) from None
     results = {"meta": {"torch": torch.__version__, "numpy": np.__version__, "device": str(device),
                         "threads": args.threads, "default_threads": torch.get_num_threads(),
-                        "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                        "cpu_count": os.cpu_count(), "cpu": cpu_description(),
+                        "amp_precision": amp_precision(device),
                         "quick": args.quick, "compile": args.compile, "amp": args.amp, "repeats": sizes.repeats,
                         "sizes": asdict(sizes)}}
     results["mlp"] = bench_mlp(mnist, args.data_root, device, sizes, options)

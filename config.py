@@ -42,13 +42,14 @@ class RunConfig:
     warmup_epochs: float  # linear warm-up (onecycle: the rising part of the cycle)
     label_smoothing: float
     sync_bn: bool
-    amp: bool
+    amp: bool  # --amp: autocast in what the device does well
+    precision: str  # what --amp chose here (train.amp_precision): float32, bfloat16, or float16 with a GradScaler
     grad_log_every: int
     # where it runs: may change when a run is resumed
     device: str
     threads: int
 
-    RESUMABLE_CHANGES = ("device", "threads")
+    RESUMABLE_CHANGES = ("device", "threads", "precision")  # --amp's precision follows the device
 
     @classmethod
     def from_dict(cls, values: dict) -> RunConfig:
@@ -80,8 +81,11 @@ class RunConfig:
 
 def upgrade(values: dict) -> dict:
     """A config written by an earlier version of the suite, in today's fields: before --shortcut existed every
-    residual CNN used projection shortcuts where the shape changes."""
+    residual CNN used projection shortcuts where the shape changes; before the precision was recorded, --amp meant
+    bfloat16."""
     if "shortcut" not in values and "model_name" in values:
         residual_cnn = values["model_name"] == "ResNet" and values.get("residual_step")
         values = dict(values, shortcut="projection" if residual_cnn else None)
+    if "precision" not in values and "amp" in values:
+        values = dict(values, precision="bfloat16" if values["amp"] else "float32")
     return values

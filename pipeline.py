@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from models import load_model
 from plots import plot_sweep
 from sweep import SWEEP_FLAGS, RunConflict, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
-from train import ResumeError, cpu_threads, evaluate
+from train import ResumeError, amp_precision, cpu_threads, evaluate
 from utils import (ArgumentParser, CheckpointError, CLIError, UsageError, check_writable, distributed_world,
                    init_distributed, load_checkpoint, resolve_device, run_cli)
 
@@ -79,7 +80,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "threads (or --threads), on CUDA its own device (round robin)")
     parser.add("--sync_bn", action=argparse.BooleanOptionalAction, default=False,
                help="under torchrun: synchronise batch-norm statistics across processes (CUDA only)")
-    parser.add("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
+    parser.add("--amp", action=argparse.BooleanOptionalAction, default=False,
+               help="mixed precision where the device has it: bfloat16 autocast on CUDA GPUs of compute capability "
+                    "8.0+ and on CPUs with AVX512-BF16 or AMX, float16 autocast with a GradScaler on older GPUs; on "
+                    "other CPUs a warning and float32. Each run's config records the precision")
     parser.add("--grad_log_every", type=int, default=1, help="log gradient norms every N steps (0 = never)")
     parser.add("--train", action=argparse.BooleanOptionalAction, default=True,
                help="train; --no-train evaluates --checkpoint on the test set")
@@ -180,7 +184,7 @@ def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfi
     settings = {flag: getattr(args, flag) for flag in SINGLE_VALUED}
     shortcut = args.shortcut or ("identity" if args.stem == "cifar" else "projection")
     settings.update(in_channels=info.in_channels, input_size=info.input_size, warmup_epochs=warmup,
-                    shortcut=shortcut, device=str(device))
+                    shortcut=shortcut, device=str(device), precision=amp_precision(device) if args.amp else "float32")
     sweep = {flag: getattr(args, flag) for flag in {f for flags in SWEEP_FLAGS.values() for f in flags}}
     try:
         configs = expand(settings, sweep)
@@ -247,6 +251,9 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     else:
         device = resolve_device(args.device)
     configs = run_configs(args, device)
+    if args.amp and configs[0].precision == "float32":
+        print("warning: --amp: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX); training in float32",
+              file=sys.stderr)
     out_dir = Path(args.out_dir)
     planned = plan(configs, out_dir, Path(args.checkpoint) if args.checkpoint else None, args.resume,
                    args.overwrite)

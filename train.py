@@ -6,7 +6,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -49,6 +49,23 @@ def cpu_threads(config: RunConfig, jobs: int = 1) -> int:
     if config.threads:
         return config.threads
     return 1 if config.model_name == "MLP" else max(1, DEFAULT_THREADS // jobs)
+
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # float32: no autocast
+
+
+def amp_precision(device: torch.device) -> str:
+    """What --amp trains in on `device`, as torch reports the hardware: bfloat16 on CUDA devices of compute capability
+    8.0+ and on CPUs with AVX512-BF16 or AMX; float16 (with a GradScaler) on older CUDA GPUs; float32 on other CPUs,
+    which have no bfloat16 arithmetic and would only convert back and forth."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
+    return "bfloat16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "float32"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Autocast to `precision` ("bfloat16" or "float16") on `device`; off for "float32"."""
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
 
 
 def uses_channels_last(config: RunConfig) -> bool:
@@ -119,6 +136,7 @@ class RunSetup:
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
     rank: int = 0
     world_size: int = 1
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
 
 def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int = 1) -> RunSetup:
@@ -140,7 +158,8 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
     return RunSetup(config, train, val, test, model, net,
                     nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer, scheduler,
                     torch.Generator().manual_seed(config.seed),
-                    partial(augment, info=info) if config.augment else None, rank, world_size)
+                    partial(augment, info=info) if config.augment else None, rank, world_size,
+                    torch.amp.GradScaler(torch.device(config.device).type, enabled=config.precision == "float16"))
 
 
 @dataclass
@@ -179,16 +198,18 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
             images = run.augment_fn(images, run.generator)
         if run.world_size > 1:
             images, labels = images[run.rank::run.world_size], labels[run.rank::run.world_size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+        with autocast(device, config.precision):
             loss = run.criterion(run.net(images), labels)
         if run.world_size > 1:
             loss = loss * (len(labels) * run.world_size / len(index))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        run.scaler.scale(loss).backward()  # the scaler does nothing unless float16
         if row < len(grad_steps) and grad_steps[row] == start_step + i:
+            run.scaler.unscale_(optimizer)  # the norms of the true gradients
             grad_norms[row] = torch.stack(torch._foreach_norm([w.grad for w in weights]))
             row += 1
-        optimizer.step()
+        run.scaler.step(optimizer)
+        run.scaler.update()
         run.scheduler.step()
         losses[i] = loss.detach()
         if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == len(batches):
@@ -213,15 +234,16 @@ def check_finite(losses: torch.Tensor, what: str, first_step: int) -> None:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, amp: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy over every image of a split."""
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000,
+             precision: str = "float32") -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy over every image of a split, the model autocast to `precision`."""
     model.eval()
     device = split.images.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(split), batch_size):
         images, labels = split.images[start:start + batch_size], split.labels[start:start + batch_size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, precision):
             logits = model(images)
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
@@ -311,9 +333,10 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
         history, wandb_run_id = restore(run, files.checkpoint)
         if writes:
             files.truncate_grad_norms(history["epochs"][-1]["steps"] if history["epochs"] else 0)
-        print(f"{config.run_name}: resuming after epoch {len(history['epochs'])}", flush=True)
     elif writes:
         files.start_grad_norms(names)
+    begins = f"resuming after epoch {len(history['epochs'])}" if history["epochs"] else "starting"
+    print(f"{config.run_name}: {begins} on {config.device} in {config.precision}", flush=True)
     if writes:
         write_json(files.config, config.to_dict())
     trackers = start_trackers(tracking if writes else TrackingOptions(), config.run_name, files.run_dir,
@@ -328,13 +351,14 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, pr
                 files.append_grad_norms(result.grad_steps, result.grad_norms)
                 save_checkpoint(files.checkpoint, {
                     "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                    "lr_scheduler": run.scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
+                    "lr_scheduler": run.scheduler.state_dict(), "grad_scaler": run.scaler.state_dict(),
+                    "epoch": epoch, "config": config.to_dict(),
                     "history": history, "rng": dict(rng_state(), data=run.generator.get_state()),
                     "wandb_run_id": wandb_run_id})
                 write_json(files.history, history)
             # after the checkpoint: what a resumed run trains again was never logged, so no step is logged twice
             trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms, names)
-        test_loss, test_acc = evaluate(run.model, run.test, amp=config.amp)
+        test_loss, test_acc = evaluate(run.model, run.test, precision=config.precision)
         history["test"] = {"loss": test_loss, "acc": test_acc}
         if writes:
             write_json(files.history, history)
@@ -356,7 +380,7 @@ def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progr
     lr = run.optimizer.param_groups[0]["lr"]
     try:
         result = train_one_epoch(run, epoch, steps_done, progress)
-        val_loss, val_acc = evaluate(run.model, run.val, amp=config.amp)
+        val_loss, val_acc = evaluate(run.model, run.val, precision=config.precision)
         check_finite(torch.tensor([val_loss]), f"validation loss after epoch {epoch}", steps_done + result.steps)
     except NonFiniteLoss as e:
         kept = f"{files.checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no epoch had finished"
@@ -394,6 +418,8 @@ def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
         run.model.load_state_dict(checkpoint["model"])
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if checkpoint.get("grad_scaler"):  # a float16 run's loss scale; empty or absent otherwise
+            run.scaler.load_state_dict(checkpoint["grad_scaler"])
         set_rng_state(checkpoint["rng"])
         run.generator.set_state(checkpoint["rng"]["data"])
         history = {"epochs": list(checkpoint["history"]["epochs"])}
