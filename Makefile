@@ -19,7 +19,7 @@ EX2_SEEDS ?= 0 1 2
 EX2_GRADIENT_FIGURES ?= Conv_gradients_d38.png
 SIZE := --num_epochs $(EPOCHS)$(if $(VAL_SIZE), --val_size $(VAL_SIZE))$(if $(IMAGES), --limit_train $(IMAGES))
 
-.PHONY: install test demo bench clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3
+.PHONY: install test demo bench gpu-check clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,14 @@ reproduce-ex3: install
 
 bench: install
 	$(PY) bench.py --data_root $(DATA_ROOT)
+
+# The CUDA paths on a GPU machine where torch and the requirements (wandb aside) are installed and nothing can be
+# downloaded: tests/test_cuda.py, a real MNIST sweep on CUDA and bench.py's MNIST rows there, in at most 8 minutes on
+# one GPU; MNIST's four .gz files are read from MNIST_GZ. Writes gpu_check/report.json.
+MNIST_GZ ?= mnist
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) gpu_check.py --mnist_gz $(MNIST_GZ) --out_dir gpu_check
 
 clean:
 	rm -rf $(VENV) runs/demo

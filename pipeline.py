@@ -264,7 +264,6 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     threads = cpu_threads(configs[0], args.jobs)
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions once
     devices = (str(device),)
     if device.type == "cuda" and device.index is None:
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))

@@ -68,6 +68,14 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
 
 
+def use_cudnn_benchmark(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest (a run's batches
+    share one shape), unless deterministic algorithms are asked for: the timing may choose differently in another
+    process."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+
+
 def uses_channels_last(config: RunConfig) -> bool:
     """Whether a run keeps images and weights channels_last (faster convolutions): CNNs, except on the CPU below
     16 channels, where oneDNN's weight gradient of the channels_last 1x1 stride-2 shortcut convolution hangs or
@@ -143,6 +151,7 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
     """Set up a run from its config: splits, model, loss, optimizer, schedule, data order and augmentation;
     with `world_size` > 1 (torchrun) the model is wrapped in DistributedDataParallel."""
     info = DATASETS[config.dataset]
+    use_cudnn_benchmark(torch.device(config.device))  # here, so that --jobs workers and torchrun ranks set it too
     train, val, test = make_splits(raw, info, config.val_size, config.seed, config.limit_train, config.device,
                                    uses_channels_last(config))
     model = build_run_model(config)

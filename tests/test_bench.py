@@ -269,3 +269,12 @@ def test_missing_data_is_downloaded_unless_refused(tmp_path, monkeypatch, capsys
     with pytest.raises(UsageError, match=message):
         bench.main(args)
     assert "shared" not in bench.get_args_parser().format_help()
+
+
+def test_mnist_only_needs_no_cifar(tmp_path, capsys, restore_threads):
+    """What make gpu-check runs where only MNIST is carried: the MLP rows, their targets and Exercise 1."""
+    results = run_bench(write_mnist(tmp_path / "mnist_only"), tmp_path / "b.json", TINY, "--quick", "--mnist_only")
+    assert set(results) == TOP_KEYS - {"cnn", "cam"} and set(results["exercises"]) == {"exercise1"}
+    assert not any(t["name"].startswith("CNN") for t in results["targets"])
+    table = capsys.readouterr().out
+    assert "MLP 22x16 on MNIST" in table and "ResNet-20" not in table and "Exercise 1, all runs" in table

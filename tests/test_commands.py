@@ -11,11 +11,11 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ("pipeline", "cam", "report", "bench")
+SCRIPTS = ("pipeline", "cam", "report", "bench", "gpu_check")
 COMMAND = re.compile(r"^((?:\w+=\S+\s+)*)\S*python3?\s+(" + "|".join(SCRIPTS) + r")\.py\b(.*)$", re.S)
 SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
 JOBS = "2"  # what $(nproc) and the Makefile's JOBS stand for here
-MAKE_TARGETS = ("demo", "bench", "reproduce")
+MAKE_TARGETS = ("demo", "bench", "reproduce", "gpu-check")
 
 
 @dataclass(frozen=True)
