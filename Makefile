@@ -36,12 +36,12 @@ demo: install
 	$(PY) pipeline.py --model_name MLP --dataset MNIST --data_root $(DATA_ROOT) --num_hidden_layers 2 10 18 \
 		--residual_step 0 2 --num_epochs 3 --limit_train 20000 --out_dir runs/demo --overwrite
 
-# The whole lab on the real data (about 70 minutes on 2 CPU cores). Interrupt it at any time: the same command
+# The whole lab on the real data (about 3 hours on 2 CPU cores). Interrupt it at any time: the same command
 # continues every run from its last finished epoch. Figures go to $(IMG_SHOW)/, the tables are printed.
 reproduce: reproduce-ex1 reproduce-ex2 reproduce-ex3
 	$(PY) report.py --ex1 $(RUNS)/ex1 --ex2 $(RUNS)/ex2
 
-# Exercise 1: 9 depths x plain/residual x 5 seeds = 90 MLPs on MNIST (4 minutes with --jobs 2 on 2 cores).
+# Exercise 1: 9 depths x plain/residual x 5 seeds = 90 MLPs on MNIST (4 minutes with --jobs 2 on 2 cores, 2026-11-28).
 reproduce-ex1: install
 	$(PY) pipeline.py --model_name MLP --dataset MNIST --data_root $(DATA_ROOT) --num_hidden_layers $(EX1_DEPTHS) \
 		--width 16 --residual_step 0 2 --seed $(EX1_SEEDS) $(SIZE) --jobs $(JOBS) --out_dir $(RUNS)/ex1 --resume

@@ -50,7 +50,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                help="learning-rate schedule, stepped every batch: onecycle rises from lr/25 to --lr over the "
                     "warm-up and anneals to lr/25e4; cosine decays to 0; step divides by 10 at 50%% and 75%%")
     parser.add("--warmup_epochs", type=float, default=None,
-               help="epochs of linear warm-up (default: 30%% of training for onecycle, none otherwise)")
+               help="epochs of warm-up: onecycle's rise (along a cosine), a linear rise for the other schedules "
+                    "(default: 30%% of training for onecycle, none otherwise)")
     parser.add("--label_smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     parser.add("--augment", action=argparse.BooleanOptionalAction, default=False,
                help="random 4-pixel-padded crops and horizontal flips (CIFAR-10 only)")
