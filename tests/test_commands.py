@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ SCRIPTS = ("pipeline", "cam", "report", "bench", "gpu_check")
 COMMAND = re.compile(r"^((?:\w+=\S+\s+)*)\S*python3?\s+(" + "|".join(SCRIPTS) + r")\.py\b(.*)$", re.S)
 SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
 JOBS = "2"  # what $(nproc) and the Makefile's JOBS stand for here
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 MAKE_TARGETS = ("demo", "bench", "reproduce", "gpu-check")
 
 
@@ -95,6 +97,7 @@ def test_every_readme_command_parses(capsys):
         check_parses(command, capsys)
 
 
+@needs_make
 def test_every_makefile_command_parses(capsys):
     commands = makefile_commands(*MAKE_TARGETS)
     assert {c.script for c in commands} == set(SCRIPTS)
@@ -102,6 +105,7 @@ def test_every_makefile_command_parses(capsys):
         check_parses(command, capsys)
 
 
+@needs_make
 @pytest.mark.parametrize("target", ["reproduce-ex1", "reproduce-ex2", "reproduce-ex3"])
 def test_readme_gives_the_exercise_commands_the_makefile_runs(target):
     """Each training and CAM command of a reproduce target is in README.md with the same environment and the same

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT, write_cifar10, write_mnist
 
@@ -25,6 +28,7 @@ def folder_digest(folder) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_reproduce_at_toy_size_puts_figures_cam_files_and_tables_where_the_readme_says(tmp_path):
     data = write_cifar10(write_mnist(tmp_path / "data", n_train=800), n_per_batch=150, n_test=100)
     assert sorted(p.name for p in data.iterdir()) == ["MNIST", "cifar-10-batches-py"]
