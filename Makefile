@@ -4,9 +4,26 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA_ROOT ?= data
 JOBS ?= $(shell nproc)
-RUNS := runs/reproduce
+# make reproduce: where runs and figures go and the size of the lab (a test runs it at toy size: 1 epoch, a few
+# hundred images, 1 seed, 2 depths). IMAGES and VAL_SIZE left empty: all training images, pipeline.py's 5,000.
+RUNS ?= runs/reproduce
+IMG_SHOW ?= img_show
+EPOCHS ?= 10
+IMAGES ?=
+VAL_SIZE ?=
+EX1_DEPTHS ?= 2 6 10 14 18 22 26 30 34
+EX1_SEEDS ?= 0 1 2 3 4
+EX1_GRADIENT_FIGURES ?= gradients_mlp_d22.png gradients_mlp_d34.png gradients_mlp_d34_res2.png \
+	gradient_heatmap_mlp_mnist_h22_w16_plain_s0.png gradient_heatmap_mlp_mnist_h34_w16_plain_s0.png \
+	gradient_heatmap_mlp_mnist_h34_w16_res2_s0.png mlp_init_gradient_vs_accuracy.png
+EX2_CONVS ?= 2 6 12
+EX2_SEEDS ?= 0 1 2
+EX2_GRADIENT_FIGURES ?= Conv_gradients_d38.png gradient_heatmap_resnet_cifar10_d38_c16x3_plain_s0.png \
+	gradient_heatmap_resnet_cifar10_d38_c16x3_res2_s0.png
+FAITHFULNESS ?= 1000
+SIZE := --num_epochs $(EPOCHS)$(if $(VAL_SIZE), --val_size $(VAL_SIZE))$(if $(IMAGES), --limit_train $(IMAGES))
 
-.PHONY: install test fuzz demo bench clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3
+.PHONY: install test fuzz demo bench gpu-check clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3
 
 install: $(VENV)/.installed
 
@@ -27,46 +44,52 @@ demo: install
 	$(PY) pipeline.py --model_name MLP --dataset MNIST --data_root $(DATA_ROOT) --num_hidden_layers 2 10 18 \
 		--residual_step 0 2 --num_epochs 3 --limit_train 20000 --out_dir runs/demo --overwrite
 
-# The whole lab on the real data (about 70 minutes on 2 CPU cores). Interrupt it at any time: the same command
-# continues every run from its last finished epoch. Figures go to img_show/, the tables are printed.
+# The whole lab on the real data (about 3 hours on 2 CPU cores). Interrupt it at any time: the same command
+# continues every run from its last finished epoch. Figures go to $(IMG_SHOW)/, the tables are printed.
 reproduce: reproduce-ex1 reproduce-ex2 reproduce-ex3
 	$(PY) report.py --ex1 $(RUNS)/ex1 --ex2 $(RUNS)/ex2
 
-# Exercise 1: 9 depths x plain/residual x 5 seeds = 90 MLPs on MNIST (4 minutes with --jobs 2 on 2 cores).
+# Exercise 1: 9 depths x plain/residual x 5 seeds = 90 MLPs on MNIST (4 minutes with --jobs 2 on 2 cores, 2026-11-28).
 reproduce-ex1: install
-	$(PY) pipeline.py --model_name MLP --dataset MNIST --data_root $(DATA_ROOT) --num_hidden_layers 2 6 10 14 18 22 \
-		26 30 34 --width 16 --residual_step 0 2 --seed 0 1 2 3 4 --num_epochs 10 --jobs $(JOBS) \
-		--out_dir $(RUNS)/ex1 --resume
+	$(PY) pipeline.py --model_name MLP --dataset MNIST --data_root $(DATA_ROOT) --num_hidden_layers $(EX1_DEPTHS) \
+		--width 16 --residual_step 0 2 --seed $(EX1_SEEDS) $(SIZE) --jobs $(JOBS) --out_dir $(RUNS)/ex1 --resume
+	mkdir -p $(IMG_SHOW)
 	cp $(addprefix $(RUNS)/ex1/plots/,mlp_training_loss.png mlp_Val_acc.png mlp_trainability.png \
-		gradients_mlp_d22.png gradients_mlp_d34.png gradients_mlp_d34_res2.png \
-		gradient_heatmap_mlp_mnist_h22_w16_plain_s0.png gradient_heatmap_mlp_mnist_h34_w16_plain_s0.png \
-		gradient_heatmap_mlp_mnist_h34_w16_res2_s0.png mlp_init_gradient_vs_accuracy.png) img_show/
+		$(EX1_GRADIENT_FIGURES)) $(IMG_SHOW)/
 	$(PY) report.py --ex1 $(RUNS)/ex1
 
 # Exercise 2: He et al.'s CIFAR family at depths 8, 20 and 38, plain and residual (option A shortcuts), seeds 0 to 2,
-# 10 epochs of one-cycle SGD (about an hour a seed on 2 CPU cores). OpenMP threads that wait sleep instead of spinning: beside one busy process an
-# epoch took 9.2 s instead of 13.1 s; on a quiet machine it costs 13% (README, Performance).
+# 10 epochs of one-cycle SGD (about an hour a seed on 2 CPU cores). OpenMP threads that wait sleep instead of
+# spinning: beside one busy process an epoch took 9.2 s instead of 13.1 s; on a quiet machine it costs 13% (README,
+# Performance).
 reproduce-ex2: install
-	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --preset exercise2 --data_root $(DATA_ROOT) --out_dir $(RUNS)/ex2 --resume
-	cp $(addprefix $(RUNS)/ex2/plots/,Conv_train_loss.png Conv_val_accuracy.png Conv_gradients_d38.png \
-		gradient_heatmap_resnet_cifar10_d38_c16x3_plain_s0.png gradient_heatmap_resnet_cifar10_d38_c16x3_res2_s0.png) \
-		img_show/
+	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --preset exercise2 --num_conv_per_level $(EX2_CONVS) --seed $(EX2_SEEDS) \
+		$(SIZE) --data_root $(DATA_ROOT) --out_dir $(RUNS)/ex2 --resume
+	mkdir -p $(IMG_SHOW)
+	cp $(addprefix $(RUNS)/ex2/plots/,Conv_train_loss.png Conv_val_accuracy.png $(EX2_GRADIENT_FIGURES)) $(IMG_SHOW)/
 	$(PY) report.py --ex2 $(RUNS)/ex2
 
-# Exercise 3: class activation maps of Exercise 2's residual network with the best validation accuracy, and how
-# faithful they are on 1,000 test images (deletion, insertion, Average Drop: README, Class Activation Maps).
+# Exercise 3: class activation maps of Exercise 2's residual network with the best validation accuracy, for the
+# first 8 test images and the lab's photo (img_show/cat2.jpg), and how faithful they are on FAITHFULNESS test images
+# (deletion, insertion, Average Drop: README, Class Activation Maps).
 reproduce-ex3: install
 	rm -rf $(RUNS)/ex3
-	$(PY) cam.py --checkpoint $$($(PY) report.py --best_checkpoint $(RUNS)/ex2) --data_root $(DATA_ROOT) \
-		--faithfulness 1000 --out_dir $(RUNS)/ex3
-	$(PY) cam.py --checkpoint $$($(PY) report.py --best_checkpoint $(RUNS)/ex2) --data_root $(DATA_ROOT) \
-		--num_images_to_save 8 --out_dir $(RUNS)/ex3
-	$(PY) cam.py --checkpoint $$($(PY) report.py --best_checkpoint $(RUNS)/ex2) \
-		--image $(DATA_ROOT)/images/chelsea.png --label cat --out_dir $(RUNS)/ex3
-	rm -rf img_show/cam && cp -r $(RUNS)/ex3 img_show/cam
+	best=$$($(PY) report.py --best_checkpoint $(RUNS)/ex2) && \
+	$(PY) cam.py --checkpoint $$best --data_root $(DATA_ROOT) --faithfulness $(FAITHFULNESS) --out_dir $(RUNS)/ex3 && \
+	$(PY) cam.py --checkpoint $$best --data_root $(DATA_ROOT) --num_images_to_save 8 --out_dir $(RUNS)/ex3 && \
+	$(PY) cam.py --checkpoint $$best --image img_show/cat2.jpg --label cat --out_dir $(RUNS)/ex3
+	rm -rf $(IMG_SHOW)/cam && mkdir -p $(IMG_SHOW) && cp -r $(RUNS)/ex3 $(IMG_SHOW)/cam
 
 bench: install
 	$(PY) bench.py --data_root $(DATA_ROOT)
+
+# The CUDA paths on a GPU machine where torch and the requirements (wandb aside) are installed and nothing can be
+# downloaded: tests/test_cuda.py, a real MNIST sweep on CUDA and bench.py's MNIST rows there, in at most 8 minutes on
+# one GPU; MNIST's four .gz files are read from MNIST_GZ. Writes gpu_check/report.json.
+MNIST_GZ ?= mnist
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) gpu_check.py --mnist_gz $(MNIST_GZ) --out_dir gpu_check
 
 clean:
 	rm -rf $(VENV) runs/demo

@@ -1,7 +1,7 @@
 """How fast the lab's training code is, against the loop most course code uses, on the same data in one process.
 
-    python bench.py --data_root ../shared/datasets --quick    # a few minutes on 2 CPU cores
-    python bench.py --data_root ../shared/datasets            # 5 minutes here: Exercise 1's seed 0 and an epoch
+    python bench.py --quick    # a few minutes on 2 CPU cores
+    python bench.py            # about 5 minutes on 2 CPU cores: Exercise 1's seed 0 and an epoch for real
 
 Prints a table and writes the numbers to --out (JSON). Every rate is the best of a few timed repeats of a fixed number
 of steps after a warm-up, the contenders interleaved so that a busy neighbour slows them alike; the clock is
@@ -43,8 +43,8 @@ from config import RunConfig
 from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, TrainLoader,
                   load_dataset, normalize, num_batches, read_cifar10_batches)
 from models import build_model
-from train import (RunSetup, cpu_threads, evaluate, logged_weights, prepare_run, train_one_epoch,
-                   uses_channels_last)
+from train import (RunSetup, amp_precision, cpu_threads, evaluate, logged_weights, prepare_run, train_one_epoch,
+                   use_cudnn_benchmark, uses_channels_last)
 from utils import ArgumentParser, UsageError, resolve_device, run_cli, seed_everything, write_json
 
 BATCH_SIZE = 128
@@ -66,14 +66,18 @@ CIFAR10_LOADER = "DataLoader (2 workers), per-image PIL crop+flip"
 FUSED_NORMS = "_foreach_norm each step"
 ITEM_NORMS = ".item() per weight each step"
 NO_NORMS = "off"
-FLOAT32, BFLOAT16 = "float32", "bfloat16 autocast"
+FLOAT32 = "float32"
+PRECISIONS = {"float32": FLOAT32, "bfloat16": "bfloat16 autocast", "float16": "float16 autocast, GradScaler"}
+CPU_ISA = {"AVX2": torch.cpu._is_avx2_supported, "AVX-512": torch.cpu._is_avx512_supported,
+           "AVX512-BF16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported}
 OURS, CONVENTIONAL = "ours", "conventional loop"
 CONVENTIONAL_ROWS = ("conventional", "conventional_1_thread")  # the conventional loop at each thread count tried
 # the MLP's ablation: the conventional loop, then our levers switched on one at a time, in this order
 ABLATION = (("plus_resident_data", {"data": RESIDENT}), ("plus_one_thread", {"threads": 1}),
             ("plus_fused_optimizer", {"fused_optimizer": True}), ("plus_fused_norms", {"grad_norms": FUSED_NORMS}))
-ROW_NAMES = {"ours": "ours", "ours_no_logging": "ours, norm log off", "ours_1_thread": "ours, 1 thread",
-             "ours_contiguous": "ours, contiguous", "conventional": "conventional loop",
+ROW_NAMES = {"ours": "ours", "ours_no_logging": "ours, norm log off", "ours_amp": "ours, --amp",
+             "ours_1_thread": "ours, 1 thread", "ours_contiguous": "ours, contiguous",
+             "conventional": "conventional loop",
              "conventional_1_thread": "conventional loop, 1 thread", "plus_resident_data": "+ resident data",
              "plus_one_thread": "+ one thread", "plus_fused_optimizer": "+ fused Adam",
              "plus_fused_norms": "+ fused norm log"}
@@ -116,7 +120,7 @@ class Options:
     """What the command line decides about the rows."""
     threads: int  # pipeline.py's --threads for our rows and the exercises (0: its own policy, train.cpu_threads)
     conventional_threads: int  # of the conventional loop (also timed on 1), CAM and the matmul
-    amp: bool  # bfloat16 autocast in our rows and the exercises
+    amp: bool  # --amp (train.amp_precision) in our rows and the exercises
     compile_model: bool  # torch.compile the model in our training rows
 
 
@@ -124,8 +128,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The benchmark's flags; each `--snake_case` flag is also accepted as `--kebab-case`."""
     parser = ArgumentParser(description="Benchmark the lab's training code against the conventional DataLoader "
                             "loop, a float32 matmul for reference, CAM and whole exercises.", add_help=add_help)
-    parser.add("--data_root", default="data",
-               help="folder holding MNIST/raw and cifar-10-batches-py (nothing is downloaded)")
+    parser.add("--data_root", default="data", help="folder holding MNIST/raw and cifar-10-batches-py")
+    parser.add("--download", action=argparse.BooleanOptionalAction, default=True,
+               help="download MNIST and CIFAR-10 through torchvision when they are missing, as pipeline.py does")
     parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add("--quick", action="store_true", default=False,
                help="short run: fewer steps, and Exercise 1 and the ResNet-20 epoch estimated rather than run")
@@ -134,11 +139,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                help="CPU threads: pipeline.py's --threads for our rows and the exercises (0 = its policy: 1 for the "
                     "MLP, every core for CNNs), and the thread count of the conventional loop, CAM and the matmul "
                     "(0 = torch's default, every core); the conventional loop and our CNN are also timed on 1")
+    parser.add("--mnist_only", action="store_true", default=False,
+               help="only what needs MNIST alone: the MLP, its ablation and Exercise 1 (no CIFAR-10 is read)")
     parser.add("--compile", action="store_true", default=False,
                help="torch.compile the model in our training rows (the conventional loop and the exercises stay "
                     "eager)")
     parser.add("--amp", action="store_true", default=False,
-               help="bfloat16 autocast in our rows and the exercises (the conventional loop stays float32)")
+               help="pipeline.py's --amp in our rows and the exercises (the conventional loop stays float32); "
+                    "without it our MLP and CNN also get an --amp row where the device has a faster precision")
     return parser
 
 
@@ -198,7 +206,7 @@ class Setup:
     code: str  # OURS (train.train_one_epoch on what train.prepare_run sets up) or CONVENTIONAL
     threads: int  # torch CPU threads during every timed call
     memory_format: str  # of the convolution weights and the batches: channels_last or contiguous
-    precision: str  # FLOAT32 or BFLOAT16
+    precision: str  # a value of PRECISIONS
     data: str  # where the batches come from
     optimizer: str  # "fused Adam", or "Adam" (torch's default implementation)
     grad_norms: str  # how the gradient norm of every weight is logged (FUSED_NORMS, ITEM_NORMS), or NO_NORMS
@@ -223,7 +231,7 @@ def run_settings(config: RunConfig, contiguous: bool = False) -> dict:
     on_cpu = torch.device(config.device).type == "cpu"  # pipeline.py leaves the thread count alone on CUDA
     return {"threads": cpu_threads(config) if on_cpu else torch.get_num_threads(),
             "memory_format": "channels_last" if uses_channels_last(config) and not contiguous else "contiguous",
-            "precision": BFLOAT16 if config.amp else FLOAT32,
+            "precision": PRECISIONS[config.precision],
             "data": RESIDENT + (BATCH_AUGMENT if config.augment else "")}
 
 
@@ -259,6 +267,24 @@ def our_trainer(config: RunConfig, raw: RawData, limit_train: int | None, warmup
     return Contender(setup, run.model, train_epoch, len(run.train.labels), seconds, run)
 
 
+def amp_row(config: RunConfig) -> RunConfig | None:
+    """Our run with pipeline.py's --amp, where it chooses another precision than float32 on this device and the
+    run does not use --amp already; else None."""
+    precision = amp_precision(torch.device(config.device))
+    return None if config.amp or precision == "float32" else replace(config, amp=True, precision=precision)
+
+
+def cpu_description() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one) and the instruction sets that decide its speed
+    and --amp's precision, as torch detects them."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}; " + ", ".join(f"{isa} {'yes' if has() else 'no'}" for isa, has in CPU_ISA.items())
+
+
 def norm_log(every: int) -> str:
     """How our training code logs gradient norms when it logs them every `every` steps."""
     if every == 0:
@@ -269,7 +295,7 @@ def norm_log(every: int) -> str:
 def validate(ours: Contender, split: Split) -> tuple[float, float]:
     """train.evaluate of our trainer's model on `split`, on the trainer's thread count."""
     with torch_settings(ours.setup.threads):
-        return evaluate(ours.run.net, split, amp=ours.run.config.amp)
+        return evaluate(ours.run.net, split, precision=ours.run.config.precision)
 
 
 class CIFAR10Images(Dataset):
@@ -299,7 +325,7 @@ def conventional_cifar10_loader(data_root: str | Path, batch_size: int) -> DataL
     """CIFAR-10 as most course code loads it: PIL images, per-image crop and flip, a DataLoader with 2 workers.
 
     The dataset is built from data.read_cifar10_batches because torchvision.datasets.CIFAR10 refuses copies of the
-    pickles whose md5 differs from the official files (as the rebuilt ones in shared/datasets do).
+    pickles whose md5 differs from the official files (as rebuilt copies do).
     """
     info = DATASETS["CIFAR10"]
     images, labels = read_cifar10_batches(Path(data_root) / CIFAR10_FOLDER, CIFAR10_TRAIN_FILES)
@@ -412,6 +438,8 @@ def mlp_contenders(raw: RawData, data_root: str | Path, device: torch.device, si
     ours = our_trainer(config, raw, limit, sizes.warmup_steps, options.compile_model)
     contenders = {"ours": ours, "ours_no_logging": our_trainer(replace(config, grad_log_every=0), raw, limit,
                                                                sizes.warmup_steps, options.compile_model)}
+    if amp_row(config):
+        contenders["ours_amp"] = our_trainer(amp_row(config), raw, limit, sizes.warmup_steps, options.compile_model)
 
     def conventional(**loop) -> Contender:
         resident = TrainLoader(Split(ours.run.train.images, ours.run.train.labels), config.batch_size, config.seed)
@@ -464,6 +492,8 @@ def cnn_contenders(raw: RawData, data_root: str | Path, device: torch.device, si
                                     sizes.warmup_steps)
 
     contenders = {"ours": ours()}
+    if amp_row(config):
+        contenders["ours_amp"] = ours(amp_row(config))
     if device.type == "cpu" and contenders["ours"].setup.threads > 1:
         contenders["ours_1_thread"] = ours(replace(config, threads=1))
     if uses_channels_last(config):
@@ -633,13 +663,14 @@ def resnet20_epoch(raw: RawData, device: torch.device, sizes: Sizes, cnn: dict, 
 
 def check_targets(results: dict) -> list[dict]:
     """The performance targets, each with its measured value and whether it is met."""
-    mlp, cnn, ex1 = results["mlp"], results["cnn"], results["exercises"]["exercise1"]
+    mlp, cnn, ex1 = results["mlp"], results.get("cnn"), results["exercises"]["exercise1"]
     targets = [("MLP training vs conventional at its best thread count", mlp["speedup"], ">=", 8.0, "x"),
-               ("gradient-norm logging cost", mlp["logging_cost"], "<=", 0.10, "of step time"),
-               ("CNN training vs conventional at its best thread count", cnn["speedup"], ">=", 1.3, "x"),
-               ("CNN GFLOP/s vs matmul", cnn["fraction_of_matmul"], ">=", 0.45, "of matmul"),
-               ("Exercise 1, all runs" + (" (estimate)" if ex1["estimated"] else ""), ex1["seconds"],
-                "<", EXERCISE1_SECONDS, "s")]
+               ("gradient-norm logging cost", mlp["logging_cost"], "<=", 0.10, "of step time")]
+    if cnn is not None:
+        targets += [("CNN training vs conventional at its best thread count", cnn["speedup"], ">=", 1.3, "x"),
+                    ("CNN GFLOP/s vs matmul", cnn["fraction_of_matmul"], ">=", 0.45, "of matmul")]
+    targets.append(("Exercise 1, all runs" + (" (estimate)" if ex1["estimated"] else ""), ex1["seconds"], "<",
+                    EXERCISE1_SECONDS, "s"))
     if ex1.get("jobs_speedup") is not None:
         targets.append(("Exercise 1 with --jobs 2 vs --jobs 1", ex1["jobs_speedup"], ">=", 1.8, "x"))
     met = {">=": lambda v, b: v >= b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
@@ -670,7 +701,7 @@ def count(n: int, thing: str) -> str:
 
 def format_table(results: dict) -> str:
     """The results as a plain-text table: a line per measurement, and under it what the measurement ran."""
-    mlp, cnn, cam, ex, meta = (results[k] for k in ("mlp", "cnn", "cam", "exercises", "meta"))
+    mlp, ex, meta = results["mlp"], results["exercises"], results["meta"]
     rows: list[tuple[str, str, str, str]] = []  # name, value, extra, settings; a title has no value
 
     def title(text: str) -> None:
@@ -690,19 +721,21 @@ def format_table(results: dict) -> str:
 
     config = mlp["config"]
     title(f"MLP {config['num_hidden_layers']}x{config['width']} on MNIST, batch {config['batch_size']}")
-    training_rows(mlp, ("ours", "ours_no_logging", *CONVENTIONAL_ROWS), mlp_step)
+    training_rows(mlp, ("ours", "ours_no_logging", "ours_amp", *CONVENTIONAL_ROWS), mlp_step)
     title("  ablation: the conventional loop with our levers added one at a time")
     training_rows(mlp, mlp["ablation"][1:], ablation_step)
-    title(f"ResNet-20 shape on CIFAR-10, batch {cnn['config']['batch_size']}, crops+flips: "
-          f"{cnn['flops_per_step'] / 1e9:.2f} GFLOP/step")
-    training_rows(cnn, ("ours", "ours_1_thread", "ours_contiguous", *CONVENTIONAL_ROWS),
-                  lambda name: f"{cnn['rows'][name]['gflops']:.1f} GFLOP/s")
-    rows.append((f"  float32 matmul {cnn['matmul_size']}^3 (reference)", f"{cnn['matmul_gflops']:.1f} GFLOP/s", "",
-                 count(cnn["matmul_threads"], "thread")))
-    title(f"CAM, ResNet-20 shape, batch of {cam['images']}")
-    rows.append(("  as cam.py computes it", f"{cam['maps_per_s']:,.0f} maps/s", f"maps {tuple(cam['map_shape'])}",
-                 settings_label(dict(cam, data="test images, no autograd"))))
-    ex1, epoch, sizes = ex["exercise1"], ex["resnet20_epoch"], meta["sizes"]
+    if "cnn" in results:
+        cnn, cam = results["cnn"], results["cam"]
+        title(f"ResNet-20 shape on CIFAR-10, batch {cnn['config']['batch_size']}, crops+flips: "
+              f"{cnn['flops_per_step'] / 1e9:.2f} GFLOP/step")
+        training_rows(cnn, ("ours", "ours_1_thread", "ours_contiguous", "ours_amp", *CONVENTIONAL_ROWS),
+                      lambda name: f"{cnn['rows'][name]['gflops']:.1f} GFLOP/s")
+        rows.append((f"  float32 matmul {cnn['matmul_size']}^3 (reference)", f"{cnn['matmul_gflops']:.1f} GFLOP/s",
+                     "", count(cnn["matmul_threads"], "thread")))
+        title(f"CAM, ResNet-20 shape, batch of {cam['images']}")
+        rows.append(("  as cam.py computes it", f"{cam['maps_per_s']:,.0f} maps/s",
+                     f"maps {tuple(cam['map_shape'])}", settings_label(dict(cam, data="test images, no autograd"))))
+    ex1, sizes = ex["exercise1"], meta["sizes"]
     title(f"Exercise 1: {ex1['runs']} runs ({len(sizes['exercise1_depths'])} depths x residual steps "
           f"{'/'.join(map(str, sizes['exercise1_residual_steps']))} x {len(sizes['exercise1_seeds'])} seeds), "
           f"{count(sizes['exercise1_epochs'], 'epoch')} each")
@@ -711,9 +744,11 @@ def format_table(results: dict) -> str:
                      f"{seconds:.0f} s", "measured", ""))
     rows.append(("  all runs", f"{ex1['seconds']:.0f} s",
                  f"{ex1['seconds_per_run']:.1f} s a run; {ex1['note']}", settings_label(ex1)))
-    title(f"ResNet-20 shape, one epoch of {epoch['train_images']:,} images and validation")
-    rows.append(("  ours", f"{epoch['seconds']:.1f} s", "estimate" if epoch["estimated"] else "measured",
-                 settings_label(epoch)))
+    if "resnet20_epoch" in ex:
+        epoch = ex["resnet20_epoch"]
+        title(f"ResNet-20 shape, one epoch of {epoch['train_images']:,} images and validation")
+        rows.append(("  ours", f"{epoch['seconds']:.1f} s", "estimate" if epoch["estimated"] else "measured",
+                     settings_label(epoch)))
     title("Targets")
     rows.extend((f"  {t['name']}", format_value(t["value"], t["unit"]).split(" of ")[0],
                  f"target {t['target']}: {'met' if t['met'] else 'NOT met'}", "") for t in results["targets"])
@@ -721,7 +756,8 @@ def format_table(results: dict) -> str:
     vwidth = max(len(value) for _, value, _, _ in rows) + 2
     header = (f"bench.py {'--quick ' if meta['quick'] else ''}on {meta['device']} ({meta['cpu_count']} cores, torch "
               f"{meta['torch']}); best of {meta['repeats']} repeats; under each row, what it ran")
-    lines = [header, "-" * len(header)]
+    lines = [header, f"CPU: {meta['cpu']}; --amp trains in {meta['amp_precision']} on {meta['device']}",
+             "-" * len(header)]
     for name, value, extra, settings in rows:
         lines.append(f"{name:<{width}}{value:>{vwidth}}  {extra}".rstrip() if value else name)
         if settings:
@@ -739,25 +775,29 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (pipeline.py's policy, torch's default) or positive, got {args.threads}")
     sizes = sizes or (QUICK if args.quick else FULL)
+    use_cudnn_benchmark(device)  # as pipeline.py runs, for every row
     options = Options(args.threads, args.threads or torch.get_num_threads(), args.amp, args.compile)
     start, load_at_start = time.perf_counter(), os.getloadavg()
     try:
-        mnist = load_dataset("MNIST", args.data_root, download=False)
-        cifar = load_dataset("CIFAR10", args.data_root, download=False)
+        mnist = load_dataset("MNIST", args.data_root, args.download)
+        cifar = None if args.mnist_only else load_dataset("CIFAR10", args.data_root, args.download)
     except DatasetError as e:
         raise UsageError(str(e)) from None
     results = {"meta": {"torch": torch.__version__, "numpy": np.__version__, "device": str(device),
                         "threads": args.threads, "default_threads": torch.get_num_threads(),
-                        "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                        "cpu_count": os.cpu_count(), "cpu": cpu_description(),
+                        "amp_precision": amp_precision(device),
                         "quick": args.quick, "compile": args.compile, "amp": args.amp, "repeats": sizes.repeats,
-                        "sizes": asdict(sizes)}}
+                        "mnist_only": args.mnist_only, "sizes": asdict(sizes)}}
     results["mlp"] = bench_mlp(mnist, args.data_root, device, sizes, options)
-    results["cnn"] = bench_cnn(cifar, args.data_root, device, sizes, options)
-    results["cam"] = bench_cam(cifar, device, sizes, options)
+    if cifar is not None:
+        results["cnn"] = bench_cnn(cifar, args.data_root, device, sizes, options)
+        results["cam"] = bench_cam(cifar, device, sizes, options)
     exercise1 = (run_exercise1(args.data_root, device, sizes, options) if sizes.exercise1_sample_steps == 0
                  else estimate_exercise1(mnist, args.data_root, device, sizes, options))
-    results["exercises"] = {"exercise1": exercise1,
-                            "resnet20_epoch": resnet20_epoch(cifar, device, sizes, results["cnn"], options)}
+    results["exercises"] = {"exercise1": exercise1}
+    if cifar is not None:
+        results["exercises"]["resnet20_epoch"] = resnet20_epoch(cifar, device, sizes, results["cnn"], options)
     results["targets"] = check_targets(results)
     results["meta"].update(seconds=time.perf_counter() - start, load_average_at_start=load_at_start,
                            load_average_at_end=os.getloadavg())

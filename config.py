@@ -126,12 +126,16 @@ class RunConfig:
                            "every core for CNNs", SCALING, check=integer(0, 1_000_000))
     sync_bn: bool = setting(False, "under torchrun: synchronise batch-norm statistics across processes (CUDA only)",
                             SCALING)
-    amp: bool = setting(False, "bfloat16 autocast", SCALING)
+    amp: bool = setting(False, "mixed precision in what the device does well: bfloat16 autocast on CUDA devices of "
+                        "compute capability 8.0+ and on CPUs with AVX512-BF16 or AMX, float16 autocast with a "
+                        "GradScaler on older GPUs; on other CPUs a warning and float32. Each run's config records "
+                        "the precision", SCALING)
+    precision: str = "float32"  # what --amp chose on this device (train.amp_precision): float32, bfloat16 or float16
     grad_log_every: int = setting(1, "log gradient norms every N steps (0 = never)", TRACKING,
                                   check=integer(0, 2 ** 62))
     run_name: str | None = None  # the run folder's name (None: default_run_name(); replace() keeps the old one)
 
-    RESUMABLE_CHANGES = ("device", "threads")
+    RESUMABLE_CHANGES = ("device", "threads", "precision")  # --amp's precision follows the device
     DERIVED = ("depth", "num_params")  # written with the fields (config.json, checkpoints), computed on reading
 
     def __post_init__(self):
@@ -168,6 +172,7 @@ class RunConfig:
             (self.num_classes >= len(info.classes),
              f"--num_classes {self.num_classes} is smaller than {self.dataset}'s {len(info.classes)}"),
             (not self.augment or self.dataset == "CIFAR10", "--augment (crops and flips) is for CIFAR10 only"),
+            (self.precision in ("float32", "bfloat16", "float16"), f"unknown precision {self.precision!r}"),
             (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
              "--nesterov needs --optimizer sgd and a positive --momentum"),
             (self.warmup_epochs < self.num_epochs, f"--warmup_epochs must be at least 0 and below --num_epochs "
@@ -296,8 +301,11 @@ PRESETS = {  # akamaster's resnet8(), resnet20(), resnet38(): He et al.'s CIFAR 
 
 def upgrade(values: dict) -> dict:
     """A config written by an earlier version of the suite, in today's fields: before --shortcut existed every
-    residual CNN used projection shortcuts where the shape changes."""
+    residual CNN used projection shortcuts where the shape changes; before the precision was recorded, --amp meant
+    bfloat16."""
     if "shortcut" not in values and "model_name" in values:
         residual_cnn = values["model_name"] == "ResNet" and values.get("residual_step")
         values = dict(values, shortcut="projection" if residual_cnn else None)
+    if "precision" not in values and "amp" in values:
+        values = dict(values, precision="bfloat16" if values["amp"] else "float32")
     return values

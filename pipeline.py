@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from plots import plot_sweep
 from sweep import Plan, RunConflict, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
 from runs import CheckpointError, ResumeError, RunFiles, RunLocked, load_model
-from train import Runtime, cpu_threads, evaluate
+from train import Runtime, amp_precision, cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writable, distributed_world,
                    init_distributed, resolve_device, run_cli, setup_for_distributed)
 
@@ -118,8 +119,9 @@ def check_args(args: argparse.Namespace) -> None:
 def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfig]:
     """The sweep's run configs from the flags, on `device`; a setting out of range is a UsageError."""
     try:
-        return with_prefix(expand(dict({name: getattr(args, name) for name in FLAGS}, device=str(device))),
-                           args.run_name)
+        precision = amp_precision(device) if args.amp else "float32"
+        return with_prefix(expand(dict({name: getattr(args, name) for name in FLAGS}, device=str(device),
+                                       precision=precision)), args.run_name)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -181,7 +183,11 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     else:
         device = resolve_device(args.device)
     setup_for_distributed(rank == 0)
-    sweep = plan_on_every_rank(args, run_configs(args, device), rank, world_size)
+    configs = run_configs(args, device)
+    if args.amp and configs[0].precision == "float32":
+        print("warning: --amp: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX); training in float32",
+              file=sys.stderr)
+    sweep = plan_on_every_rank(args, configs, rank, world_size)
     try:
         return train_and_plot(args, sweep, rank, world_size, device)
     finally:
@@ -232,7 +238,6 @@ def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size:
     threads = cpu_threads(sweep.runs[0].config, args.jobs)
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions once
     devices = (str(device),)
     if device.type == "cuda" and device.index is None:
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))

@@ -206,8 +206,8 @@ def build_checkpoint(run: RunSetup, history: dict, wandb_run_id: str | None) -> 
     """The checkpoint of a run after its last epoch in `history`: everything a resume needs to continue it bit for
     bit (model, optimizer, schedule, every random state, the data order), stamped with CHECKPOINT_FORMAT."""
     return {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "lr_scheduler": run.scheduler.state_dict(), "epoch": len(history["epochs"]),
-            "config": run.config.to_dict(), "history": history,
+            "lr_scheduler": run.scheduler.state_dict(), "grad_scaler": run.scaler.state_dict(),
+            "epoch": len(history["epochs"]), "config": run.config.to_dict(), "history": history,
             "rng": dict(rng_state(), data=run.train.state_dict()), "wandb_run_id": wandb_run_id}
 
 
@@ -303,6 +303,8 @@ def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
         run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
         set_rng_state(checkpoint["rng"])
         run.train.load_state_dict(checkpoint["rng"]["data"])
+        if checkpoint.get("grad_scaler"):  # a float16 run's loss scale; empty or absent otherwise
+            run.scaler.load_state_dict(checkpoint["grad_scaler"])
         history = {"epochs": list(checkpoint["history"]["epochs"])}
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -41,6 +41,31 @@ def cpu_threads(config: RunConfig, jobs: int = 1) -> int:
     if config.threads:
         return config.threads
     return 1 if config.model_name == "MLP" else max(1, DEFAULT_THREADS // jobs)
+
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # float32: no autocast
+
+
+def amp_precision(device: torch.device) -> str:
+    """What --amp trains in on `device`, as torch reports the hardware: bfloat16 on CUDA devices of compute capability
+    8.0+ and on CPUs with AVX512-BF16 or AMX; float16 (with a GradScaler) on older CUDA GPUs; float32 on other CPUs,
+    which have no bfloat16 arithmetic and would only convert back and forth."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
+    return "bfloat16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "float32"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Autocast to `precision` ("bfloat16" or "float16") on `device`; off for "float32"."""
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+
+
+def use_cudnn_benchmark(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest (a run's batches
+    share one shape), unless deterministic algorithms are asked for: the timing may choose differently in another
+    process."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
 
 
 def uses_channels_last(config: RunConfig) -> bool:
@@ -107,12 +132,14 @@ class RunSetup:
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
 
 def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int = 1) -> RunSetup:
     """Set up a run from its config: data order and augmentation, splits, model, loss, optimizer, schedule;
     with `world_size` > 1 (torchrun) the model is wrapped in DistributedDataParallel."""
     info = DATASETS[config.dataset]
+    use_cudnn_benchmark(torch.device(config.device))  # here, so that --jobs workers and torchrun ranks set it too
     train, val, test = make_splits(raw, info, config.val_size, config.seed, config.limit_train, config.device,
                                    uses_channels_last(config))
     model = build_run_model(config)
@@ -126,8 +153,9 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
     loader = TrainLoader(train, config.batch_size, config.seed, info if config.augment else None, rank, world_size)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, len(loader))
+    scaler = torch.amp.GradScaler(torch.device(config.device).type, enabled=config.precision == "float16")
     return RunSetup(config, loader, val, test, model, net,
-                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer, scheduler)
+                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer, scheduler, scaler)
 
 
 @dataclass(frozen=True)
@@ -178,16 +206,18 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
     bar = tqdm(run.train, total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
     row = 0
     for i, (images, labels) in enumerate(bar):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+        with autocast(device, config.precision):
             loss = run.criterion(run.net(images), labels)
         if world_size > 1:
             loss = loss * (len(labels) * world_size / batch_sizes[i])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        run.scaler.scale(loss).backward()  # the scaler does nothing unless float16
         if row < len(grad_steps) and grad_steps[row] == start_step + i:
+            run.scaler.unscale_(optimizer)  # the norms of the true gradients
             grad_norms[row] = torch.stack(torch._foreach_norm([w.grad for w in weights]))
             row += 1
-        optimizer.step()
+        run.scaler.step(optimizer)
+        run.scaler.update()
         run.scheduler.step()
         losses[i] = loss.detach()
         if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == steps:
@@ -212,15 +242,16 @@ def check_finite(losses: torch.Tensor, what: str, first_step: int) -> None:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, amp: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy over every image of a split."""
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000,
+             precision: str = "float32") -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy over every image of a split, the model autocast to `precision`."""
     model.eval()
     device = split.images.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(split), batch_size):
         images, labels = split.images[start:start + batch_size], split.labels[start:start + batch_size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, precision):
             logits = model(images)
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
@@ -240,9 +271,10 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
         history, wandb_run_id = restore(run, files.checkpoint)
         if writes:
             files.heal_grad_norms(names, history["epochs"][-1]["steps"] if history["epochs"] else 0)
-        print(f"{config.run_name}: resuming after epoch {len(history['epochs'])}", flush=True)
     elif writes:
         files.start_grad_norms(names)
+    begins = f"resuming after epoch {len(history['epochs'])}" if history["epochs"] else "starting"
+    print(f"{config.run_name}: {begins} on {config.device} in {config.precision}", flush=True)
     if writes:
         files.write_config(config)
     trackers = start_trackers(runtime.tracking if writes else TrackingOptions(), config.run_name, files.run_dir,
@@ -259,7 +291,7 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
                 files.write_history(history)
             # after the checkpoint: what a resumed run trains again was never logged, so no step is logged twice
             trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms, names)
-        test_loss, test_acc = evaluate(run.model, run.test, amp=config.amp)
+        test_loss, test_acc = evaluate(run.model, run.test, precision=config.precision)
         history["test"] = {"loss": test_loss, "acc": test_acc}
         if writes:
             files.write_history(history)
@@ -281,7 +313,7 @@ def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progr
     lr = run.optimizer.param_groups[0]["lr"]
     try:
         result = train_one_epoch(run, epoch, steps_done, progress)
-        val_loss, val_acc = evaluate(run.model, run.val, amp=config.amp)
+        val_loss, val_acc = evaluate(run.model, run.val, precision=config.precision)
         check_finite(torch.tensor([val_loss]), f"validation loss after epoch {epoch}", steps_done + result.steps)
     except NonFiniteLoss as e:
         kept = f"{files.checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no epoch had finished"

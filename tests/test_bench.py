@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+import torchvision
 from torchvision import transforms
 
 import bench
+import train
 from conftest import write_cifar10, write_mnist
 from data import CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, load_dataset, read_cifar10_batches
 from utils import UsageError
@@ -62,12 +64,15 @@ def test_quick_path_writes_the_documented_json(data_root, tmp_path, capsys, rest
     assert set(results) == TOP_KEYS
     assert results["meta"]["quick"] and results["meta"]["threads"] == 1 and results["meta"]["device"] == "cpu"
     mlp, cnn = results["mlp"], results["cnn"]
-    # --threads 1: nothing runs on more, so there are no one-thread variants and no one-thread lever
+    # --threads 1: nothing runs on more, so there are no one-thread variants and no one-thread lever; an --amp row
+    # where this CPU has bfloat16
+    amp = {"ours_amp"} if train.amp_precision(torch.device("cpu")) == "bfloat16" else set()
     assert set(mlp["rows"]) == {"ours", "ours_no_logging", "conventional", "plus_resident_data",
-                                "plus_fused_optimizer", "plus_fused_norms"}
-    assert set(cnn["rows"]) == {"ours", "ours_contiguous", "conventional"}
-    for row in [*mlp["rows"].values(), *cnn["rows"].values()]:
-        assert set(row) >= SETUP_KEYS and row["threads"] == 1 and row["precision"] == "float32"
+                                "plus_fused_optimizer", "plus_fused_norms"} | amp
+    assert set(cnn["rows"]) == {"ours", "ours_contiguous", "conventional"} | amp
+    for name, row in [*mlp["rows"].items(), *cnn["rows"].items()]:
+        precision = "bfloat16 autocast" if name == "ours_amp" else "float32"
+        assert set(row) >= SETUP_KEYS and row["threads"] == 1 and row["precision"] == precision
         assert row["images_per_s"] > 0 and row["step_ms"] > 0
     assert mlp["rows"]["ours"]["data"] == bench.RESIDENT and mlp["rows"]["conventional"]["data"] == bench.MNIST_LOADER
     assert mlp["config"] == {"num_hidden_layers": 22, "width": 16, "batch_size": 8, "optimizer": "adam", "lr": 3e-4}
@@ -95,6 +100,9 @@ def test_quick_path_writes_the_documented_json(data_root, tmp_path, capsys, rest
     for name, row in [*mlp["rows"].items(), *cnn["rows"].items()]:
         assert f"{bench.ROW_NAMES[name]} " in table and bench.settings_label(row) in table
     assert "Targets" in table and f"wrote {out}" in table
+    cpu = table.splitlines()[1]  # the CPU, its instruction sets and what --amp chooses on it, under the title
+    assert cpu.startswith("CPU: ") and "AVX2 " in cpu and "AVX512-BF16 " in cpu and "AMX " in cpu
+    assert cpu.endswith(f"--amp trains in {train.amp_precision(torch.device('cpu'))} on cpu")
 
 
 def test_full_path_runs_the_exercises_for_real(data_root, tmp_path, restore_threads):
@@ -239,4 +247,34 @@ def test_negative_threads_is_a_usage_error(tmp_path):
 
 def test_parser_defaults():
     args = bench.get_args_parser().parse_args([])
-    assert (args.data_root, args.device, args.quick, args.out) == ("data", "auto", False, "bench_results/bench.json")
+    assert (args.data_root, args.device, args.quick, args.out, args.download) == (
+        "data", "auto", False, "bench_results/bench.json", True)
+
+
+@pytest.mark.parametrize("flags,message", [((), "download failed.*no route to host"),
+                                           (("--no-download",), "run without --no-download")])
+def test_missing_data_is_downloaded_unless_refused(tmp_path, monkeypatch, capsys, flags, message):
+    """A fresh clone has no data: bench.py fetches it as pipeline.py does (here the network is down), or with
+    --no-download says what to run; either is one line, exit status 2."""
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    args = bench.get_args_parser().parse_args(["--data_root", str(tmp_path), "--device", "cpu", "--out",
+                                               str(tmp_path / "b.json"), *flags])
+    with pytest.raises(UsageError, match=message):
+        bench.main(args)
+    assert "shared" not in bench.get_args_parser().format_help()
+
+
+def test_mnist_only_needs_no_cifar(tmp_path, capsys, restore_threads):
+    """What make gpu-check runs where only MNIST is carried: the MLP rows, their targets and Exercise 1."""
+    results = run_bench(write_mnist(tmp_path / "mnist_only"), tmp_path / "b.json", TINY, "--quick", "--mnist_only")
+    assert set(results) == TOP_KEYS - {"cnn", "cam"} and set(results["exercises"]) == {"exercise1"}
+    assert not any(t["name"].startswith("CNN") for t in results["targets"])
+    table = capsys.readouterr().out
+    assert "MLP 22x16 on MNIST" in table and "ResNet-20" not in table and "Exercise 1, all runs" in table

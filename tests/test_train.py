@@ -271,11 +271,12 @@ def test_channels_last_gives_the_same_loss_and_gradients():
 
 def test_amp_matches_float32_within_bfloat16_precision(cifar):
     """One epoch from the same initial weights and batches, with bfloat16 autocast and without."""
-    runs = [prepare_run(run_config(*TINY_CNN, "--out_channels", "4", "--residual_step", "1", *amp), cifar)
-            for amp in ((), ("--amp",))]
+    config = run_config(*TINY_CNN, "--out_channels", "4", "--residual_step", "1")
+    runs = [prepare_run(replace(config, amp=amp, precision=precision), cifar)  # whatever this CPU has
+            for amp, precision in ((False, "float32"), (True, "bfloat16"))]
     assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
     full, amp = (train_one_epoch(run, 1, 0) for run in runs)
     assert amp.loss == pytest.approx(full.loss, rel=5e-2)
     assert amp.loss != full.loss  # autocast really computed in bfloat16
-    (full_val, _), (amp_val, _) = (evaluate(run.model, run.val, amp=run.config.amp) for run in runs)
+    (full_val, _), (amp_val, _) = (evaluate(run.model, run.val, precision=run.config.precision) for run in runs)
     assert amp_val == pytest.approx(full_val, rel=5e-2)
