@@ -326,7 +326,7 @@ def test_a_run_folder_of_the_old_format_resumes_bit_exactly_and_plots(cifar_root
     assert_same_run(tmp_path / "straight" / config.run_name, files.run_dir)
     assert [p.name for p in (tmp_path / "old" / "plots").glob("Conv_gradients_d*.png")] == [
         p.name for p in (tmp_path / "straight" / "plots").glob("Conv_gradients_d*.png")] != []
-    assert [c.run_name for c, _ in report.finished_runs(tmp_path / "old")] == [config.run_name]
+    assert [c.run_name for c, _ in report.read_runs(tmp_path / "old")[0]] == [config.run_name]
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, finished_run):
