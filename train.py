@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,6 @@ wrong thing, and dataset files that are cut or inconsistent."""
 import struct
 
 import pytest
-import torch
 
 import cam
 import pipeline

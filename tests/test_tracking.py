@@ -6,7 +6,6 @@ import sys
 import types
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pipeline
