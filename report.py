@@ -3,10 +3,13 @@
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2            # print the tables
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --readme README.md   # and rewrite them there
     python report.py --best_checkpoint runs/reproduce/ex2                        # the CAM model of Exercise 3
+    python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --keep results  # keep what they are made of
 
 Every run folder it does not use is listed on stderr with the reason, and so is every run a complete sweep would
 hold (each network with each seed the others have) that is missing; --readme then writes nothing unless given
---allow_missing.
+--allow_missing, and a table written with it names the runs it lacks. --keep copies the few kilobytes of each run
+that the tables read into results/ex1 and results/ex2, from which `--ex1 results/ex1 --ex2 results/ex2` remakes
+the same tables without the run folders.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import dataclasses
 import math
 import re
+import shutil
 import statistics
 import sys
 from dataclasses import dataclass
@@ -40,7 +44,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                help="print the checkpoint of the residual run with the best final validation accuracy in this "
                     "out_dir, and nothing else")
     parser.add("--allow_missing", action="store_true", default=False,
-               help="let --readme write tables that lack runs of the sweep (unfinished, unreadable or missing)")
+               help="let --readme write tables that lack runs of the sweep (unfinished, unreadable or missing); "
+                    "the tables name them")
+    parser.add("--keep", default=None,
+               help="also copy what the tables are made of (each run's config.json, history.json and the step-0 row "
+                    "of its grad_norms.csv) into KEEP/ex1 and KEEP/ex2, replacing those folders; report.py remakes "
+                    "the same tables from them")
     return parser
 
 
@@ -114,9 +123,9 @@ def check_family(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
                          f"{wrong[0].run_name})")
 
 
-def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]], int]:
+def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]], list[str]]:
     """The finished runs of `out_dir` for the exercise of `flag`, after listing on stderr every run folder not used
-    and every run missing from the sweep; with how many those are."""
+    and every run missing from the sweep; with the names of those."""
     runs, left_out = read_runs(out_dir)
     check_family([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
     missing = missing_runs([c for c, _ in runs] + [item.config for item in left_out if item.config])
@@ -126,7 +135,7 @@ def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]
         print(f"{out_dir}: missing: {name} (no run folder; the other networks have this seed)", file=sys.stderr)
     if not runs:
         raise UsageError(f"{out_dir} holds no finished runs; run the sweep first")
-    return runs, len(left_out) + len(missing)
+    return runs, [item.folder for item in left_out] + missing
 
 
 def percent(value: float) -> str:
@@ -134,8 +143,10 @@ def percent(value: float) -> str:
 
 
 def median_range(values: list[float], fmt) -> str:
-    """The median of `values` and their range, each written with `fmt`: "93.5% (92.9% to 94.1%)"."""
+    """The median of `values` and their range, each written with `fmt`: "93.5% (92.9% to 94.1%)"; one value alone."""
     values = sorted(values)
+    if len(values) == 1:
+        return fmt(values[0])
     return f"{fmt(statistics.median(values))} ({fmt(values[0])} to {fmt(values[-1])})"
 
 
@@ -267,6 +278,38 @@ def best_checkpoint(runs: list[tuple[RunConfig, dict]], out_dir: Path) -> Path:
     return RunFiles(out_dir / max(residual)[1]).checkpoint
 
 
+def with_missing(table: str, missing: list[str]) -> str:
+    """`table`, followed by the names of the sweep's runs it lacks when there are any."""
+    if not missing:
+        return table
+    return (f"{table}\n\nNot in this table ({len(set(missing))} runs of the sweep, unfinished or not trained yet): "
+            f"{', '.join(sorted(set(missing)))}.")
+
+
+def check_keep(keep: Path) -> None:
+    """Refuse a --keep folder whose ex1 or ex2 holds a checkpoint: those are a sweep's own run folders, which
+    keep_results would replace."""
+    for target in (keep / "ex1", keep / "ex2"):
+        if target.is_file() or next(target.glob("*/checkpoint.pt"), None) is not None:
+            raise UsageError(f"--keep {keep}: {target} holds run folders or is a file, not kept results; give "
+                             "another folder (the repository keeps them in results/)")
+
+
+def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:
+    """Replace keep/<exercise> with the summaries (RunFiles.keep_summary) of every run folder of that exercise's
+    out_dir that report.py reads, finished or not, so that the tables made from them are the same."""
+    for name, out_dir in sweeps.items():
+        target, staging = keep / name, keep / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        runs = [RunFiles(p) for p in sorted(out_dir.iterdir()) if p.is_dir() and RunFiles(p).exist()]
+        for files in runs:
+            files.keep_summary(staging / files.run_dir.name)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        print(f"kept the {len(runs)} run folders of {out_dir} in {target}")
+
+
 def replace_block(text: str, name: str, content: str) -> str:
     """`text` with the lines between <!-- report:name --> and <!-- /report:name --> replaced by `content`."""
     pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)", re.S)
@@ -310,19 +353,24 @@ def main(args: argparse.Namespace) -> dict[str, str]:
     if args.ex1 is None and args.ex2 is None:
         raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep), or --best_checkpoint")
     text = read_readme(Path(args.readme)) if args.readme is not None else None
-    blocks, incomplete = {}, 0
+    if args.keep is not None:
+        check_keep(Path(args.keep))
+    blocks, incomplete, sweeps = {}, 0, {}
     if args.ex1 is not None:
         out_dir = Path(args.ex1)
-        runs, left = finished_runs(out_dir, "--ex1")
+        runs, missing = finished_runs(out_dir, "--ex1")
         study, unread = stall_study(out_dir, runs)
-        blocks["ex1"] = exercise1_table(runs)
+        blocks["ex1"] = with_missing(exercise1_table(runs), missing)
         blocks["ex1-init"] = init_gradient_check(init_gradient_points(study))
-        incomplete += left + unread
+        incomplete += len(missing) + unread
+        sweeps["ex1"] = out_dir
     if args.ex2 is not None:
-        runs, left = finished_runs(Path(args.ex2), "--ex2")
-        blocks["ex2"] = exercise2_table(runs)
+        out_dir = Path(args.ex2)
+        runs, missing = finished_runs(out_dir, "--ex2")
+        blocks["ex2"] = with_missing(exercise2_table(runs), missing)
         blocks["ex2-checks"] = exercise2_checks(runs)
-        incomplete += left
+        incomplete += len(missing)
+        sweeps["ex2"] = out_dir
     for name, content in blocks.items():
         print(f"<!-- report:{name} -->\n{content}\n")
     if text is not None:
@@ -333,6 +381,8 @@ def main(args: argparse.Namespace) -> dict[str, str]:
             text = replace_block(text, name, content)
         atomic_write(Path(args.readme), lambda tmp: tmp.write_text(text))
         print(f"rewrote {len(blocks)} tables in {args.readme}")
+    if args.keep is not None:
+        keep_results(Path(args.keep), sweeps)
     return blocks
 
 

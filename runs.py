@@ -131,6 +131,18 @@ class RunFiles:
     def write_history(self, history: dict) -> None:
         write_json(self.history, history)
 
+    def keep_summary(self, run_dir: Path) -> None:
+        """Copy into `run_dir`, byte for byte, what the results tables read: config.json, history.json and the
+        header and first row (step 0) of grad_norms.csv, those of them that exist; a few kilobytes."""
+        kept = RunFiles(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for source, target in ((self.config, kept.config), (self.history, kept.history)):
+            if source.is_file():
+                shutil.copyfile(source, target)
+        if self.grad_norms.is_file():
+            with self.grad_norms.open("rb") as f:
+                kept.grad_norms.write_bytes(f.readline() + f.readline())
+
     def start_grad_norms(self, names: list[str]) -> None:
         """A new grad_norms.csv holding only its header: step, then one column per logged weight."""
         atomic_write(self.grad_norms, lambda tmp: tmp.write_text(",".join(["step", *names]) + "\n"))

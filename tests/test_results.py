@@ -1,0 +1,65 @@
+"""results/: the small files of the reproduce runs that the repository keeps, and the README tables made from them."""
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import report
+from conftest import run_config
+from runs import RunFiles
+from test_report import three_seeds_of_four_networks, write_run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def report_blocks(*flags: str) -> dict[str, str]:
+    return report.main(report.get_args_parser().parse_args(list(flags)))
+
+
+def test_readme_tables_are_what_report_makes_from_results():
+    blocks = report_blocks("--ex1", str(ROOT / "results/ex1"), "--ex2", str(ROOT / "results/ex2"))
+    readme = (ROOT / "README.md").read_text()
+    for name, content in blocks.items():
+        found = re.search(rf"<!-- report:{name} -->\n(.*?)\n<!-- /report:{name} -->", readme, re.S)
+        assert found, f"README.md has no {name} block"
+        assert found.group(1) == content, f"README.md's {name} block is not report.py's output from results/"
+
+
+def test_kept_results_remake_the_same_tables_without_checkpoints(tmp_path, capsys):
+    sweep = tmp_path / "ex2"
+    three_seeds_of_four_networks(sweep)
+    mlps = tmp_path / "ex1"
+    for seed, norm in enumerate([1e-6, 1e-12]):
+        write_run(mlps, run_config("--num_hidden_layers", "14", "--seed", str(seed)), [1.0], [0.8 - seed / 2],
+                  0.8, first_grad_norm=norm)
+    for run_dir in sweep.iterdir():
+        RunFiles(run_dir).checkpoint.write_bytes(b"weights")
+    write_run(sweep, run_config("--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "4",
+                                "--num_levels", "1", "--num_conv_per_level", "1", "--residual_step", "0", "--seed",
+                                "3"), [2.0], [0.5], 0.5, finished=False)
+    original = report_blocks("--ex1", str(mlps), "--ex2", str(sweep), "--keep", str(tmp_path / "results"))
+    kept = tmp_path / "results"
+    assert sorted(p.name for p in (kept / "ex2").iterdir()) == sorted(p.name for p in sweep.iterdir())
+    assert not list(kept.glob("*/*/checkpoint.pt"))
+    assert len((kept / "ex1" / "mlp_mnist_h14_w16_plain_s0" / "grad_norms.csv").read_text().splitlines()) == 2
+    assert report_blocks("--ex1", str(kept / "ex1"), "--ex2", str(kept / "ex2")) == original
+    assert "Not in this table (4 runs of the sweep" in original["ex2"]
+
+
+def test_keeping_again_replaces_what_was_kept(tmp_path, capsys):
+    sweep = tmp_path / "ex2"
+    three_seeds_of_four_networks(sweep)
+    report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
+    shutil.rmtree(next(sweep.iterdir()))
+    report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
+    assert len(list((tmp_path / "results" / "ex2").iterdir())) == len(list(sweep.iterdir())) == 11
+
+
+def test_keep_refuses_a_sweeps_own_run_folders(tmp_path, capsys):
+    three_seeds_of_four_networks(tmp_path / "ex2")
+    for run_dir in (tmp_path / "ex2").iterdir():
+        RunFiles(run_dir).checkpoint.write_bytes(b"weights")
+    with pytest.raises(report.UsageError, match="holds run folders"):
+        report_blocks("--ex2", str(tmp_path / "ex2"), "--keep", str(tmp_path))
+    assert len(list(tmp_path.glob("ex2/*/checkpoint.pt"))) == 12
