@@ -290,7 +290,7 @@ def check_keep(keep: Path) -> None:
     """Refuse a --keep folder whose ex1 or ex2 holds a checkpoint: those are a sweep's own run folders, which
     keep_results would replace."""
     for target in (keep / "ex1", keep / "ex2"):
-        if target.is_file() or next(target.glob("*/checkpoint.pt"), None) is not None:
+        if target.is_file() or target.is_dir() and any(RunFiles(p).checkpoint.exists() for p in target.iterdir()):
             raise UsageError(f"--keep {keep}: {target} holds run folders or is a file, not kept results; give "
                              "another folder (the repository keeps them in results/)")
 
