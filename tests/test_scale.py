@@ -95,7 +95,9 @@ def test_ctrl_c_while_jobs_workers_start_is_one_line(mnist_root, tmp_path):
     assert "--resume" in err.strip().splitlines()[-1]
 
 
-def test_a_failed_run_does_not_stop_the_others(mnist_root, tmp_path, capsys):
+def test_an_unreadable_checkpoint_in_a_sweep_is_refused_while_planning_and_nothing_trains(mnist_root, tmp_path,
+                                                                                          capsys):
+    """(A run that fails while training, with the others finishing: tests/test_failures.py.)"""
     run_main(*flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "--num_epochs", "1"))
     broken = tmp_path / "mlp_mnist_h2_w8_plain_s0"
     (broken / "history.json").unlink()  # unfinished now, and its checkpoint cannot be read

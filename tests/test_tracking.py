@@ -226,7 +226,6 @@ def test_without_tracking_neither_package_is_imported(mnist_root, tmp_path):
 def test_tracking_flags(tmp_path, capsys):
     parse = pipeline.get_args_parser().parse_args
     assert parse(["--wandb"]).wandb == "online"  # the original lab's bare flag
-    assert parse([]).wandb == "disabled" and parse([]).wandb_proj_name == DEFAULT_PROJECT
     assert parse(["--wandb", "offline", "--wandb-proj-name", "lab"]).wandb_proj_name == "lab"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
