@@ -3,17 +3,20 @@ import itertools
 import json
 import os
 import pickle
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 
 import pytest
 import torch
 
 import pipeline
+import plots
 import report
 import runs
 import train
@@ -119,6 +122,25 @@ def test_onecycle_resume_after_an_interruption_is_bit_exact(mnist_root, tmp_path
     run_main(*args_for(mnist_root, tmp_path / "cut", *onecycle, "--resume"))
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert_same_run(tmp_path / "straight" / RUN, tmp_path / "cut" / RUN)
+
+
+def test_a_cnn_with_augmentation_and_batch_norm_resumes_bit_exactly(cifar_root, tmp_path, capsys, monkeypatch):
+    """Exercise 2's case: crops and flips drawn from the data generator, batch norm's running statistics, SGD's
+    momentum and a one-cycle schedule, interrupted in epoch 2."""
+    cnn = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root), "--no-download",
+           "--val_size", "50", "--limit_train", "64", "--batch_size", "32", "--out_channels", "4", "--num_levels",
+           "2", "--num_conv_per_level", "1", "--residual_step", "1", "--augment", "--optimizer", "sgd", "--momentum",
+           "0.9", "--lr", "0.05", "--lr_schedule", "onecycle", "--num_epochs", "3", "--device", "cpu"]
+    (config, _), = run_main(*cnn, "--out_dir", str(tmp_path / "straight"))
+    interrupt_at(monkeypatch, 3)  # the second of epoch 2's two steps
+    status, lines = cli_exit(capsys, *cnn, "--out_dir", str(tmp_path / "cut"))
+    assert status == 130 and load_checkpoint(RunFiles(tmp_path / "cut" / config.run_name).checkpoint)["epoch"] == 1
+    monkeypatch.undo()
+    run_main(*cnn, "--out_dir", str(tmp_path / "cut"), "--resume")
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    model = load_checkpoint(RunFiles(tmp_path / "cut" / config.run_name).checkpoint)["model"]
+    assert any(name.endswith("running_var") for name in model)
+    assert_same_run(tmp_path / "straight" / config.run_name, tmp_path / "cut" / config.run_name)
 
 
 @pytest.mark.parametrize("state", ["finished", "interrupted"])
@@ -532,3 +554,39 @@ def test_a_full_disk_while_drawing_figures_is_one_line_and_keeps_the_old_ones(mn
     for figure in (tmp_path / "before" / "plots").iterdir():
         assert (kept / "plots" / figure.name).read_bytes() == figure.read_bytes()
     assert not [p for p in (kept / "plots").iterdir() if p.name.endswith(".tmp")]
+
+
+def figure_of(values: list[float]):
+    from matplotlib.figure import Figure
+    fig = Figure()
+    fig.subplots().plot(values)
+    return fig
+
+
+@pytest.mark.parametrize("what", ["history", "config", "figure"])
+def test_a_write_cut_short_leaves_the_previous_file_whole(tmp_path, finished_run, what):
+    """The kernel refuses every byte past the 100th (a file size limit, as a disk that fills up mid-write): the
+    file keeps what it held, and no temporary file is left."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    files = RunFiles(tmp_path / RUN)
+    path = {"history": files.history, "config": files.config, "figure": tmp_path / "loss.png"}[what]
+    if what == "figure":
+        plots.savefig(figure_of([3, 2, 1]), path)
+    before = path.read_bytes()
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, limits[1]))
+    try:
+        with pytest.raises(OSError, match="too large"):
+            if what == "history":
+                history = files.read_history()
+                files.write_history(dict(history, epochs=history["epochs"] * 2))
+            elif what == "config":
+                files.write_config(replace(files.read_config(), lr=0.5))
+            else:
+                plots.savefig(figure_of([1, 2, 3]), path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_bytes() == before and len(before) > 100
+    assert not list(path.parent.glob(".*.tmp"))

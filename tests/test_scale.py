@@ -15,8 +15,11 @@ import torch
 import torch.multiprocessing as mp
 
 import pipeline
+import sweep
 import utils
+from data import load_dataset
 from runs import RunFiles
+from train import Runtime
 from conftest import ROOT
 
 
@@ -50,6 +53,17 @@ def test_jobs_give_the_histories_of_one_process(mnist_root, tmp_path):
     assert histories(tmp_path / "one") == histories(tmp_path / "two")
     assert [c.run_name for c, _ in one] == [c.run_name for c, _ in two]
     assert (tmp_path / "two" / "plots" / "mlp_trainability.png").is_file()
+
+
+def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
+    """One worker takes the runs in the order they are queued, so the order they come back in is that order."""
+    args = pipeline.get_args_parser().parse_args(flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "6", "4",
+                                                       "--num_epochs", "1", "--limit_train", "100"))
+    configs = pipeline.run_configs(args, torch.device("cpu"))
+    planned = sweep.plan(configs, tmp_path, None, "error", lock=False).runs
+    histories, failures = sweep.run_in_workers(planned, [0, 1, 2], load_dataset("MNIST", mnist_root, False),
+                                               Runtime(jobs=1))
+    assert failures == {} and [planned[i].config.num_hidden_layers for i in histories] == [6, 4, 2]
 
 
 def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path):
