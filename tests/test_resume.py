@@ -26,6 +26,8 @@ from runs import RunFiles, load_checkpoint, save_checkpoint
 
 RUN = "mlp_mnist_h4_w8_plain_s0"
 STEPS_PER_EPOCH = 10  # 500 training images in batches of 50
+# 3 epochs of 100 steps (batches of 5): a signal or a second process lands while the later epochs run
+LONG_RUN = ("--num_epochs", "3", "--batch_size", "5")
 
 
 def args_for(mnist_root, out_dir, *extra: str) -> list[str]:
@@ -210,10 +212,8 @@ def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp_path, sig):
-    epochs, batch = "8", "5"  # 100 steps an epoch: the signal lands while later epochs run
-    command = [sys.executable, str(ROOT / "pipeline.py"),
-               *args_for(mnist_root, tmp_path / "cut", "--num_epochs", epochs, "--batch_size", batch)]
+def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp_path, straight_long_run, sig):
+    command = [sys.executable, str(ROOT / "pipeline.py"), *args_for(mnist_root, tmp_path / "cut", *LONG_RUN)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history_path = tmp_path / "cut" / RUN / "history.json"
     deadline = time.monotonic() + 120
@@ -225,11 +225,10 @@ def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp
     assert err.strip().count("\n") == 0 and "--resume" in err and "Traceback" not in err
     done = len(json.loads(history_path.read_text())["epochs"])
     checkpoint = load_checkpoint(RunFiles(tmp_path / "cut" / RUN).checkpoint)
-    assert 1 <= done < int(epochs) and checkpoint["epoch"] == done
+    assert 1 <= done < 3 and checkpoint["epoch"] == done
     assert not [p for p in (tmp_path / "cut" / RUN).iterdir() if p.name.endswith(".tmp")]
-    run_main(*args_for(mnist_root, tmp_path / "cut", "--num_epochs", epochs, "--batch_size", batch, "--resume"))
-    run_main(*args_for(mnist_root, tmp_path / "straight", "--num_epochs", epochs, "--batch_size", batch))
-    assert_same_run(tmp_path / "straight" / RUN, tmp_path / "cut" / RUN)
+    run_main(*args_for(mnist_root, tmp_path / "cut", *LONG_RUN, "--resume"))
+    assert_same_run(straight_long_run, tmp_path / "cut" / RUN)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys, monkeypatch):
@@ -359,10 +358,10 @@ def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, finished_run):
 
 
 def start_training(mnist_root, out_dir, *extra: str) -> subprocess.Popen:
-    """pipeline.py training RUN for 8 epochs of 100 steps in another process; return once its first epoch is
+    """pipeline.py training RUN for LONG_RUN in another process; return once its first epoch is
     saved (it trains on)."""
     command = [sys.executable, str(ROOT / "pipeline.py"),
-               *args_for(mnist_root, out_dir, "--num_epochs", "8", "--batch_size", "5", *extra)]
+               *args_for(mnist_root, out_dir, *LONG_RUN, *extra)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out_dir / RUN / "history.json").exists() and time.monotonic() < deadline and process.poll() is None:
@@ -373,9 +372,9 @@ def start_training(mnist_root, out_dir, *extra: str) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def straight_long_run(mnist_root, tmp_path_factory):
-    """The folder of an uninterrupted run of 8 epochs of 100 steps, to compare resumed runs with."""
+    """The folder of an uninterrupted LONG_RUN, to compare resumed runs with."""
     out_dir = tmp_path_factory.mktemp("straight_long")
-    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "8", "--batch_size", "5"))
+    run_main(*args_for(mnist_root, out_dir, *LONG_RUN))
     return out_dir / RUN
 
 
@@ -386,7 +385,7 @@ def test_a_second_process_on_a_run_being_trained_is_refused_and_changes_nothing(
     os.kill(first.pid, signal.SIGSTOP)  # it holds the lock mid-run, however long the second takes to start
     try:
         second = subprocess.run([sys.executable, str(ROOT / "pipeline.py"),
-                                 *args_for(mnist_root, tmp_path, "--num_epochs", "8", "--batch_size", "5", flag)],
+                                 *args_for(mnist_root, tmp_path, *LONG_RUN, flag)],
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -401,7 +400,7 @@ def test_a_lock_holder_killed_with_sigkill_does_not_block_the_next_run(mnist_roo
     first = start_training(mnist_root, tmp_path)
     first.kill()
     first.wait(timeout=60)
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "8", "--batch_size", "5", "--resume"))
+    run_main(*args_for(mnist_root, tmp_path, *LONG_RUN, "--resume"))
     assert "resuming after epoch" in capsys.readouterr().out
     assert_same_run(straight_long_run, tmp_path / RUN)
 

@@ -67,7 +67,7 @@ def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
 
 
 def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path):
-    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "6", "--batch_size", "5")
+    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "4", "--batch_size", "5")
     command = [sys.executable, str(ROOT / "pipeline.py"), *flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2")]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
