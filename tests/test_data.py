@@ -1,4 +1,5 @@
 """Loading the official formats, splits, the training loader's batches and batch-level augmentation."""
+import dataclasses
 import pickle
 
 import pytest
@@ -78,10 +79,12 @@ def test_splits_are_seeded_disjoint_and_complete(mnist_root):
     assert torch.equal(val.images, val2.images)
     _, val3, _ = make_splits(raw, info, 100, 1, None, "cpu")
     assert not torch.equal(val.images, val3.images)
-    # every training image lands in exactly one of train/val
-    flat = lambda s: {bytes(r) for r in (s.images * 1000).round().to(torch.int32).flatten(1).numpy()}
-    assert len(flat(train) | flat(val)) == len(flat(make_splits(raw, info, 1, 0, None, "cpu")[0]) | flat(
-        make_splits(raw, info, 1, 0, None, "cpu")[1]))
+    # labelled with their indices, the training images show where each one went: to train or to val, never both
+    numbered = dataclasses.replace(raw, train_labels=torch.arange(len(raw.train_labels)))
+    train_index, val_index = (split.labels for split in make_splits(numbered, info, 100, 0, None, "cpu")[:2])
+    assert torch.equal(torch.cat([train_index, val_index]).sort().values, torch.arange(600))
+    assert torch.equal(train.images, normalize(raw.train_images[train_index], info))
+    assert torch.equal(val.images, normalize(raw.train_images[val_index], info))
     limited, _, _ = make_splits(raw, info, 100, 0, 50, "cpu")
     assert torch.equal(limited.images, train.images[:50])
 
@@ -143,24 +146,33 @@ def test_ranks_share_out_the_global_batch_with_the_same_crops():
             assert torch.equal(ranks[rank][step][1], batch_labels[rank::2])
 
 
-def test_augment_keeps_shapes_and_pixels():
-    info = DATASETS["CIFAR10"]
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(256, 3, 32, 32)
-    out = augment(images, g, info)
-    assert out.shape == images.shape and out.dtype == images.dtype
+def crop_and_flip_of(images: torch.Tensor, out: torch.Tensor, info, padding: int = 4) -> list[tuple]:
+    """For each augmented image, every (dy, dx, flipped) window of its black-padded original that it equals."""
+    n, c, h, w = images.shape
     black = -torch.tensor(info.mean) / torch.tensor(info.std)
-    for i in range(0, 256, 17):
-        # each output is a shifted (and maybe flipped) window of the padded input
-        padded = black.view(3, 1, 1).repeat(1, 40, 40)
-        padded[:, 4:36, 4:36] = images[i]
-        windows = [padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
-        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
-    # offsets uniform in 0..8 leave on average 20/9 padded rows (and columns) of 32
-    kept = (1 - 20 / (9 * 32)) ** 2
-    assert abs(out.mean() - (kept * images.mean() + (1 - kept) * black.mean())) < 0.03
-    centered = sum(torch.equal(out[i], images[i]) for i in range(256))
-    assert centered < 30
+    padded = black.view(1, c, 1, 1).repeat(n, 1, h + 2 * padding, w + 2 * padding)
+    padded[:, :, padding:padding + h, padding:padding + w] = images
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (n, c, dy, dx, h, w)
+    matches = []
+    for i in range(n):
+        same = [(windows[i] == out[i, :, None, None]).all(-1).all(-1).all(0),
+                (windows[i] == out[i, :, None, None].flip(-1)).all(-1).all(-1).all(0)]
+        matches.append([(dy, dx, flipped) for flipped in (False, True) for dy, dx in same[flipped].nonzero().tolist()])
+    return matches
+
+
+def test_augment_crops_and_flips_each_image_its_own_way():
+    info = DATASETS["CIFAR10"]
+    images = torch.randn(128, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = augment(images, torch.Generator().manual_seed(0), info)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    matches = crop_and_flip_of(images, out, info)
+    assert all(len(m) == 1 for m in matches)  # each output is one window of the padded input, flipped or not
+    crops = [m[0] for m in matches]
+    flipped = sum(f for _, _, f in crops)
+    assert 40 < flipped < 88  # both flips, about half each
+    offsets = {(dy, dx) for dy, dx, _ in crops}
+    assert len(offsets) > 40 and {dy for dy, _ in offsets} == {dx for _, dx in offsets} == set(range(9))
 
 
 def test_augment_keeps_channels_last_and_the_crops():

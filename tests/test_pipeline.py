@@ -38,7 +38,7 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in [*files.ours(), files.lock_file])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["depth"] == 6 and config["num_hidden_layers"] == 4 and config["in_channels"] == 1
-    assert config["input_size"] == 28 and config["num_params"] > 0
+    assert config["input_size"] == 28 and config["num_params"] == 784 * 8 + 8 + 4 * (8 * 8 + 8) + 8 * 10 + 10
     history = json.loads((run_dir / "history.json").read_text())
     assert set(history) == {"epochs", "test"}
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]

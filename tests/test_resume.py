@@ -3,17 +3,20 @@ import itertools
 import json
 import os
 import pickle
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 
 import pytest
 import torch
 
 import pipeline
+import plots
 import report
 import runs
 import train
@@ -23,6 +26,8 @@ from runs import RunFiles, load_checkpoint, save_checkpoint
 
 RUN = "mlp_mnist_h4_w8_plain_s0"
 STEPS_PER_EPOCH = 10  # 500 training images in batches of 50
+# 3 epochs of 100 steps (batches of 5): a signal or a second process lands while the later epochs run
+LONG_RUN = ("--num_epochs", "3", "--batch_size", "5")
 
 
 def args_for(mnist_root, out_dir, *extra: str) -> list[str]:
@@ -121,6 +126,25 @@ def test_onecycle_resume_after_an_interruption_is_bit_exact(mnist_root, tmp_path
     assert_same_run(tmp_path / "straight" / RUN, tmp_path / "cut" / RUN)
 
 
+def test_a_cnn_with_augmentation_and_batch_norm_resumes_bit_exactly(cifar_root, tmp_path, capsys, monkeypatch):
+    """Exercise 2's case: crops and flips drawn from the data generator, batch norm's running statistics, SGD's
+    momentum and a one-cycle schedule, interrupted in epoch 2."""
+    cnn = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root), "--no-download",
+           "--val_size", "50", "--limit_train", "64", "--batch_size", "32", "--out_channels", "4", "--num_levels",
+           "2", "--num_conv_per_level", "1", "--residual_step", "1", "--augment", "--optimizer", "sgd", "--momentum",
+           "0.9", "--lr", "0.05", "--lr_schedule", "onecycle", "--num_epochs", "3", "--device", "cpu"]
+    (config, _), = run_main(*cnn, "--out_dir", str(tmp_path / "straight"))
+    interrupt_at(monkeypatch, 3)  # the second of epoch 2's two steps
+    status, lines = cli_exit(capsys, *cnn, "--out_dir", str(tmp_path / "cut"))
+    assert status == 130 and load_checkpoint(RunFiles(tmp_path / "cut" / config.run_name).checkpoint)["epoch"] == 1
+    monkeypatch.undo()
+    run_main(*cnn, "--out_dir", str(tmp_path / "cut"), "--resume")
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    model = load_checkpoint(RunFiles(tmp_path / "cut" / config.run_name).checkpoint)["model"]
+    assert any(name.endswith("running_var") for name in model)
+    assert_same_run(tmp_path / "straight" / config.run_name, tmp_path / "cut" / config.run_name)
+
+
 @pytest.mark.parametrize("state", ["finished", "interrupted"])
 def test_resume_with_other_settings_is_refused_and_trains_nothing(mnist_root, tmp_path, capsys, monkeypatch,
                                                                   state):
@@ -188,10 +212,8 @@ def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp_path, sig):
-    epochs, batch = "8", "5"  # 100 steps an epoch: the signal lands while later epochs run
-    command = [sys.executable, str(ROOT / "pipeline.py"),
-               *args_for(mnist_root, tmp_path / "cut", "--num_epochs", epochs, "--batch_size", batch)]
+def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp_path, straight_long_run, sig):
+    command = [sys.executable, str(ROOT / "pipeline.py"), *args_for(mnist_root, tmp_path / "cut", *LONG_RUN)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history_path = tmp_path / "cut" / RUN / "history.json"
     deadline = time.monotonic() + 120
@@ -203,11 +225,10 @@ def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp
     assert err.strip().count("\n") == 0 and "--resume" in err and "Traceback" not in err
     done = len(json.loads(history_path.read_text())["epochs"])
     checkpoint = load_checkpoint(RunFiles(tmp_path / "cut" / RUN).checkpoint)
-    assert 1 <= done < int(epochs) and checkpoint["epoch"] == done
+    assert 1 <= done < 3 and checkpoint["epoch"] == done
     assert not [p for p in (tmp_path / "cut" / RUN).iterdir() if p.name.endswith(".tmp")]
-    run_main(*args_for(mnist_root, tmp_path / "cut", "--num_epochs", epochs, "--batch_size", batch, "--resume"))
-    run_main(*args_for(mnist_root, tmp_path / "straight", "--num_epochs", epochs, "--batch_size", batch))
-    assert_same_run(tmp_path / "straight" / RUN, tmp_path / "cut" / RUN)
+    run_main(*args_for(mnist_root, tmp_path / "cut", *LONG_RUN, "--resume"))
+    assert_same_run(straight_long_run, tmp_path / "cut" / RUN)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys, monkeypatch):
@@ -337,10 +358,10 @@ def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path, finished_run):
 
 
 def start_training(mnist_root, out_dir, *extra: str) -> subprocess.Popen:
-    """pipeline.py training RUN for 8 epochs of 100 steps in another process; return once its first epoch is
+    """pipeline.py training RUN for LONG_RUN in another process; return once its first epoch is
     saved (it trains on)."""
     command = [sys.executable, str(ROOT / "pipeline.py"),
-               *args_for(mnist_root, out_dir, "--num_epochs", "8", "--batch_size", "5", *extra)]
+               *args_for(mnist_root, out_dir, *LONG_RUN, *extra)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out_dir / RUN / "history.json").exists() and time.monotonic() < deadline and process.poll() is None:
@@ -351,9 +372,9 @@ def start_training(mnist_root, out_dir, *extra: str) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def straight_long_run(mnist_root, tmp_path_factory):
-    """The folder of an uninterrupted run of 8 epochs of 100 steps, to compare resumed runs with."""
+    """The folder of an uninterrupted LONG_RUN, to compare resumed runs with."""
     out_dir = tmp_path_factory.mktemp("straight_long")
-    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "8", "--batch_size", "5"))
+    run_main(*args_for(mnist_root, out_dir, *LONG_RUN))
     return out_dir / RUN
 
 
@@ -364,7 +385,7 @@ def test_a_second_process_on_a_run_being_trained_is_refused_and_changes_nothing(
     os.kill(first.pid, signal.SIGSTOP)  # it holds the lock mid-run, however long the second takes to start
     try:
         second = subprocess.run([sys.executable, str(ROOT / "pipeline.py"),
-                                 *args_for(mnist_root, tmp_path, "--num_epochs", "8", "--batch_size", "5", flag)],
+                                 *args_for(mnist_root, tmp_path, *LONG_RUN, flag)],
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -379,7 +400,7 @@ def test_a_lock_holder_killed_with_sigkill_does_not_block_the_next_run(mnist_roo
     first = start_training(mnist_root, tmp_path)
     first.kill()
     first.wait(timeout=60)
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "8", "--batch_size", "5", "--resume"))
+    run_main(*args_for(mnist_root, tmp_path, *LONG_RUN, "--resume"))
     assert "resuming after epoch" in capsys.readouterr().out
     assert_same_run(straight_long_run, tmp_path / RUN)
 
@@ -532,3 +553,39 @@ def test_a_full_disk_while_drawing_figures_is_one_line_and_keeps_the_old_ones(mn
     for figure in (tmp_path / "before" / "plots").iterdir():
         assert (kept / "plots" / figure.name).read_bytes() == figure.read_bytes()
     assert not [p for p in (kept / "plots").iterdir() if p.name.endswith(".tmp")]
+
+
+def figure_of(values: list[float]):
+    from matplotlib.figure import Figure
+    fig = Figure()
+    fig.subplots().plot(values)
+    return fig
+
+
+@pytest.mark.parametrize("what", ["history", "config", "figure"])
+def test_a_write_cut_short_leaves_the_previous_file_whole(tmp_path, finished_run, what):
+    """The kernel refuses every byte past the 100th (a file size limit, as a disk that fills up mid-write): the
+    file keeps what it held, and no temporary file is left."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    files = RunFiles(tmp_path / RUN)
+    path = {"history": files.history, "config": files.config, "figure": tmp_path / "loss.png"}[what]
+    if what == "figure":
+        plots.savefig(figure_of([3, 2, 1]), path)
+    before = path.read_bytes()
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, limits[1]))
+    try:
+        with pytest.raises(OSError, match="too large"):
+            if what == "history":
+                history = files.read_history()
+                files.write_history(dict(history, epochs=history["epochs"] * 2))
+            elif what == "config":
+                files.write_config(replace(files.read_config(), lr=0.5))
+            else:
+                plots.savefig(figure_of([1, 2, 3]), path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_bytes() == before and len(before) > 100
+    assert not list(path.parent.glob(".*.tmp"))

@@ -15,8 +15,11 @@ import torch
 import torch.multiprocessing as mp
 
 import pipeline
+import sweep
 import utils
+from data import load_dataset
 from runs import RunFiles
+from train import Runtime
 from conftest import ROOT
 
 
@@ -52,8 +55,19 @@ def test_jobs_give_the_histories_of_one_process(mnist_root, tmp_path):
     assert (tmp_path / "two" / "plots" / "mlp_trainability.png").is_file()
 
 
+def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
+    """One worker takes the runs in the order they are queued, so the order they come back in is that order."""
+    args = pipeline.get_args_parser().parse_args(flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "6", "4",
+                                                       "--num_epochs", "1", "--limit_train", "100"))
+    configs = pipeline.run_configs(args, torch.device("cpu"))
+    planned = sweep.plan(configs, tmp_path, None, "error", lock=False).runs
+    histories, failures = sweep.run_in_workers(planned, [0, 1, 2], load_dataset("MNIST", mnist_root, False),
+                                               Runtime(jobs=1))
+    assert failures == {} and [planned[i].config.num_hidden_layers for i in histories] == [6, 4, 2]
+
+
 def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path):
-    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "6", "--batch_size", "5")
+    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "4", "--batch_size", "5")
     command = [sys.executable, str(ROOT / "pipeline.py"), *flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2")]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -95,7 +109,9 @@ def test_ctrl_c_while_jobs_workers_start_is_one_line(mnist_root, tmp_path):
     assert "--resume" in err.strip().splitlines()[-1]
 
 
-def test_a_failed_run_does_not_stop_the_others(mnist_root, tmp_path, capsys):
+def test_an_unreadable_checkpoint_in_a_sweep_is_refused_while_planning_and_nothing_trains(mnist_root, tmp_path,
+                                                                                          capsys):
+    """(A run that fails while training, with the others finishing: tests/test_failures.py.)"""
     run_main(*flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "--num_epochs", "1"))
     broken = tmp_path / "mlp_mnist_h2_w8_plain_s0"
     (broken / "history.json").unlink()  # unfinished now, and its checkpoint cannot be read

@@ -1,6 +1,8 @@
-"""Experiment tracking: TensorBoard event files read back with TensorBoard's reader, real offline W&B runs, what
-is sent to W&B (recorded at its API), failing trackers, and nothing imported when tracking is off."""
+"""Experiment tracking: TensorBoard event files read back with TensorBoard's reader, real offline W&B runs read back
+from their binary logs, failing trackers, and nothing imported when tracking is off."""
+import hashlib
 import json
+import struct
 import subprocess
 import sys
 import types
@@ -13,7 +15,7 @@ import train
 import utils
 from runs import RunFiles, load_checkpoint
 from conftest import ROOT
-from tracking import DEFAULT_PROJECT, EPOCH_SCALARS, GRAD_NORM, STEP
+from tracking import EPOCH_SCALARS, GRAD_NORM, STEP
 
 RUN = "mlp_mnist_h2_w8_plain_s0"
 
@@ -109,77 +111,100 @@ def test_wandb_offline_writes_one_run_per_training_run_and_a_resumed_run_continu
     assert len(list((out_dir / RUN / "tensorboard").iterdir())) == 1 and notes.read_text() == "mine"
 
 
-class RecordedRun:
-    """What the tracker sent to one W&B run."""
-
-    def __init__(self, kwargs: dict, number: int, fail_log: bool):
-        self.kwargs, self.fail_log = kwargs, fail_log
-        self.id, self.url = kwargs["id"] or f"run{number}", None
-        self.step_metrics: dict[str, str | None] = {}
-        self.logs: list[dict] = []
-        self.summary: dict = {}
-        self.exit_code = None
-
-    def define_metric(self, name: str, step_metric: str | None = None) -> None:
-        self.step_metrics[name] = step_metric
-
-    def log(self, data: dict) -> None:
-        if self.fail_log:
-            raise ConnectionError("W&B went away")
-        self.logs.append(data)
-
-    def finish(self, exit_code: int | None = None) -> None:
-        self.exit_code = exit_code
-
-
-class RecordingWandb(types.ModuleType):
-    """Stands in for the wandb package at its API (W&B 0.31 keeps offline history in a binary log with no public
-    reader): records every run started and everything logged to it."""
-
-    def __init__(self, fail_log: bool = False):
-        super().__init__("wandb")
-        self.fail_log = fail_log
-        self.runs: list[RecordedRun] = []
-        self.Settings = dict
-        self.Image = lambda path: ("image", path)
-
-    def init(self, **kwargs) -> RecordedRun:
-        self.runs.append(RecordedRun(kwargs, len(self.runs), self.fail_log))
-        return self.runs[-1]
+def wandb_records(run_dir) -> list:
+    """The records of the one offline W&B run in `run_dir`/wandb, read from its binary log (the run-<id>.wandb file
+    that `wandb sync` uploads): LevelDB-log framing (32 KiB blocks of records with a 7-byte header of checksum,
+    length and type; types 2 to 4 are the first, middle and last pieces of a record that spans blocks) around
+    W&B's protobuf Records. W&B 0.31 has no public reader for it and offline runs write no config.yaml or
+    wandb-summary.json."""
+    from wandb.proto.wandb_internal_pb2 import Record
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    data, block = log.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    records, position, pieces = [], 7, b""  # after the file header: ":W&B", magic, version
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # too little room left in the block for a header: padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        pieces += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            records.append(Record.FromString(pieces))
+            pieces = b""
+    return records
 
 
-def test_wandb_receives_the_config_every_epoch_every_logged_gradient_norm_the_test_result_and_the_figures(
-        mnist_root, tmp_path, monkeypatch):
-    wandb = RecordingWandb()
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
+def logged(records) -> list[dict]:
+    """Every history row (one per log call), by key ("a/b" for a nested key), without W&B's own _step etc."""
+    rows = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records if r.HasField("history")]
+    return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+
+
+def test_wandb_offline_run_holds_the_config_every_epoch_every_logged_gradient_norm_the_test_result_and_figures(
+        mnist_root, tmp_path, wandb_home):
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "2", "--grad_log_every", "3", "--wandb", "offline",
                        "--wandb-proj-name", "lab"))
-    tracked, summary = wandb.runs
+    records = wandb_records(tmp_path / RUN)
     history, steps, norms = read_run(tmp_path / RUN)
-    config = json.loads((tmp_path / RUN / "config.json").read_text())
-    assert tracked.kwargs | {"settings": None} == {
-        "mode": "offline", "project": "lab", "group": tmp_path.name, "job_type": "train", "name": RUN,
-        "dir": tmp_path / RUN, "config": config, "id": None, "resume": None, "allow_val_change": True,
-        "settings": None}
-    assert tracked.step_metrics["train_loss"] == "epoch" and tracked.step_metrics[GRAD_NORM + "*"] == STEP
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert (run.project, run.run_group, run.job_type, run.display_name) == ("lab", tmp_path.name, "train", RUN)
+    assert run.run_id == load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["wandb_run_id"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update if item.key != "_wandb"}
+    assert config == json.loads((tmp_path / RUN / "config.json").read_text())
+    metrics = {r.metric.name or r.metric.glob_name: r.metric.step_metric for r in records if r.HasField("metric")}
+    assert metrics["train_loss"] == "epoch" and metrics[GRAD_NORM + "*"] == STEP
 
-    epochs = [log for log in tracked.logs if "epoch" in log]
+    rows = logged(records)
+    epochs = [row for row in rows if "epoch" in row]
     assert epochs == [{k: e[k] for k in ("epoch", *EPOCH_SCALARS)} for e in history["epochs"]]
-    grads = [log for log in tracked.logs if STEP in log]
-    assert len(tracked.logs) == len(epochs) + len(grads)  # one call per logged step, never one per weight
-    assert steps == [0, 3, 6, 9, 12, 15, 18] and [log[STEP] for log in grads] == steps
+    grads = [row for row in rows if STEP in row]
+    assert len(rows) == len(epochs) + len(grads)  # one call per logged step, never one per weight
+    assert steps == [0, 3, 6, 9, 12, 15, 18] and [row[STEP] for row in grads] == steps
     for name, values in norms.items():
-        assert [log[GRAD_NORM + name] for log in grads] == pytest.approx(values.tolist(), rel=1e-6)
-    assert all(len(log) == len(norms) + 1 for log in grads)
-    assert tracked.summary == {"test_loss": history["test"]["loss"], "test_acc": history["test"]["acc"]}
-    assert tracked.exit_code == 0
-    assert load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["wandb_run_id"] == tracked.id
+        assert [row[GRAD_NORM + name] for row in grads] == pytest.approx(values.tolist(), rel=1e-6)
+    assert all(len(row) == len(norms) + 1 for row in grads)
+    summary = {item.key: json.loads(item.value_json) for r in records if r.HasField("summary")
+               for item in r.summary.update if item.key.startswith("test_")}
+    assert summary == {"test_loss": history["test"]["loss"], "test_acc": history["test"]["acc"]}
+    (exit_record,) = [r.exit for r in records if r.HasField("exit")]
+    assert exit_record.exit_code == 0
 
-    assert summary.kwargs["job_type"] == "summary" and summary.kwargs["group"] == tmp_path.name
-    assert summary.kwargs["dir"] == tmp_path / "plots"
-    (figures,) = summary.logs
+    plots = wandb_records(tmp_path / "plots")
+    (summary_run,) = [r.run for r in plots if r.HasField("run")]
+    assert (summary_run.job_type, summary_run.run_group) == ("summary", tmp_path.name)
+    (figures,) = logged(plots)
     written = sorted((tmp_path / "plots").glob("*.png"))
-    assert len(written) >= 3 and figures == {f"figures/{p.stem}": ("image", str(p)) for p in written}
+    assert len(written) >= 3 and {key: value for key, value in figures.items() if key.endswith("/sha256")} == {
+        f"figures/{p.stem}/sha256": hashlib.sha256(p.read_bytes()).hexdigest() for p in written}
+
+
+class FailingToLogWandb(types.ModuleType):
+    """Stands in for the wandb package at its API: its runs start, and fail to log (a log that fails mid-run cannot
+    be provoked in the real W&B offline)."""
+
+    class Run:
+        def __init__(self, run_id: str):
+            self.id, self.url, self.exit_code = run_id, None, None
+
+        def define_metric(self, name: str, step_metric: str | None = None) -> None:
+            pass
+
+        def log(self, data: dict) -> None:
+            raise ConnectionError("W&B went away")
+
+        def finish(self, exit_code: int | None = None) -> None:
+            self.exit_code = exit_code
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.runs: list[FailingToLogWandb.Run] = []
+        self.Settings = dict
+
+    def init(self, **kwargs) -> Run:
+        self.runs.append(self.Run(kwargs["id"] or f"run{len(self.runs)}"))
+        return self.runs[-1]
 
 
 @pytest.mark.parametrize("fail", ["start", "log"])
@@ -191,8 +216,8 @@ def test_a_failing_tracker_is_one_warning_and_training_goes_on(mnist_root, tmp_p
         monkeypatch.setenv("HOME", str(tmp_path / "home"))
         monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
         mode, reason = "online", "start: No API key configured"
-    else:  # a log that fails mid-run cannot be provoked in the real W&B offline: the one stand-in, at its API
-        wandb = RecordingWandb(fail_log=True)
+    else:
+        wandb = FailingToLogWandb()
         monkeypatch.setitem(sys.modules, "wandb", wandb)
         mode, reason = "offline", "log_epoch: W&B went away"
     capsys.readouterr()
@@ -226,7 +251,6 @@ def test_without_tracking_neither_package_is_imported(mnist_root, tmp_path):
 def test_tracking_flags(tmp_path, capsys):
     parse = pipeline.get_args_parser().parse_args
     assert parse(["--wandb"]).wandb == "online"  # the original lab's bare flag
-    assert parse([]).wandb == "disabled" and parse([]).wandb_proj_name == DEFAULT_PROJECT
     assert parse(["--wandb", "offline", "--wandb-proj-name", "lab"]).wandb_proj_name == "lab"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:

@@ -220,11 +220,11 @@ def test_warm_up_rises_linearly_to_lr(schedule):
     assert lrs[10] == pytest.approx(0.1) and lrs[11] <= lrs[10]
 
 
-def test_thread_policy():
+def test_thread_policy(monkeypatch):
+    monkeypatch.setattr(train, "DEFAULT_THREADS", 8)  # torch found 8 cores at start-up
     cnn = ("--model_name", "ResNet", "--out_channels", "4", "--num_levels", "1", "--num_conv_per_level", "1")
-    assert cpu_threads(run_config()) == 1
-    assert cpu_threads(run_config(*cnn)) == train.DEFAULT_THREADS  # every core torch found at start-up
-    assert cpu_threads(run_config(*cnn), jobs=2 * train.DEFAULT_THREADS) == 1  # shared among workers, at least 1
+    assert cpu_threads(run_config()) == 1 and cpu_threads(run_config(), jobs=2) == 1  # the MLP: always one
+    assert [cpu_threads(run_config(*cnn), jobs) for jobs in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]  # cores shared out
     assert cpu_threads(run_config("--threads", "3")) == 3
     assert cpu_threads(run_config(*cnn, "--threads", "1")) == 1
 
@@ -250,6 +250,17 @@ def test_training_images_and_weights_follow_the_memory_format_policy(cifar, chan
     assert formats == [expected, expected]  # the augmented batches of both steps
     assert run.train.images.is_contiguous(memory_format=torch.channels_last) == expected
     assert run.model.stem[0][0].weight.is_contiguous(memory_format=torch.channels_last) == expected
+
+
+def test_augmentation_changes_what_the_network_trains_on(cifar):
+    """The first epoch's order is the same with and without --augment (crops and flips are drawn after it): only the
+    augmentation can make the two runs differ."""
+    plain, augmented = (prepare_run(run_config(*TINY_CNN, "--out_channels", "4", *flags), cifar)
+                        for flags in ((), ("--augment",)))
+    assert [b[1].tolist() for b in replay(plain.train)] == [b[1].tolist() for b in replay(augmented.train)]
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), augmented.model.parameters()))
+    assert train_one_epoch(plain, 1, 0).loss != train_one_epoch(augmented, 1, 0).loss
+    assert not all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), augmented.model.parameters()))
 
 
 def test_channels_last_gives_the_same_loss_and_gradients():
