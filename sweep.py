@@ -16,14 +16,10 @@ from tqdm import tqdm
 
 from config import FLAGS, RunConfig
 from data import RawData
-from runs import (CheckpointError, RunFiles, RunLock, check_checkpoint_resumable, check_resumable, load_checkpoint,
-                  saved_config)
+from runs import (CheckpointError, RunConflict, RunFiles, RunLock, check_checkpoint_resumable, check_resumable,
+                  load_checkpoint, saved_config)
 from train import Runtime, train_run
 from utils import CLIError, first_line, setup_for_distributed
-
-
-class RunConflict(ValueError):
-    """A run folder holds something the command would silently replace or misreport."""
 
 
 def expand(values: dict) -> list[RunConfig]:
