@@ -17,7 +17,7 @@ from tqdm import tqdm
 from config import FLAGS, RunConfig
 from data import RawData
 from runs import (CheckpointError, RunConflict, RunFiles, RunLock, check_checkpoint_resumable, check_resumable,
-                  load_checkpoint, saved_config)
+                  load_checkpoint, load_model, saved_config)
 from train import Runtime, train_run
 from utils import CLIError, first_line, setup_for_distributed
 
@@ -116,6 +116,7 @@ def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) ->
                           "replace it, or --run_name/--out_dir to keep both")
     finished = finished_history(config, files, writes)
     if finished is not None:
+        check_model_kept(files)
         return PlannedRun(config, files, "skip", finished)
     if files.checkpoint.is_file():
         check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
@@ -136,6 +137,16 @@ def finished_history(config: RunConfig, files: RunFiles, writes: bool) -> dict |
     epochs = len(history["epochs"])
     check_resumable(saved, epochs, config, files.run_dir)
     return history if epochs == config.num_epochs else None
+
+
+def check_model_kept(files: RunFiles) -> None:
+    """Say on stderr when the checkpoint of a finished run it skips cannot give back its model: the run's results
+    stand (history.json), but nothing can evaluate or explain it until it is trained again."""
+    try:
+        load_model(files.checkpoint)
+    except CheckpointError as e:
+        print(f"warning: {files.run_dir.name} has finished but its model is lost ({e}); its results are kept, but "
+              "--no-train and cam.py cannot use it until it is trained again (--overwrite)", file=sys.stderr)
 
 
 def restored_config(files: RunFiles, writes: bool) -> RunConfig:

@@ -508,6 +508,26 @@ def test_a_folder_where_a_run_file_belongs_is_refused_in_one_line_and_kept(mnist
     assert load_checkpoint(tmp_path / RUN / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.parametrize("damage", ["removed", "cut", "not ours"])
+def test_a_finished_run_whose_checkpoint_is_lost_is_skipped_with_a_warning(mnist_root, tmp_path, capsys,
+                                                                           finished_run, damage):
+    """Its results stand, so the sweep goes on, but the user learns now, not from cam.py, that its model is gone."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    checkpoint = RunFiles(tmp_path / RUN).checkpoint
+    if damage == "removed":
+        checkpoint.unlink()
+    else:
+        cut = checkpoint.read_bytes()[:1000]
+        checkpoint.write_bytes(cut if damage == "cut" else pickle.dumps({"model": 1}, protocol=2))
+    before = run_files(tmp_path / RUN)
+    capsys.readouterr()
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    out, err = capsys.readouterr()
+    assert "already finished with these settings, skipped" in out
+    assert f"warning: {RUN} has finished but its model is lost (--checkpoint {checkpoint}" in err
+    assert run_files(tmp_path / RUN) == before
+
+
 def in_small_tmpfs(folder, script: str) -> subprocess.CompletedProcess:
     """Run a bash script with a fresh 4 MiB tmpfs mounted at `folder`, in a user and mount namespace of its own (no
     privilege needed; the mount ends with the script): a real file system that really fills up. $P is python."""
