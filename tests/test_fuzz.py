@@ -1,6 +1,9 @@
-"""A scripted fuzz of pipeline.py: hostile command lines (absurd, negative, NaN, huge and malformed values of every
-flag, alone and combined) on the tiny datasets. Each ends with exit status 0, 1 (a run failed, named) or 2 (refused),
-and never with a Python traceback. `make test` runs a seeded subset; `make fuzz` (pytest --fuzz) runs them all."""
+"""A scripted fuzz of the CLIs: hostile command lines for pipeline.py (absurd, negative, NaN, huge and malformed values
+of every flag, alone and combined), and run folders damaged in every file they hold (cut, garbled, swapped, replaced
+by a folder, removed) followed by the commands a user runs next (pipeline.py --resume, report.py, --no-train,
+cam.py), on the tiny datasets. Each ends with exit status 0, 1 (a run failed, named) or 2 (refused), never with a
+Python traceback, and no finished run is lost or altered. `make test` runs a seeded subset of each; `make fuzz`
+(pytest --fuzz) runs them all."""
 import hashlib
 import io
 import json
@@ -93,9 +96,12 @@ def assert_ends_cleanly(line: list[str], status: int, err: str) -> None:
         assert "error: " in refusal and all(": not used: " in x or ": missing: " in x for x in listed), (line, err)
 
 
-def seeded_subset(count: int, size: int, seed: int) -> list:
-    """Indices 0..count-1 as pytest params: `size` of them, chosen by `seed`, run always; the others with --fuzz."""
-    chosen = set(random.Random(seed).sample(range(count), size))
+def seeded_subset(count: int, size: int, seed: int, kinds: list | None = None) -> list:
+    """Indices 0..count-1 as pytest params: `size` of them, chosen by `seed` (one of each kind first, case i being
+    of kind kinds[i], when given), run always; the others with --fuzz."""
+    rng = random.Random(seed)
+    chosen = {rng.choice([i for i in range(count) if kinds[i] == kind]) for kind in dict.fromkeys(kinds or [])}
+    chosen |= set(rng.sample(sorted(set(range(count)) - chosen), size - len(chosen)))
     return [i if i in chosen else pytest.param(i, marks=pytest.mark.fuzz) for i in range(count)]
 
 
@@ -249,7 +255,8 @@ def command_line(run: str, command: str, out_dir: Path, mnist_root: Path, cifar_
     return pipeline.main, pipeline.get_args_parser(), line + (["--resume"] if command == "resume" else [])
 
 
-@pytest.mark.parametrize("index", seeded_subset(len(CORRUPTIONS), CORRUPTION_SUBSET, seed=2))
+@pytest.mark.parametrize("index", seeded_subset(len(CORRUPTIONS), CORRUPTION_SUBSET, seed=2,
+                                                kinds=[case[:2] for case in CORRUPTIONS]))
 def test_damaged_run_folder_ends_in_0_1_or_2_and_no_finished_run_is_lost(index, run_folders, mnist_root, cifar_root,
                                                                          tmp_path, capsys):
     run, command, target, damage = CORRUPTIONS[index]
