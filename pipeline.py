@@ -113,7 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(problem)
     check_writable(Path(args.out_dir), "--out_dir")
-    check_writable(Path(args.out_dir if args.plots_dir is None else args.plots_dir), "--plots_dir")
+    check_writable(Path(args.out_dir) / "plots" if args.plots_dir is None else Path(args.plots_dir), "--plots_dir")
 
 
 def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfig]:

@@ -101,8 +101,11 @@ class RunFiles:
 
     def lock(self) -> RunLock:
         """Take the run's lock, creating its folder (RunLocked when another process holds it; RunConflict when a
-        folder stands where a file of the run belongs), and remove the temporary files that a writer killed mid-write
+        file stands where its folder belongs or a folder where one of its files does), and remove the temporary files that a writer killed mid-write
         left, which only the lock's holder may do."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunConflict(f"{self.run_dir} is a file where the run's folder belongs; move it away and run the "
+                              "command again")
         for path in [*self.ours(), self.lock_file]:
             if path.is_dir():  # never removed for the user: nothing the run wrote is a folder
                 raise RunConflict(f"{path} is a folder where the run keeps a file; move it away and run the command "

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from config import FLAGS, RunConfig
 from data import RawData
-from runs import (CheckpointError, RunConflict, RunFiles, RunLock, check_checkpoint_resumable, check_resumable,
-                  load_checkpoint, load_model, saved_config)
+from runs import (CheckpointError, ResumeError, RunConflict, RunFiles, RunLock, check_checkpoint_resumable,
+                  check_resumable, load_checkpoint, load_model, saved_config)
 from train import Runtime, train_run
 from utils import CLIError, first_line, setup_for_distributed
 
@@ -96,7 +96,7 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, exist
     try:
         for i, config in enumerate(configs):
             files = RunFiles(out_dir / config.run_name, checkpoint)
-            if lock and files.run_dir.is_dir():
+            if lock and files.run_dir.exists():
                 sweep.locks[i] = files.lock()
             sweep.runs.append(plan_run(config, files, existing, lock))
     except BaseException:
@@ -119,7 +119,12 @@ def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) ->
         check_model_kept(files)
         return PlannedRun(config, files, "skip", finished)
     if files.checkpoint.is_file():
-        check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
+        try:
+            checkpoint = load_checkpoint(files.checkpoint)
+        except CheckpointError as e:
+            raise ResumeError(f"{e}; the run cannot continue: pass --overwrite to train it again, or move its folder "
+                              "away") from None
+        check_checkpoint_resumable(checkpoint, config, files.checkpoint)
         return PlannedRun(config, files, "resume")
     return PlannedRun(config, files, "replace")  # files of a run that saved no epoch: nothing to continue
 

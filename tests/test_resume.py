@@ -528,6 +528,29 @@ def test_a_finished_run_whose_checkpoint_is_lost_is_skipped_with_a_warning(mnist
     assert run_files(tmp_path / RUN) == before
 
 
+def test_a_file_where_the_run_folder_or_the_plots_folder_belongs_is_refused_before_training(mnist_root, tmp_path,
+                                                                                             capsys):
+    """Both were FileExistsError tracebacks, the first after loading the data, the second after training."""
+    (tmp_path / RUN).write_text("a file of mine")
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert status == 2 and len(lines) == 1 and f"{tmp_path / RUN} is a file where the run's folder belongs" in lines[0]
+    (tmp_path / RUN).unlink()
+    (tmp_path / "plots").write_text("a file of mine")
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    assert status == 2 and len(lines) == 1 and f"--plots_dir {tmp_path / 'plots'}: " in lines[0], lines
+    assert not (tmp_path / RUN).exists() and (tmp_path / "plots").read_text() == "a file of mine"
+
+
+def test_an_unreadable_checkpoint_beside_no_finished_history_says_how_to_go_on(mnist_root, tmp_path, capsys,
+                                                                               finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    (tmp_path / RUN / "history.json").unlink()
+    RunFiles(tmp_path / RUN).checkpoint.write_bytes(b"")
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert status == 2 and len(lines) == 1 and "is not a loadable checkpoint" in lines[0], lines
+    assert "the run cannot continue: pass --overwrite to train it again, or move its folder away" in lines[0]
+
+
 def in_small_tmpfs(folder, script: str) -> subprocess.CompletedProcess:
     """Run a bash script with a fresh 4 MiB tmpfs mounted at `folder`, in a user and mount namespace of its own (no
     privilege needed; the mount ends with the script): a real file system that really fills up. $P is python."""
