@@ -101,8 +101,8 @@ class RunFiles:
 
     def lock(self) -> RunLock:
         """Take the run's lock, creating its folder (RunLocked when another process holds it; RunConflict when a
-        file stands where its folder belongs or a folder where one of its files does), and remove the temporary files that a writer killed mid-write
-        left, which only the lock's holder may do."""
+        file stands where its folder belongs or a folder where one of its files does), and remove the temporary
+        files that a writer killed mid-write left, which only the lock's holder may do."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunConflict(f"{self.run_dir} is a file where the run's folder belongs; move it away and run the "
                               "command again")
