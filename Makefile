@@ -35,7 +35,7 @@ $(VENV)/.installed: requirements.txt
 test: install
 	$(PY) -m pytest -q tests
 
-# Every case of the command-line fuzz (make test runs a seeded subset of it).
+# Every case of the fuzz, hostile command lines and damaged run folders (make test runs a seeded subset of each).
 fuzz: install
 	$(PY) -m pytest -q tests/test_fuzz.py --fuzz
 

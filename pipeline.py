@@ -17,9 +17,9 @@ from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALI
                     value_type)
 from data import DATASETS, DatasetError, check_split_sizes, load_dataset, to_split
 from plots import plot_sweep
-from sweep import Plan, RunConflict, execute, expand, plan, with_prefix
+from sweep import Plan, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
-from runs import CheckpointError, ResumeError, RunFiles, RunLocked, load_model
+from runs import CheckpointError, ResumeError, RunConflict, RunFiles, RunLocked, load_model
 from train import Runtime, amp_precision, cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writable, distributed_world,
                    init_distributed, resolve_device, run_cli, setup_for_distributed)
@@ -113,7 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(problem)
     check_writable(Path(args.out_dir), "--out_dir")
-    check_writable(Path(args.out_dir if args.plots_dir is None else args.plots_dir), "--plots_dir")
+    check_writable(Path(args.out_dir) / "plots" if args.plots_dir is None else Path(args.plots_dir), "--plots_dir")
 
 
 def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfig]:

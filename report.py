@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 import shutil
 import statistics
@@ -53,31 +52,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+# how a run folder's damaged side file comes back (sweep.plan_run rebuilds it from the checkpoint)
+RESTORE = "; pipeline.py with the run's flags and --resume restores it from checkpoint.pt"
+
+
 @dataclass(frozen=True)
 class LeftOut:
     """A run folder the report does not use, why, and its config when that could be read."""
     folder: str
     reason: str
     config: RunConfig | None = None
-
-
-def is_number(value: object) -> bool:
-    """Whether a JSON value is a finite number (not a bool, not NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_history(history: dict, path: Path) -> None:
-    """Refuse a finished history.json that lacks what the tables read: a test accuracy and, for every epoch, the
-    training loss, validation accuracy and seconds."""
-    test = history["test"]
-    if not isinstance(test, dict) or not is_number(test.get("acc")):
-        raise UsageError(f"{path}: its test result has no accuracy ('acc'); the file is damaged: train that run "
-                         "again (--overwrite) or move its folder away")
-    for epoch in history["epochs"] or [None]:
-        if not isinstance(epoch, dict) or not all(is_number(epoch.get(k)) for k in ("train_loss", "val_acc",
-                                                                                    "seconds")):
-            raise UsageError(f"{path}: an epoch without a numeric train_loss, val_acc and seconds; the file is "
-                             "damaged: train that run again (--overwrite) or move its folder away")
 
 
 def read_runs(out_dir: Path) -> tuple[list[tuple[RunConfig, dict]], list[LeftOut]]:
@@ -92,14 +76,14 @@ def read_runs(out_dir: Path) -> tuple[list[tuple[RunConfig, dict]], list[LeftOut
             continue
         config, history = files.read_config(), files.read_history()
         if config is None:
-            left_out.append(LeftOut(run_dir.name, "no readable config.json"))
+            left_out.append(LeftOut(run_dir.name, f"no readable config.json{RESTORE}"))
         elif history is None:
-            left_out.append(LeftOut(run_dir.name, "no readable history.json (none yet, or damaged)", config))
+            left_out.append(LeftOut(run_dir.name, f"no readable history.json (none yet, or damaged){RESTORE}",
+                                    config))
         elif "test" not in history:
             left_out.append(LeftOut(run_dir.name, f"unfinished: {len(history['epochs'])} of {config.num_epochs} "
                                     "epochs, no test result", config))
         else:
-            check_history(history, files.history)
             runs.append((config, history))
     return runs, left_out
 
@@ -134,7 +118,8 @@ def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]
     for name in missing:
         print(f"{out_dir}: missing: {name} (no run folder; the other networks have this seed)", file=sys.stderr)
     if not runs:
-        raise UsageError(f"{out_dir} holds no finished runs; run the sweep first")
+        raise UsageError(f"{out_dir} holds no finished runs" + (" (see the folders not used, above)" if left_out
+                                                                 else "; run the sweep first"))
     return runs, [item.folder for item in left_out] + missing
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ from utils import atomic_write, first_line, reporting_full_disk, rng_state, set_
 if TYPE_CHECKING:
     from train import RunSetup
 
+# what train.train_epoch records of every epoch in history.json
+EPOCH_RECORD = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds", "steps")
 # 1: the checkpoints of before this version stamp (no "format" key); 2: stamped, otherwise the same keys
 CHECKPOINT_FORMAT = 2
 
@@ -36,6 +39,10 @@ class ResumeError(ValueError):
 
 class RunLocked(ValueError):
     """Another process is training this run."""
+
+
+class RunConflict(ValueError):
+    """A run folder holds something the command would silently replace or misreport."""
 
 
 class RunLock:
@@ -93,12 +100,20 @@ class RunFiles:
         return any(p.exists() for p in self.ours())
 
     def lock(self) -> RunLock:
-        """Take the run's lock, creating its folder (RunLocked when another process holds it), and remove the
-        temporary files that a writer killed mid-write left, which only the lock's holder may do."""
+        """Take the run's lock, creating its folder (RunLocked when another process holds it; RunConflict when a
+        file stands where its folder belongs or a folder where one of its files does), and remove the temporary
+        files that a writer killed mid-write left, which only the lock's holder may do."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunConflict(f"{self.run_dir} is a file where the run's folder belongs; move it away and run the "
+                              "command again")
+        for path in [*self.ours(), self.lock_file]:
+            if path.is_dir():  # never removed for the user: nothing the run wrote is a folder
+                raise RunConflict(f"{path} is a folder where the run keeps a file; move it away and run the command "
+                                  "again")
         lock = RunLock(self.lock_file, self.run_dir)
         for folder in {self.run_dir, self.checkpoint.parent}:
             for path in folder.glob(".*.tmp"):
-                if any(path.name.startswith(f".{p.name}.") for p in self.ours()):
+                if any(path.name.startswith(f".{p.name}.") for p in self.ours()) and not path.is_dir():
                     path.unlink(missing_ok=True)
         return lock
 
@@ -121,12 +136,12 @@ class RunFiles:
         write_json(self.config, config.to_dict())
 
     def read_history(self) -> dict | None:
-        """history.json, or None when there is none or it is not readable."""
+        """history.json, or None when there is none or it is not readable or not well formed (well_formed_history)."""
         try:
             history = json.loads(self.history.read_text())
         except (OSError, ValueError):
             return None
-        return history if isinstance(history, dict) and isinstance(history.get("epochs"), list) else None
+        return history if well_formed_history(history) else None
 
     def write_history(self, history: dict) -> None:
         write_json(self.history, history)
@@ -203,6 +218,22 @@ class RunFiles:
         return steps, norms
 
 
+def is_number(value: object) -> bool:
+    """Whether a JSON value is a finite number (not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def well_formed_history(history: object) -> bool:
+    """Whether parsed JSON is a history as train_run writes it: epoch records with every number train_epoch puts in
+    them (whole numbers for epoch and steps) and, once the run has finished, a test loss and accuracy."""
+    def has_numbers(record: object, keys: tuple[str, ...]) -> bool:
+        return isinstance(record, dict) and all(is_number(record.get(key)) for key in keys)
+    return (isinstance(history, dict) and isinstance(history.get("epochs"), list)
+            and all(has_numbers(e, EPOCH_RECORD) and isinstance(e["epoch"], int) and isinstance(e["steps"], int)
+                    for e in history["epochs"])
+            and ("test" not in history or has_numbers(history["test"], ("loss", "acc"))))
+
+
 def parse_row(line: str, columns: int) -> list[float] | None:
     """A grad_norms.csv row as numbers (an integer step first), or None when it is cut or is not one."""
     fields = line.split(",")
@@ -236,7 +267,7 @@ def load_checkpoint(path: str | Path) -> dict:
     ours, or is of a newer format, is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--checkpoint {path}: no such file")
+        raise CheckpointError(f"--checkpoint {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"

@@ -16,14 +16,10 @@ from tqdm import tqdm
 
 from config import FLAGS, RunConfig
 from data import RawData
-from runs import (CheckpointError, RunFiles, RunLock, check_checkpoint_resumable, check_resumable, load_checkpoint,
-                  saved_config)
+from runs import (CheckpointError, ResumeError, RunConflict, RunFiles, RunLock, check_checkpoint_resumable,
+                  check_resumable, load_checkpoint, load_model, saved_config)
 from train import Runtime, train_run
 from utils import CLIError, first_line, setup_for_distributed
-
-
-class RunConflict(ValueError):
-    """A run folder holds something the command would silently replace or misreport."""
 
 
 def expand(values: dict) -> list[RunConfig]:
@@ -100,7 +96,7 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, exist
     try:
         for i, config in enumerate(configs):
             files = RunFiles(out_dir / config.run_name, checkpoint)
-            if lock and files.run_dir.is_dir():
+            if lock and files.run_dir.exists():
                 sweep.locks[i] = files.lock()
             sweep.runs.append(plan_run(config, files, existing, lock))
     except BaseException:
@@ -120,9 +116,15 @@ def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) ->
                           "replace it, or --run_name/--out_dir to keep both")
     finished = finished_history(config, files, writes)
     if finished is not None:
+        check_model_kept(files)
         return PlannedRun(config, files, "skip", finished)
     if files.checkpoint.is_file():
-        check_checkpoint_resumable(load_checkpoint(files.checkpoint), config, files.checkpoint)
+        try:
+            checkpoint = load_checkpoint(files.checkpoint)
+        except CheckpointError as e:
+            raise ResumeError(f"{e}; the run cannot continue: pass --overwrite to train it again, or move its folder "
+                              "away") from None
+        check_checkpoint_resumable(checkpoint, config, files.checkpoint)
         return PlannedRun(config, files, "resume")
     return PlannedRun(config, files, "replace")  # files of a run that saved no epoch: nothing to continue
 
@@ -140,6 +142,16 @@ def finished_history(config: RunConfig, files: RunFiles, writes: bool) -> dict |
     epochs = len(history["epochs"])
     check_resumable(saved, epochs, config, files.run_dir)
     return history if epochs == config.num_epochs else None
+
+
+def check_model_kept(files: RunFiles) -> None:
+    """Say on stderr when the checkpoint of a finished run it skips cannot give back its model: the run's results
+    stand (history.json), but nothing can evaluate or explain it until it is trained again."""
+    try:
+        load_model(files.checkpoint)
+    except CheckpointError as e:
+        print(f"warning: {files.run_dir.name} has finished but its model is lost ({e}); its results are kept, but "
+              "--no-train and cam.py cannot use it until it is trained again (--overwrite)", file=sys.stderr)
 
 
 def restored_config(files: RunFiles, writes: bool) -> RunConfig:

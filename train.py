@@ -101,8 +101,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig,
     total = config.num_epochs * steps_per_epoch
     warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
     if config.lr_schedule == "onecycle":
+        # OneCycleLR's rise ends at step warmup - 1 and divides by its length: it takes 2 steps, the fall at least 1
+        if total < 3:
+            raise ValueError(f"--lr_schedule onecycle needs at least 3 training steps; this run has {total} "
+                             f"({config.num_epochs} epochs of {steps_per_epoch} batches): lower --batch_size, "
+                             "train more epochs or use another --lr_schedule")
         return lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
-                                       pct_start=max(warmup, 1) / total, cycle_momentum=False)
+                                       pct_start=max(warmup, 2) / total, cycle_momentum=False)
     if config.lr_schedule == "constant":
         main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     elif config.lr_schedule == "cosine":

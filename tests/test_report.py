@@ -153,7 +153,7 @@ def test_every_run_folder_not_used_and_every_missing_run_is_listed_with_why(tmp_
     assert report_cli("--ex1", str(tmp_path)) == 0
     out, err = capsys.readouterr()
     assert err.splitlines() == [
-        f"{tmp_path}: not used: broken: no readable config.json",
+        f"{tmp_path}: not used: broken: no readable config.json{report.RESTORE}",
         f"{tmp_path}: not used: {mlp(4, 2, 1).run_name}: unfinished: 0 of 1 epochs, no test result",
         f"{tmp_path}: missing: {mlp(4, 0, 1).run_name} (no run folder; the other networks have this seed)"]
     assert "| 4 | 0/1 | 11.0% | 1/1 | 90.0% |" in out
@@ -172,18 +172,32 @@ def test_readme_is_not_rewritten_with_runs_left_out_unless_allowed(tmp_path, cap
     assert "| 4 | 0/1 |" in readme.read_text()
 
 
+@pytest.mark.parametrize("damage", [('"acc"', '"accuracy"'), ('"seconds": 10.0', '"seconds": "10"'),
+                                    ('"steps": 10', '"steps": 10.5')])
+def test_a_damaged_history_is_listed_with_how_to_restore_it_and_the_readme_kept(tmp_path, capsys, damage):
+    """A history.json that parses but lacks a number the tables read (a test accuracy, an epoch's seconds) is not
+    used, and says how the checkpoint restores it; --readme then writes nothing."""
+    write_run(tmp_path / "runs", mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    write_run(tmp_path / "runs", mlp(4, 2, 0), [0.3], [0.9], 0.9)
+    history = RunFiles(tmp_path / "runs" / mlp(4, 0, 0).run_name).history
+    history.write_text(history.read_text().replace(*damage))
+    readme = tmp_path / "README.md"
+    readme.write_text(README_BLOCKS)
+    assert report_cli("--ex1", str(tmp_path / "runs"), "--readme", str(readme)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == (f"{tmp_path / 'runs'}: not used: {mlp(4, 0, 0).run_name}: no readable history.json (none yet, "
+                      f"or damaged){report.RESTORE}") and "error: not rewriting" in err[-1], err
+    assert readme.read_text() == README_BLOCKS
+
+
 @pytest.mark.parametrize("case", ["no runs", "no block", "no folder", "readme missing", "readme is a folder",
-                                  "test without acc", "CNN runs to --ex1", "MLP runs to --ex2",
-                                  "MLP runs to --best_checkpoint"])
+                                  "CNN runs to --ex1", "MLP runs to --ex2", "MLP runs to --best_checkpoint"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     out_dir = tmp_path / "runs"
     if case != "no folder":
         out_dir.mkdir()
     if case not in ("no runs", "no folder"):
         write_run(out_dir, cnn(1, 1) if case == "CNN runs to --ex1" else mlp(4, 0, 0), [2.3], [0.11], 0.11)
-    if case == "test without acc":
-        history = RunFiles(out_dir / mlp(4, 0, 0).run_name).history
-        history.write_text(history.read_text().replace('"acc"', '"accuracy"'))
     readme = tmp_path / "README.md"
     if case == "readme is a folder":
         readme.mkdir()

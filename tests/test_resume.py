@@ -462,10 +462,16 @@ def test_a_finished_run_with_broken_grad_norms_is_skipped_and_its_figure_says_wh
     assert run_files(tmp_path / RUN) == before
 
 
+@pytest.mark.parametrize("damage", ["missing", '{"epochs": [{"train_loss": 1}], "test": {"acc": 0.5}}',
+                                    '{"epochs": [], "test": {"loss": 1}}'])
 def test_a_finished_run_without_its_history_gets_it_back_from_the_checkpoint(mnist_root, tmp_path, capsys,
-                                                                            finished_run):
+                                                                            finished_run, damage):
+    """Missing, or parsing but without the numbers a run's history holds (a KeyError at plotting time once)."""
     shutil.copytree(finished_run, tmp_path / RUN)
-    (tmp_path / RUN / "history.json").unlink()
+    if damage == "missing":
+        (tmp_path / RUN / "history.json").unlink()
+    else:
+        (tmp_path / RUN / "history.json").write_text(damage)
     (_, history), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
     old = json.loads((finished_run / "history.json").read_text())
     assert history == old and json.loads((tmp_path / RUN / "history.json").read_text()) == old
@@ -500,9 +506,70 @@ def test_temporary_files_of_a_killed_writer_are_removed_when_the_run_is_opened(m
     for path in leftovers:
         path.write_bytes(b"half a file")
     (tmp_path / RUN / ".notes.txt.mine.tmp").write_text("not the run's")
+    (tmp_path / RUN / f".{files.history.name}.a folder.tmp").mkdir()  # no writer leaves a folder: not the run's
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
     assert not any(path.exists() for path in leftovers)
     assert (tmp_path / RUN / ".notes.txt.mine.tmp").read_text() == "not the run's"
+    assert (tmp_path / RUN / f".{files.history.name}.a folder.tmp").is_dir()
+
+
+@pytest.mark.parametrize("name", ["config.json", "history.json", "grad_norms.csv", ".lock"])
+def test_a_folder_where_a_run_file_belongs_is_refused_in_one_line_and_kept(mnist_root, tmp_path, capsys,
+                                                                         finished_run, name):
+    """Once a traceback (IsADirectoryError) from the lock, the tidying of temporary files, or restoring config.json."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    (tmp_path / RUN / name).unlink()
+    (tmp_path / RUN / name).mkdir()
+    (tmp_path / RUN / name / "mine.txt").write_text("not the run's")
+    folder_like_a_leftover = tmp_path / RUN / f".{RunFiles(tmp_path / RUN).checkpoint.name}.x1.tmp"
+    folder_like_a_leftover.mkdir()
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert status == 2 and len(lines) == 1 and f"{tmp_path / RUN / name} is a folder" in lines[0], lines
+    assert (tmp_path / RUN / name / "mine.txt").is_file() and folder_like_a_leftover.is_dir()
+    assert load_checkpoint(tmp_path / RUN / "checkpoint.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("damage", ["removed", "cut", "not ours"])
+def test_a_finished_run_whose_checkpoint_is_lost_is_skipped_with_a_warning(mnist_root, tmp_path, capsys,
+                                                                           finished_run, damage):
+    """Its results stand, so the sweep goes on, but the user learns now, not from cam.py, that its model is gone."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    checkpoint = RunFiles(tmp_path / RUN).checkpoint
+    if damage == "removed":
+        checkpoint.unlink()
+    else:
+        cut = checkpoint.read_bytes()[:1000]
+        checkpoint.write_bytes(cut if damage == "cut" else pickle.dumps({"model": 1}, protocol=2))
+    before = run_files(tmp_path / RUN)
+    capsys.readouterr()
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    out, err = capsys.readouterr()
+    assert "already finished with these settings, skipped" in out
+    assert f"warning: {RUN} has finished but its model is lost (--checkpoint {checkpoint}" in err
+    assert run_files(tmp_path / RUN) == before
+
+
+def test_a_file_where_the_run_folder_or_the_plots_folder_belongs_is_refused_before_training(mnist_root, tmp_path,
+                                                                                             capsys):
+    """Both were FileExistsError tracebacks, the first after loading the data, the second after training."""
+    (tmp_path / RUN).write_text("a file of mine")
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert status == 2 and len(lines) == 1 and f"{tmp_path / RUN} is a file where the run's folder belongs" in lines[0]
+    (tmp_path / RUN).unlink()
+    (tmp_path / "plots").write_text("a file of mine")
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    assert status == 2 and len(lines) == 1 and f"--plots_dir {tmp_path / 'plots'}: " in lines[0], lines
+    assert not (tmp_path / RUN).exists() and (tmp_path / "plots").read_text() == "a file of mine"
+
+
+def test_an_unreadable_checkpoint_beside_no_finished_history_says_how_to_go_on(mnist_root, tmp_path, capsys,
+                                                                               finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    (tmp_path / RUN / "history.json").unlink()
+    RunFiles(tmp_path / RUN).checkpoint.write_bytes(b"")
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume"))
+    assert status == 2 and len(lines) == 1 and "is not a loadable checkpoint" in lines[0], lines
+    assert "the run cannot continue: pass --overwrite to train it again, or move its folder away" in lines[0]
 
 
 def in_small_tmpfs(folder, script: str) -> subprocess.CompletedProcess:

@@ -199,6 +199,21 @@ def test_onecycle_rises_over_the_warm_up_to_lr_then_anneals_to_lr_over_25e4():
     assert lrs[-1] == pytest.approx(0.1 / 25e4)
 
 
+@pytest.mark.parametrize("epochs, steps_per_epoch", [(1, 4), (1, 3), (2, 2), (1, 6), (3, 1)])
+def test_onecycle_of_a_few_batches_rises_for_at_least_two_steps(epochs, steps_per_epoch):
+    """A warm-up that rounds to 0 or 1 step made OneCycleLR divide by zero; it rises over 2 steps instead."""
+    lrs = lrs_over_training("--lr_schedule", "onecycle", "--num_epochs", str(epochs), steps_per_epoch=steps_per_epoch)
+    peak = max(2, round(0.3 * len(lrs))) - 1
+    assert lrs[0] == pytest.approx(0.1 / 25) and int(np.argmax(lrs)) == peak and max(lrs) == pytest.approx(0.1)
+    assert np.all(np.diff(lrs[peak:]) < 0)
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 2])
+def test_onecycle_of_fewer_than_3_steps_is_refused_with_the_flags_to_change(steps_per_epoch):
+    with pytest.raises(ValueError, match=f"at least 3 training steps; this run has {steps_per_epoch} .*--batch_size"):
+        lrs_over_training("--lr_schedule", "onecycle", "--num_epochs", "1", steps_per_epoch=steps_per_epoch)
+
+
 @pytest.mark.parametrize("warmup", ["0", "1"])
 def test_step_schedule_divides_by_10_at_half_and_three_quarters(warmup):
     lrs = lrs_over_training("--lr_schedule", "step", "--num_epochs", "4", "--warmup_epochs", warmup)
