@@ -60,8 +60,8 @@ reproduce-ex1: install
 
 # Exercise 2: He et al.'s CIFAR family at depths 8, 20 and 38, plain and residual (option A shortcuts), seeds 0 to 2,
 # 10 epochs of one-cycle SGD (about an hour a seed on 2 CPU cores). OpenMP threads that wait sleep instead of
-# spinning: beside one busy process an epoch took 9.2 s instead of 13.1 s; on a quiet machine it costs 13% (README,
-# Performance).
+# spinning: beside one busy process an epoch took 9.2 s instead of 13.1 s; on a quiet machine it costs 13%
+# (docs/performance.md).
 reproduce-ex2: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --preset exercise2 --num_conv_per_level $(EX2_CONVS) --seed $(EX2_SEEDS) \
 		$(SIZE) --data_root $(DATA_ROOT) --out_dir $(RUNS)/ex2 --resume
@@ -71,7 +71,7 @@ reproduce-ex2: install
 
 # Exercise 3: class activation maps of Exercise 2's residual network with the best validation accuracy, for the
 # first 8 test images and the lab's photo (img_show/cat2.jpg), and how faithful they are on FAITHFULNESS test images
-# (deletion, insertion, Average Drop: README, Class Activation Maps).
+# (deletion, insertion, Average Drop: docs/cam.md).
 reproduce-ex3: install
 	rm -rf $(RUNS)/ex3
 	best=$$($(PY) report.py --best_checkpoint $(RUNS)/ex2) && \
