@@ -57,12 +57,16 @@ class RawData:
 
 @dataclass
 class Split:
-    """Normalised images on the training device and their labels."""
+    """Images and their labels: uint8 as stored on disk, or normalised on the training device (`normalized`)."""
     images: torch.Tensor
     labels: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def normalized(self, info: DatasetInfo, device: torch.device | str = "cpu", channels_last: bool = False) -> Split:
+        """This split's uint8 images normalised with the dataset's mean and std, and its labels, on `device`."""
+        return Split(normalize(self.images, info, device, channels_last), self.labels.to(device))
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -189,12 +193,6 @@ def normalize(images: torch.Tensor, info: DatasetInfo, device: torch.device | st
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def to_split(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, device: torch.device | str,
-             channels_last: bool = False) -> Split:
-    """uint8 images and their labels as a normalised Split on `device`."""
-    return Split(normalize(images, info, device, channels_last), labels.to(device))
-
-
 def check_split_sizes(n: int, val_size: int, limit_train: int | None) -> None:
     """A validation split and a training limit that fit a training set of `n` images, or a DatasetError."""
     if not 0 < val_size < n:
@@ -204,9 +202,8 @@ def check_split_sizes(n: int, val_size: int, limit_train: int | None) -> None:
                          f"({n - val_size} images after --val_size {val_size})")
 
 
-def make_splits(raw: RawData, info: DatasetInfo, val_size: int, seed: int, limit_train: int | None,
-                device: torch.device | str, channels_last: bool = False) -> tuple[Split, Split, Split]:
-    """Train, validation and test splits: `val_size` training images chosen by a seeded permutation
+def make_splits(raw: RawData, val_size: int, seed: int, limit_train: int | None) -> tuple[Split, Split, Split]:
+    """Train, validation and test splits of uint8 images: `val_size` training images chosen by a seeded permutation
     are held out for validation; `limit_train` keeps the first N of the rest."""
     n = len(raw.train_labels)
     check_split_sizes(n, val_size, limit_train)
@@ -214,10 +211,9 @@ def make_splits(raw: RawData, info: DatasetInfo, val_size: int, seed: int, limit
     val_index, train_index = perm[:val_size].sort().values, perm[val_size:].sort().values
     if limit_train is not None:
         train_index = train_index[:limit_train]
-
-    return (to_split(raw.train_images[train_index], raw.train_labels[train_index], info, device, channels_last),
-            to_split(raw.train_images[val_index], raw.train_labels[val_index], info, device, channels_last),
-            to_split(raw.test_images, raw.test_labels, info, device, channels_last))
+    return (Split(raw.train_images[train_index], raw.train_labels[train_index]),
+            Split(raw.train_images[val_index], raw.train_labels[val_index]),
+            Split(raw.test_images, raw.test_labels))
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -227,6 +223,13 @@ def num_batches(n: int, batch_size: int) -> int:
     return batches - 1 if batches > 1 and n % batch_size == 1 else batches
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of every global batch: under torchrun, every `world_size`-th image from the `rank`-th."""
+    rank: int = 0
+    world_size: int = 1
+
+
 class TrainLoader:
     """A training split resident on its device, served in a seeded order: iterating it is one epoch of
     (images, labels) steps, each batch gathered by index, cropped and flipped as a whole when `augment_info` is given,
@@ -234,10 +237,9 @@ class TrainLoader:
     draws the same global batch: one generator, seeded alike, gives the order and the augmentation."""
 
     def __init__(self, split: Split, batch_size: int, seed: int, augment_info: DatasetInfo | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 shard: Shard = Shard()):
         self.images, self.labels = split.images, split.labels
-        self.batch_size, self.augment_info = batch_size, augment_info
-        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.augment_info, self.shard = batch_size, augment_info, shard
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -261,8 +263,9 @@ class TrainLoader:
             images, labels = self.images[index], self.labels.index_select(0, index)
             if self.augment_info is not None:
                 images = augment(images, self.generator, self.augment_info)
-            if self.world_size > 1:
-                images, labels = images[self.rank::self.world_size], labels[self.rank::self.world_size]
+            if self.shard.world_size > 1:
+                share = slice(self.shard.rank, None, self.shard.world_size)
+                images, labels = images[share], labels[share]
             yield images, labels
 
     def state_dict(self) -> torch.Tensor:

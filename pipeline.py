@@ -15,7 +15,7 @@ import torch
 
 from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALING, TRACKING, RunConfig,
                     value_type)
-from data import DATASETS, DatasetError, check_split_sizes, load_dataset, to_split
+from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset
 from plots import plot_sweep
 from sweep import Plan, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
@@ -134,7 +134,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     model.to(device)
     info = DATASETS[config.dataset]
     raw = load_dataset(config.dataset, args.data_root, args.download)
-    test = to_split(raw.test_images, raw.test_labels, info, device)
+    test = Split(raw.test_images, raw.test_labels).normalized(info, device)
     test_loss, test_acc = evaluate(model, test)
     print(f"{config.run_name} ({config.model_name}, depth {config.depth}) on the {config.dataset} "
           f"test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}")

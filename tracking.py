@@ -29,13 +29,24 @@ class TrackingOptions:
     group: str | None = None  # the sweep (its --out_dir's name): W&B groups its runs by it
 
 
+@dataclass(frozen=True)
+class TrackedRun:
+    """A run as its trackers see it: its name, the folder of its files, its config, W&B's job type ("train" or a
+    sweep's "summary" of figures) and the id that continues an earlier tracked run."""
+    name: str
+    folder: Path
+    config: dict | None = None
+    job_type: str = "train"
+    run_id: str | None = None
+
+
 class Tracker(Protocol):
     """One experiment tracker of one run (a training run, or a sweep's summary of figures)."""
     title: str
     run_id: str | None  # what resumes the same tracked run (W&B's run id), kept in the checkpoint
 
-    def start(self, name: str, folder: Path, config: dict | None, job_type: str, run_id: str | None) -> None:
-        """Begin tracking run `name`, whose files are in `folder`; `run_id` continues an earlier tracked run."""
+    def start(self, run: TrackedRun) -> None:
+        """Begin tracking `run`."""
 
     def log_epoch(self, record: dict, grad_steps: list[int], grad_norms: torch.Tensor, names: list[str]) -> None:
         """One finished epoch: its record's scalars and each weight's gradient norm at each logged step."""
@@ -59,13 +70,15 @@ class WandbTracker:
         self.run = None
         self.run_id: str | None = None
 
-    def start(self, name: str, folder: Path, config: dict | None, job_type: str, run_id: str | None) -> None:
+    def start(self, run: TrackedRun) -> None:
         import wandb
+        folder = run.folder
         folder.mkdir(parents=True, exist_ok=True)  # W&B falls back to a temporary folder when `dir` is missing
         # silent: W&B's own banners from every run of a sweep would bury the epoch lines; we print one line instead.
         # allow_val_change: a resumed run may have a larger --num_epochs or another --device
-        self.run = wandb.init(mode=self.mode, project=self.project, group=self.group, job_type=job_type, name=name,
-                              dir=folder, config=config, id=run_id, resume="allow" if run_id else None,
+        self.run = wandb.init(mode=self.mode, project=self.project, group=self.group, job_type=run.job_type,
+                              name=run.name, dir=folder, config=run.config, id=run.run_id,
+                              resume="allow" if run.run_id else None,
                               allow_val_change=True, settings=wandb.Settings(silent=True))
         self.run_id = self.run.id
         # two x-axes: W&B's own step only counts log calls, so epochs and training steps each get their own
@@ -75,7 +88,7 @@ class WandbTracker:
             self.run.define_metric(key, step_metric="epoch")
         self.run.define_metric(GRAD_NORM + "*", step_metric=STEP)
         where = self.run.url if self.mode == "online" else f"{folder / 'wandb'}, to upload with wandb sync"
-        print(f"{name}: W&B {self.mode} run {self.run_id} ({where})", flush=True)
+        print(f"{run.name}: W&B {self.mode} run {self.run_id} ({where})", flush=True)
 
     def log_epoch(self, record: dict, grad_steps: list[int], grad_norms: torch.Tensor, names: list[str]) -> None:
         # W&B has no call that logs several steps: one call per logged step carries every weight's norm
@@ -104,12 +117,12 @@ class TensorBoardTracker:
     def __init__(self):
         self.writer = None
 
-    def start(self, name: str, folder: Path, config: dict | None, job_type: str, run_id: str | None) -> None:
+    def start(self, run: TrackedRun) -> None:
         from torch.utils.tensorboard import SummaryWriter
         # a summary's figures replace those of an earlier sweep command (purge_step 0); a training run needs no
         # purge: it logs an epoch only after that epoch's checkpoint, so a resumed run never logs a step twice
-        purge_step = 0 if job_type == "summary" else None
-        self.writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=purge_step)
+        purge_step = 0 if run.job_type == "summary" else None
+        self.writer = SummaryWriter(log_dir=str(run.folder / "tensorboard"), purge_step=purge_step)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         """Scalars at one global step in one event (add_scalar writes one event per value: 8x slower for a
@@ -176,22 +189,21 @@ class Trackers:
         self.active = []
 
 
-def start_trackers(options: TrackingOptions, name: str, folder: Path, config: dict | None = None,
-                   job_type: str = "train", run_id: str | None = None) -> Trackers:
-    """The trackers `options` asks for, started for run `name` (none, and nothing imported, when all are off)."""
+def start_trackers(options: TrackingOptions, run: TrackedRun) -> Trackers:
+    """The trackers `options` asks for, started for `run` (none, and nothing imported, when all are off)."""
     trackers: list[Tracker] = []
     if options.wandb != "disabled":
         trackers.append(WandbTracker(options.wandb, options.project, options.group))
     if options.tensorboard:
         trackers.append(TensorBoardTracker())
-    started = Trackers(trackers, name)
-    started.call("start", name, folder, config, job_type, run_id)
+    started = Trackers(trackers, run.name)
+    started.call("start", run)
     return started
 
 
 def log_sweep_figures(options: TrackingOptions, folder: Path, paths: list[Path]) -> None:
     """The sweep's comparison figures, as a short run of their own (W&B job type "summary", in the sweep's group;
     TensorBoard's Images tab) tracked in `folder`, the plots folder."""
-    trackers = start_trackers(options, f"{options.group}_summary", folder, job_type="summary")
+    trackers = start_trackers(options, TrackedRun(f"{options.group}_summary", folder, job_type="summary"))
     trackers.log_images(paths)
     trackers.finish(True)

@@ -11,10 +11,10 @@ from torch import nn
 from tqdm import tqdm
 
 from config import RunConfig
-from data import DATASETS, RawData, Split, TrainLoader, make_splits
+from data import DATASETS, RawData, Shard, Split, TrainLoader, make_splits
 from models import build_model
 from runs import RunFiles, build_checkpoint, restore, save_checkpoint
-from tracking import TrackingOptions, start_trackers
+from tracking import TrackedRun, TrackingOptions, start_trackers
 from utils import seed_everything
 
 FINITE_CHECK_EVERY = 10  # steps between checks that the loss is finite (each check waits for the device)
@@ -144,8 +144,8 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
     with `world_size` > 1 (torchrun) the model is wrapped in DistributedDataParallel."""
     info = DATASETS[config.dataset]
     use_cudnn_benchmark(torch.device(config.device))  # here, so that --jobs workers and torchrun ranks set it too
-    train, val, test = make_splits(raw, info, config.val_size, config.seed, config.limit_train, config.device,
-                                   uses_channels_last(config))
+    train, val, test = (split.normalized(info, config.device, uses_channels_last(config))
+                        for split in make_splits(raw, config.val_size, config.seed, config.limit_train))
     model = build_run_model(config)
     net = model
     if world_size > 1:
@@ -154,7 +154,8 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device = torch.device(config.device)
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    loader = TrainLoader(train, config.batch_size, config.seed, info if config.augment else None, rank, world_size)
+    loader = TrainLoader(train, config.batch_size, config.seed, info if config.augment else None,
+                         Shard(rank, world_size))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, len(loader))
     scaler = torch.amp.GradScaler(torch.device(config.device).type, enabled=config.precision == "float16")
@@ -200,7 +201,7 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
     model, optimizer, config = run.model, run.optimizer, run.config
     run.net.train()
     device = run.train.images.device
-    steps, batch_sizes, world_size = len(run.train), run.train.batch_sizes(), run.train.world_size
+    steps, batch_sizes, world_size = len(run.train), run.train.batch_sizes(), run.train.shard.world_size
     weights = list(logged_weights(model).values())
     every = config.grad_log_every
     grad_steps = [s for s in range(start_step, start_step + steps) if every > 0 and s % every == 0]
@@ -281,8 +282,8 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
     print(f"{config.run_name}: {begins} on {config.device} in {config.precision}", flush=True)
     if writes:
         files.write_config(config)
-    trackers = start_trackers(runtime.tracking if writes else TrackingOptions(), config.run_name, files.run_dir,
-                              config.to_dict(), run_id=wandb_run_id)
+    trackers = start_trackers(runtime.tracking if writes else TrackingOptions(),
+                              TrackedRun(config.run_name, files.run_dir, config.to_dict(), run_id=wandb_run_id))
     wandb_run_id = trackers.run_id or wandb_run_id
     progress = sys.stderr.isatty() and writes if runtime.progress is None else runtime.progress
     try:

@@ -7,7 +7,7 @@ import torch
 
 import data
 from conftest import SHARED_DATASETS, write_cifar10, write_mnist
-from data import DATASETS, DatasetError, Split, TrainLoader, augment, load_dataset, make_splits, normalize
+from data import DATASETS, DatasetError, Shard, Split, TrainLoader, augment, load_dataset, make_splits, normalize
 
 
 def test_mnist_loads_from_idx_files(mnist_root):
@@ -70,22 +70,27 @@ def test_truncated_idx_file_is_a_usage_error(tmp_path):
         load_dataset("MNIST", root, download=False)
 
 
+def normalized_splits(raw, val_size: int, seed: int, limit_train: int | None) -> list[Split]:
+    """make_splits' three splits, normalised as MNIST on the CPU."""
+    return [split.normalized(DATASETS["MNIST"]) for split in make_splits(raw, val_size, seed, limit_train)]
+
+
 def test_splits_are_seeded_disjoint_and_complete(mnist_root):
     raw = load_dataset("MNIST", mnist_root, download=False)
     info = DATASETS["MNIST"]
-    train, val, test = make_splits(raw, info, 100, 0, None, "cpu")
+    train, val, test = normalized_splits(raw, 100, 0, None)
     assert (len(train), len(val), len(test)) == (500, 100, 200)
-    train2, val2, _ = make_splits(raw, info, 100, 0, None, "cpu")
+    train2, val2, _ = normalized_splits(raw, 100, 0, None)
     assert torch.equal(val.images, val2.images)
-    _, val3, _ = make_splits(raw, info, 100, 1, None, "cpu")
+    _, val3, _ = normalized_splits(raw, 100, 1, None)
     assert not torch.equal(val.images, val3.images)
     # labelled with their indices, the training images show where each one went: to train or to val, never both
     numbered = dataclasses.replace(raw, train_labels=torch.arange(len(raw.train_labels)))
-    train_index, val_index = (split.labels for split in make_splits(numbered, info, 100, 0, None, "cpu")[:2])
+    train_index, val_index = (split.labels for split in make_splits(numbered, 100, 0, None)[:2])
     assert torch.equal(torch.cat([train_index, val_index]).sort().values, torch.arange(600))
     assert torch.equal(train.images, normalize(raw.train_images[train_index], info))
     assert torch.equal(val.images, normalize(raw.train_images[val_index], info))
-    limited, _, _ = make_splits(raw, info, 100, 0, 50, "cpu")
+    limited, _, _ = normalized_splits(raw, 100, 0, 50)
     assert torch.equal(limited.images, train.images[:50])
 
 
@@ -93,7 +98,7 @@ def test_splits_are_seeded_disjoint_and_complete(mnist_root):
 def test_bad_split_sizes(mnist_root, val_size, limit):
     raw = load_dataset("MNIST", mnist_root, download=False)
     with pytest.raises(DatasetError, match="val_size|limit_train"):
-        make_splits(raw, DATASETS["MNIST"], val_size, 0, limit, "cpu")
+        make_splits(raw, val_size, 0, limit)
 
 
 def test_normalize_uses_dataset_constants():
@@ -139,7 +144,7 @@ def test_ranks_share_out_the_global_batch_with_the_same_crops():
     images = torch.randn(70, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     split, info = Split(images, torch.arange(70)), DATASETS["CIFAR10"]
     whole = list(TrainLoader(split, 20, 5, info))
-    ranks = [list(TrainLoader(split, 20, 5, info, rank, 2)) for rank in (0, 1)]
+    ranks = [list(TrainLoader(split, 20, 5, info, Shard(rank, 2))) for rank in (0, 1)]
     for step, (batch_images, batch_labels) in enumerate(whole):
         for rank in (0, 1):
             assert torch.equal(ranks[rank][step][0], batch_images[rank::2])
