@@ -78,7 +78,8 @@ def plot_curves(panels: dict[str, dict[str, list[list[float]]]], ylabel: str, ti
     seeds = {label: sorted({len(curves[label]) for curves in panels.values() if label in curves})
              for label in labels}
     handles = [Line2D([], [], color=colours[label], marker="o", markersize=3,
-                      label=f"{label}: {'/'.join(map(str, seeds[label]))} seeds") for label in labels]
+                      label=f"{label}: {'/'.join(map(str, seeds[label]))} seed{'' if seeds[label] == [1] else 's'}")
+               for label in labels]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(labels), 4), fontsize=10)
     fig.suptitle(f"{title} (one line per seed)")
     savefig(fig, path)

@@ -88,7 +88,8 @@ def test_curves_give_each_network_one_colour_and_each_seed_its_own_line(tmp_path
     cnn = ("--model_name", "ResNet", "--out_channels", "4", "--num_levels", "1")
     runs = [fake_run(run_config(*cnn, "--num_conv_per_level", convs, "--residual_step", step, "--seed", seed),
                      np.ones((3, 2)))
-            for convs in ("1", "3") for step in ("0", "1") for seed in ("0", "1", "2")]
+            for convs in ("1", "3") for step in ("0", "1") for seed in ("0", "1", "2")
+            if convs == "1" or seed == "0"]
     plots.plot_sweep(runs, tmp_path)
     plain, residual = figures["Conv_train_loss.png"].axes
     assert (plain.get_title(), residual.get_title()) == ("plain", "residual (step 1)")
@@ -97,7 +98,7 @@ def test_curves_give_each_network_one_colour_and_each_seed_its_own_line(tmp_path
     assert [len(set(colours[0][i:i + 3])) for i in (0, 3)] == [1, 1]  # the 3 seeds of a network: one colour
     assert colours[0][0] != colours[0][3]
     legend = figures["Conv_train_loss.png"].legends[0]
-    assert [t.get_text() for t in legend.get_texts()] == ["depth 3: 3 seeds", "depth 5: 3 seeds"]
+    assert [t.get_text() for t in legend.get_texts()] == ["depth 3: 3 seeds", "depth 5: 1 seed"]
     gradients = figures["Conv_gradients_d3.png"]
     assert [t.get_text() for t in gradients.legends[0].get_texts()] == ["plain, 3 seeds", "residual (step 1), 3 seeds"]
     assert len({line.get_color() for line in gradients.axes[0].lines}) == 2 and len(gradients.axes[0].lines) == 6
