@@ -32,8 +32,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# Two pytest-xdist workers; OpenMP threads that wait sleep instead of spinning, since two workers' torch threads
+# share the cores (docs/testing.md).
 test: install
-	$(PY) -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 tests
 
 # Every case of the fuzz, hostile command lines and damaged run folders (make test runs a seeded subset of each).
 fuzz: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import pickle
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,3 +109,10 @@ def mnist_root(tmp_path_factory) -> Path:
 def cifar_root(tmp_path_factory) -> Path:
     """A data root holding a tiny CIFAR-10 (500 train, 100 test images)."""
     return write_cifar10(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="session")
+def pipeline_help() -> subprocess.CompletedProcess:
+    """`python pipeline.py -h` run once in a real process, for the tests that read the help."""
+    return subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "-h"], capture_output=True, text=True,
+                          timeout=120)

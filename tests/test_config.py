@@ -1,15 +1,12 @@
 """The run config: flags declared once on RunConfig, presets, derived values, ranges and the sweep."""
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import pipeline
 from config import FLAGS, MAX_PARAMS, PRESETS, RunConfig
-from conftest import ROOT
 
 EXERCISE2_FLAGS = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "16", "--num_levels", "3",
                    "--num_conv_per_level", "2", "6", "12", "--residual_step", "0", "2", "--seed", "0", "1", "2",
@@ -49,9 +46,8 @@ def test_every_run_setting_is_a_flag_in_both_spellings():
     assert set(FLAGS) == {f.name for f in dataclasses.fields(RunConfig)} - {"run_name", "precision"}  # chosen, not set
 
 
-def test_help_reads_as_sections():
-    text = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "-h"], capture_output=True, text=True,
-                          timeout=120).stdout
+def test_help_reads_as_sections(pipeline_help):
+    text = pipeline_help.stdout
     sections = [line.rstrip(":") for line in text.splitlines() if line and not line[0].isspace() and
                 line.endswith(":")]
     assert sections == ["options", "model", "data", "optimisation", "run folder", "tracking", "scaling"]
