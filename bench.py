@@ -271,7 +271,7 @@ def conventional_trainer(config: RunConfig, loader: Iterable, data: str, threads
         model.train()
         running_loss = 0.0
         with threads_of(threads):
-            for images, labels in (next(batches) for _ in range(steps)):
+            for images, labels in itertools.islice(batches, steps):
                 images, labels = images.to(config.device), labels.to(config.device)
                 optimizer.zero_grad()
                 loss = criterion(model(images), labels)
