@@ -1,18 +1,22 @@
-"""bench.py's correctness (never its speed): both paths end to end on tiny data, that every row runs on the threads
-and memory format it records, the ablation's one lever at a time, FLOP counting, the conventional CIFAR-10 dataset,
-the timing helper, the target checks."""
+"""bench.py's correctness (never its speed), through its command line and its output on tiny data: the JSON and the
+table of both paths, that every row trains on the threads and memory format it records (watched from inside the
+models), the ablation's one lever at a time; and what the output cannot show: FLOP counting, the conventional
+loaders, the interleaved timing, the target checks."""
+import contextlib
 import json
 import math
+import re
 
 import pytest
 import torch
 import torchvision
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torchvision import transforms
 
 import bench
 import train
 from conftest import write_cifar10, write_mnist
-from data import CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, load_dataset, read_cifar10_batches
+from data import CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, read_cifar10_batches
 from utils import UsageError
 
 TINY = bench.Sizes(mlp_steps=2, cnn_steps=1, warmup_steps=1, repeats=1, matmul_size=64, matmul_count=1,
@@ -23,6 +27,12 @@ TOP_KEYS = {"meta", "mlp", "cnn", "cam", "exercises", "targets"}
 SETUP_KEYS = {"code", "threads", "memory_format", "precision", "data", "optimizer", "grad_norms", "compiled"}
 EXERCISE1_SEED0 = {"mlp_mnist_h2_w16_plain_s0", "mlp_mnist_h2_w16_res2_s0", "mlp_mnist_h4_w16_plain_s0",
                    "mlp_mnist_h4_w16_res2_s0"}
+RESIDENT, MNIST_LOADER = "resident tensors, index batches", "DataLoader, per-image ToTensor+Normalize"
+LABELS = {"ours": "ours", "ours_no_logging": "ours, norm log off", "ours_amp": "ours, --amp",
+          "ours_1_thread": "ours, 1 thread", "ours_contiguous": "ours, contiguous", "conventional": "conventional loop",
+          "conventional_1_thread": "conventional loop, 1 thread", "plus_resident_data": "+ resident data",
+          "plus_one_thread": "+ one thread", "plus_fused_optimizer": "+ fused Adam",
+          "plus_fused_norms": "+ fused norm log"}
 
 
 @pytest.fixture
@@ -33,34 +43,87 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def run_bench(data_root, out, sizes, *flags) -> dict:
-    args = bench.get_args_parser().parse_args(["--data_root", str(data_root), "--device", "cpu", "--threads", "1",
-                                               "--out", str(out), *flags])
-    return bench.main(args, sizes)
-
-
-def all_numbers(tree) -> list[float]:
-    if isinstance(tree, dict):
-        return [x for v in tree.values() for x in all_numbers(v)]
-    if isinstance(tree, list):
-        return [x for v in tree for x in all_numbers(v)]
-    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """One root holding both tiny datasets, as --data_root expects."""
-    root = tmp_path_factory.mktemp("bench_data")
-    return write_cifar10(write_mnist(root))
+    return write_cifar10(write_mnist(tmp_path_factory.mktemp("bench_data")))
 
 
-def test_quick_path_writes_the_documented_json(data_root, tmp_path, capsys, restore_threads):
-    torch.set_num_threads(2)
-    out = tmp_path / "results" / "bench.json"
-    returned = run_bench(data_root, out, TINY, "--quick")
-    assert torch.get_num_threads() == 2  # every row put the count back
+def run_bench(capsys, data_root, out, sizes, *flags) -> tuple[dict, str]:
+    """bench.py's main on these flags: its results as the JSON file holds them, and the table it printed."""
+    args = bench.get_args_parser().parse_args(["--data_root", str(data_root), "--device", "cpu", "--out", str(out),
+                                               *flags])
+    returned = bench.main(args, sizes)
     results = json.loads(out.read_text())
     assert results == json.loads(json.dumps(returned))
+    return results, capsys.readouterr().out
+
+
+def layout(tensor: torch.Tensor) -> str | None:
+    """How a 4-D tensor is stored: channels_last, contiguous, or None where both describe it (one channel, 1x1)."""
+    channels_last = tensor.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and tensor.is_contiguous():
+        return None
+    return "channels_last" if channels_last else "contiguous" if tensor.is_contiguous() else "strided"
+
+
+@contextlib.contextmanager
+def watch_training():
+    """For every model that trains inside the block, the set of (torch threads, layouts of its 4-D input and
+    weights) of its training forward passes, seen from inside torch's module calls."""
+    seen, depth = {}, [0]
+
+    def before(module, inputs):
+        if depth[0] == 0 and module.training and inputs and isinstance(inputs[0], torch.Tensor):
+            layouts = {layout(t) for t in [inputs[0], *module.parameters()] if t.ndim == 4} - {None}
+            seen.setdefault(id(module), set()).add((torch.get_num_threads(), frozenset(layouts)))
+        depth[0] += 1
+
+    def after(module, inputs, output):
+        depth[0] -= 1
+
+    hooks = register_module_forward_pre_hook(before), register_module_forward_hook(after)
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def check_rows_trained_as_recorded(results: dict, seen: dict) -> None:
+    """Each model trained on one thread count and layout, and those are the ones the rows record."""
+    assert all(len(passes) == 1 for passes in seen.values())
+    recorded = {(row["threads"], frozenset({row["memory_format"]} if section == "cnn" else ()))
+                for section in ("mlp", "cnn") if section in results for row in results[section]["rows"].values()}
+    assert {next(iter(passes)) for passes in seen.values()} == recorded
+
+
+def table_rows(table: str) -> list[tuple[str, str, str]]:
+    """Each measured row of the table, in order: its label, the rest of its line, and the line under it."""
+    lines = table.splitlines()
+    return [(match[1], match[2], lines[i + 1]) for i, line in enumerate(lines[:-1])
+            if (match := re.match(r"  (\S.*?)\s{2,}(\S.*)$", line))]
+
+
+def table_row(table: str, label: str) -> str:
+    """The value and the words after it of the table's last row with this label."""
+    return [rest for name, rest, _ in table_rows(table) if name == label][-1]
+
+
+def what_it_ran(row: dict) -> str:
+    """The line the table prints under a training row: what the row's record says it ran."""
+    threads = f"{row['threads']} thread" + ("s" if row["threads"] != 1 else "")
+    return (f"    {threads}, {row['memory_format']}, {row['precision']}, {row['data']}, {row['optimizer']}, "
+            f"norms: {row['grad_norms']}" + (", compiled" if row["compiled"] else ""))
+
+
+def test_quick_path_writes_the_documented_json_and_table(data_root, tmp_path, capsys, restore_threads):
+    torch.set_num_threads(2)  # which no row asks for
+    with watch_training() as seen:
+        results, table = run_bench(capsys, data_root, tmp_path / "results" / "bench.json", TINY, "--quick",
+                                   "--threads", "1")
+    assert torch.get_num_threads() == 2  # every row put the count back
+    check_rows_trained_as_recorded(results, seen)
     assert set(results) == TOP_KEYS
     assert results["meta"]["quick"] and results["meta"]["threads"] == 1 and results["meta"]["device"] == "cpu"
     mlp, cnn = results["mlp"], results["cnn"]
@@ -73,14 +136,15 @@ def test_quick_path_writes_the_documented_json(data_root, tmp_path, capsys, rest
     for name, row in [*mlp["rows"].items(), *cnn["rows"].items()]:
         precision = "bfloat16 autocast" if name == "ours_amp" else "float32"
         assert set(row) >= SETUP_KEYS and row["threads"] == 1 and row["precision"] == precision
-        assert row["images_per_s"] > 0 and row["step_ms"] > 0
-    assert mlp["rows"]["ours"]["data"] == bench.RESIDENT and mlp["rows"]["conventional"]["data"] == bench.MNIST_LOADER
+    assert mlp["rows"]["ours"]["data"] == RESIDENT and mlp["rows"]["conventional"]["data"] == MNIST_LOADER
     assert mlp["config"] == {"num_hidden_layers": 22, "width": 16, "batch_size": 8, "optimizer": "adam", "lr": 3e-4}
     assert mlp["speedup_over"] == "conventional"
+    assert mlp["speedup"] == pytest.approx(mlp["rows"]["ours"]["images_per_s"] / mlp["rows"]["conventional"]
+                                           ["images_per_s"])
     assert cnn["config"]["num_conv_per_level"] == 6 and cnn["config"]["residual_step"] == 2
     assert (cnn["rows"]["ours"]["memory_format"], cnn["rows"]["ours_contiguous"]["memory_format"],
             cnn["rows"]["conventional"]["memory_format"]) == ("channels_last", "contiguous", "contiguous")
-    assert cnn["flops_per_step"] > 0 and cnn["matmul_gflops"] > 0 and cnn["matmul_threads"] == 1
+    assert cnn["flops_per_step"] > 0 and cnn["matmul_threads"] == 1
     assert cnn["fraction_of_matmul"] == pytest.approx(cnn["rows"]["ours"]["gflops"] / cnn["matmul_gflops"])
     assert cnn["channels_last_speedup"] == pytest.approx(
         cnn["rows"]["ours"]["images_per_s"] / cnn["rows"]["ours_contiguous"]["images_per_s"])
@@ -89,106 +153,86 @@ def test_quick_path_writes_the_documented_json(data_root, tmp_path, capsys, rest
     exercise1 = results["exercises"]["exercise1"]
     assert exercise1["estimated"] and exercise1["runs"] == 8 and exercise1["runs_timed"] == 4
     assert set(exercise1["epoch_seconds_per_run"]) == EXERCISE1_SEED0
+    assert exercise1["seconds"] > 2 * sum(exercise1["epoch_seconds_per_run"].values())  # and 2 seeds' test passes
     assert exercise1["seconds_per_run"] == pytest.approx(exercise1["seconds"] / 8)
     assert exercise1["sweep"] == ("pipeline.py --model_name MLP --dataset MNIST --num_hidden_layers 2 4 --width 16 "
                                   "--residual_step 0 2 --seed 0 1 --num_epochs 1")
-    assert exercise1["threads"] == 1 and exercise1["data"] == bench.RESIDENT
-    assert results["exercises"]["resnet20_epoch"]["estimated"]
+    assert exercise1["threads"] == 1 and exercise1["data"] == RESIDENT
+    epoch = results["exercises"]["resnet20_epoch"]
+    assert epoch["estimated"] and epoch["train_images"] == 64 and "steps at our CNN row's step time" in epoch["note"]
     assert "Exercise 1, all runs (estimate)" in [t["name"] for t in results["targets"]]
     assert all(math.isfinite(x) for x in all_numbers(results))
-    table = capsys.readouterr().out
-    for name, row in [*mlp["rows"].items(), *cnn["rows"].items()]:
-        assert f"{bench.ROW_NAMES[name]} " in table and bench.settings_label(row) in table
-    assert "Targets" in table and f"wrote {out}" in table
+    rows = {(label, under) for label, _, under in table_rows(table)}
+    assert all((LABELS[name], what_it_ran(row)) in rows for name, row in [*mlp["rows"].items(), *cnn["rows"].items()])
+    assert table_row(table, "+ fused Adam").endswith("on + resident data")  # the row above it: no one-thread lever
+    assert table_row(table, "all runs").endswith("s a run; estimate from 1 timed step a run, seed 0's runs x 2")
+    assert "Targets" in table and table.rstrip().endswith(f"wrote {tmp_path / 'results' / 'bench.json'}")
     cpu = table.splitlines()[1]  # the CPU, its instruction sets and what --amp chooses on it, under the title
     assert cpu.startswith("CPU: ") and "AVX2 " in cpu and "AVX512-BF16 " in cpu and "AMX " in cpu
     assert cpu.endswith(f"--amp trains in {train.amp_precision(torch.device('cpu'))} on cpu")
 
 
-def test_full_path_runs_the_exercises_for_real(data_root, tmp_path, restore_threads):
-    sizes = bench.Sizes(**dict(vars(TINY), exercise1_seeds=(0,), exercise1_sample_steps=0, resnet20_epoch_real=True))
-    results = run_bench(data_root, tmp_path / "bench.json", sizes)
-    exercise1, epoch = results["exercises"]["exercise1"], results["exercises"]["resnet20_epoch"]
-    assert not exercise1["estimated"] and not epoch["estimated"]
-    assert exercise1["runs"] == exercise1["runs_timed"] == 4
-    assert set(exercise1["epoch_seconds_per_run"]) == EXERCISE1_SEED0
-    assert exercise1["seconds"] >= sum(exercise1["epoch_seconds_per_run"].values()) > 0
-    jobs = bench.exercise1_jobs(torch.device("cpu"))
-    assert set(exercise1["seconds_by_jobs"]) == {str(j) for j in jobs}
-    assert exercise1["seconds"] == min(exercise1["seconds_by_jobs"].values())
-    if 2 in jobs:
-        by_jobs = exercise1["seconds_by_jobs"]
-        assert exercise1["jobs_speedup"] == pytest.approx(by_jobs["1"] / by_jobs["2"])
-    assert epoch["train_images"] == 64 and epoch["seconds"] > 0 and epoch["memory_format"] == "channels_last"
-    assert not results["meta"]["quick"]
+def all_numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in all_numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in all_numbers(v)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
-def test_exercise1_counts_the_other_seeds_at_the_cost_of_the_first(data_root, tmp_path, restore_threads):
-    sizes = bench.Sizes(**dict(vars(TINY), exercise1_depths=(2,), exercise1_residual_steps=(0,),
-                               exercise1_sample_steps=0))
-    options = bench.Options(threads=0, conventional_threads=1, amp=False, compile_model=False)
-    exercise1 = bench.run_exercise1(data_root, torch.device("cpu"), sizes, options)
-    assert exercise1["estimated"] and exercise1["runs"] == 2 and exercise1["runs_timed"] == 1
-    assert set(exercise1["epoch_seconds_per_run"]) == {"mlp_mnist_h2_w16_plain_s0"}
-    assert exercise1["seconds"] >= 2 * exercise1["epoch_seconds_per_run"]["mlp_mnist_h2_w16_plain_s0"]
-
-
-def layout(tensor: torch.Tensor) -> str | None:
-    """How a 4-D tensor is stored: channels_last, contiguous, or None where both describe it (one channel, 1x1)."""
-    channels_last = tensor.is_contiguous(memory_format=torch.channels_last)
-    if channels_last and tensor.is_contiguous():
-        return None
-    return "channels_last" if channels_last else "contiguous" if tensor.is_contiguous() else "strided"
-
-
-@pytest.mark.parametrize("contenders, dataset, threads, ours_threads, one_thread_row", [
-    (bench.mlp_contenders, "MNIST", 0, 1, "plus_one_thread"),  # pipeline.py's policy: one thread for the MLP
-    (bench.cnn_contenders, "CIFAR10", 2, 2, "ours_1_thread"),  # --threads 2
-], ids=["mlp", "cnn"])
-def test_every_row_trains_on_the_threads_and_memory_format_it_records(data_root, restore_threads, contenders, dataset,
-                                                                     threads, ours_threads, one_thread_row):
-    # the real loops, watched from inside their models' forward; 3 threads outside, which no row asks for
-    raw = load_dataset(dataset, data_root, download=False)
-    options = bench.Options(threads=threads, conventional_threads=2, amp=False, compile_model=False)
-    rows = contenders(raw, data_root, torch.device("cpu"), TINY, options)
-    assert rows["ours"].setup.threads == ours_threads and rows[one_thread_row].setup.threads == 1
+def test_policy_threads_and_the_ablation_one_lever_at_a_time(tmp_path, capsys, restore_threads):
+    """--threads 0: pipeline.py's policy for ours (one thread for the MLP), torch's count (here 3, which neither
+    policy gives) for the conventional loop, which is also timed on one thread; each ablation row adds one lever."""
     torch.set_num_threads(3)
-    for name, row in rows.items():
-        seen = []
-
-        def watch(module, inputs):
-            weights = [layout(p) for p in module.parameters() if p.ndim == 4]
-            seen.append((torch.get_num_threads(), {layout(inputs[0]), *weights} - {None}))
-
-        hook = row.model.register_forward_pre_hook(watch)
-        try:
-            row.train()
-        finally:
-            hook.remove()
-        assert torch.get_num_threads() == 3, name
-        expected = {row.setup.memory_format} if dataset == "CIFAR10" else set()  # MNIST has one channel
-        assert seen and all(step == (row.setup.threads, expected) for step in seen), name
-
-
-def test_ablation_adds_one_lever_at_a_time_and_ends_at_ours(data_root, restore_threads):
-    raw = load_dataset("MNIST", data_root, download=False)
-    options = bench.Options(threads=0, conventional_threads=2, amp=False, compile_model=False)
-    mlp = bench.bench_mlp(raw, data_root, torch.device("cpu"), TINY, options)
+    with watch_training() as seen:
+        results, table = run_bench(capsys, write_mnist(tmp_path / "mnist"), tmp_path / "b.json", TINY, "--quick",
+                                   "--mnist_only", "--threads", "0")
+    assert torch.get_num_threads() == 3
+    check_rows_trained_as_recorded(results, seen)
+    mlp = results["mlp"]
     assert mlp["ablation"] == ["conventional", "plus_resident_data", "plus_one_thread", "plus_fused_optimizer",
                                "plus_fused_norms"]
     setups = [{k: mlp["rows"][name][k] for k in SETUP_KEYS} for name in mlp["ablation"]]
     changed = [[k for k in sorted(SETUP_KEYS) if before[k] != after[k]] for before, after in zip(setups, setups[1:])]
     assert changed == [["data"], ["threads"], ["optimizer"], ["grad_norms"]]
-    assert setups[0] == {"code": "conventional loop", "threads": 2, "memory_format": "contiguous",
-                         "precision": "float32", "data": bench.MNIST_LOADER, "optimizer": "Adam",
-                         "grad_norms": bench.ITEM_NORMS, "compiled": False}
+    assert setups[0] == {"code": "conventional loop", "threads": 3, "memory_format": "contiguous",
+                         "precision": "float32", "data": MNIST_LOADER, "optimizer": "Adam",
+                         "grad_norms": ".item() per weight each step", "compiled": False}
     ours = {k: mlp["rows"]["ours"][k] for k in SETUP_KEYS}
-    assert dict(setups[-1], code="ours") == ours  # every lever of ours, in the conventional loop
+    assert ours["threads"] == 1 and dict(setups[-1], code="ours") == ours  # every lever of ours, in the loop
     conventional_1_thread = mlp["rows"]["conventional_1_thread"]
-    assert conventional_1_thread["threads"] == 1 and conventional_1_thread["data"] == bench.MNIST_LOADER
-    assert mlp["speedup_over"] in bench.CONVENTIONAL_ROWS
-    best = max(mlp["rows"][name]["images_per_s"] for name in bench.CONVENTIONAL_ROWS)
-    assert mlp["speedup"] == pytest.approx(mlp["rows"]["ours"]["images_per_s"] / best)
+    assert conventional_1_thread["threads"] == 1 and conventional_1_thread["data"] == MNIST_LOADER
+    best = max(("conventional", "conventional_1_thread"), key=lambda name: mlp["rows"][name]["images_per_s"])
+    assert mlp["speedup_over"] == best
+    assert mlp["speedup"] == pytest.approx(mlp["rows"]["ours"]["images_per_s"] / mlp["rows"][best]["images_per_s"])
+    for before, name in zip(mlp["ablation"], mlp["ablation"][1:]):
+        factor = mlp["rows"][name]["images_per_s"] / mlp["rows"][before]["images_per_s"]
+        assert table_row(table, LABELS[name]).endswith(f"ms/step, x{factor:.2f} on {LABELS[before]}")
+    # --mnist_only, what make gpu-check runs where only MNIST is carried: the MLP rows, their targets, Exercise 1
+    assert set(results) == TOP_KEYS - {"cnn", "cam"} and set(results["exercises"]) == {"exercise1"}
+    assert not any(t["name"].startswith("CNN") for t in results["targets"])
+    assert "MLP 22x16 on MNIST" in table and "ResNet-20" not in table and "Exercise 1, all runs" in table
+
+
+def test_full_path_runs_the_exercises_for_real(data_root, tmp_path, capsys, restore_threads):
+    """Exercise 1's first seed for real with --jobs 1 (and 2 where there are two cores), the second seed counted at
+    its cost; one real epoch of the ResNet-20 shape."""
+    sizes = bench.Sizes(**dict(vars(TINY), exercise1_sample_steps=0, resnet20_epoch_real=True))
+    results, table = run_bench(capsys, data_root, tmp_path / "bench.json", sizes)
+    exercise1, epoch = results["exercises"]["exercise1"], results["exercises"]["resnet20_epoch"]
+    assert exercise1["estimated"] and not epoch["estimated"] and not results["meta"]["quick"]
+    assert exercise1["runs"] == 8 and exercise1["runs_timed"] == exercise1["runs_per_sweep_timed"] == 4
+    assert set(exercise1["epoch_seconds_per_run"]) == EXERCISE1_SEED0
+    by_jobs = exercise1["seconds_by_jobs"]
+    assert set(by_jobs) in ({"1"}, {"1", "2"})
+    assert exercise1["seconds"] == pytest.approx(2 * min(by_jobs.values()))
+    assert exercise1["jobs_speedup"] == (pytest.approx(by_jobs["1"] / by_jobs["2"]) if "2" in by_jobs else None)
+    fastest = min(by_jobs, key=by_jobs.get)
+    assert table_row(table, "all runs").endswith(f"estimate: seed 0's 4 runs measured with --jobs {fastest}, x 2")
+    assert all(table_row(table, f"seed 0's 4 runs, --jobs {jobs}").endswith(" s  measured") for jobs in by_jobs)
+    assert epoch["train_images"] == 64 and epoch["seconds"] > 0 and epoch["memory_format"] == "channels_last"
+    assert "ResNet-20 shape, one epoch of 64 images and validation" in table
+    assert table_row(table, "ours").endswith(" s  measured")  # the table's last "ours": the real epoch
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
@@ -203,20 +247,16 @@ def test_training_flops_of_a_linear_layer(input_grad):
     assert model.weight.grad is None  # the counting pass leaves no gradients behind
 
 
-def test_conventional_cifar_dataset_serves_the_pixels_in_order(data_root):
+def test_conventional_loaders_serve_normalised_images(data_root):
     images, labels = read_cifar10_batches(data_root / CIFAR10_FOLDER, CIFAR10_TRAIN_FILES)
     dataset = bench.CIFAR10Images(images, labels, transforms.ToTensor())
     assert len(dataset) == 500
     image, label = dataset[7]
     assert label == labels[7].item() and isinstance(label, int)
-    assert torch.equal((image * 255).round().to(torch.uint8), images[7])
-    loader = bench.conventional_cifar10_loader(data_root, batch_size=16)
-    batch, batch_labels = next(iter(loader))
+    assert torch.equal((image * 255).round().to(torch.uint8), images[7])  # the pixels, in order
+    batch, batch_labels = next(iter(bench.conventional_loader("CIFAR10", data_root, batch_size=16)))
     assert batch.shape == (16, 3, 32, 32) and batch.dtype == torch.float32 and batch_labels.shape == (16,)
-
-
-def test_conventional_mnist_loader_normalises(data_root):
-    batch, labels = next(iter(bench.conventional_mnist_loader(data_root, batch_size=32)))
+    batch, labels = next(iter(bench.conventional_loader("MNIST", data_root, batch_size=32)))
     assert batch.shape == (32, 1, 28, 28) and labels.dtype == torch.int64
     assert batch.min().item() == pytest.approx(-0.1307 / 0.3081, abs=1e-5)  # black pixels after Normalize
 
@@ -245,15 +285,9 @@ def test_negative_threads_is_a_usage_error(tmp_path):
         bench.main(args)
 
 
-def test_parser_defaults():
-    args = bench.get_args_parser().parse_args([])
-    assert (args.data_root, args.device, args.quick, args.out, args.download) == (
-        "data", "auto", False, "bench_results/bench.json", True)
-
-
 @pytest.mark.parametrize("flags,message", [((), "download failed.*no route to host"),
                                            (("--no-download",), "run without --no-download")])
-def test_missing_data_is_downloaded_unless_refused(tmp_path, monkeypatch, capsys, flags, message):
+def test_missing_data_is_downloaded_unless_refused(tmp_path, monkeypatch, flags, message):
     """A fresh clone has no data: bench.py fetches it as pipeline.py does (here the network is down), or with
     --no-download says what to run; either is one line, exit status 2."""
     import urllib.error
@@ -269,12 +303,3 @@ def test_missing_data_is_downloaded_unless_refused(tmp_path, monkeypatch, capsys
     with pytest.raises(UsageError, match=message):
         bench.main(args)
     assert "shared" not in bench.get_args_parser().format_help()
-
-
-def test_mnist_only_needs_no_cifar(tmp_path, capsys, restore_threads):
-    """What make gpu-check runs where only MNIST is carried: the MLP rows, their targets and Exercise 1."""
-    results = run_bench(write_mnist(tmp_path / "mnist_only"), tmp_path / "b.json", TINY, "--quick", "--mnist_only")
-    assert set(results) == TOP_KEYS - {"cnn", "cam"} and set(results["exercises"]) == {"exercise1"}
-    assert not any(t["name"].startswith("CNN") for t in results["targets"])
-    table = capsys.readouterr().out
-    assert "MLP 22x16 on MNIST" in table and "ResNet-20" not in table and "Exercise 1, all runs" in table
