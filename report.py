@@ -1,9 +1,11 @@
-"""The README's results tables, made from run folders so that no number in them is typed by hand.
+"""The README's results tables, made from run folders (and cam.py's faithfulness.json) so that no number in them is
+typed by hand.
 
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2            # print the tables
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --readme README.md   # and rewrite them there
     python report.py --best_checkpoint runs/reproduce/ex2                        # the CAM model of Exercise 3
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --keep results  # keep what they are made of
+    python report.py --faithfulness img_show/cam/faithfulness.json                # Exercise 3's faithfulness table
 
 Every run folder it does not use is listed on stderr with the reason, and so is every run a complete sweep would
 hold (each network with each seed the others have) that is missing; --readme then writes nothing unless given
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import shutil
 import statistics
@@ -22,10 +25,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import faithfulness
 from config import RunConfig
 from plots import STALL_LAYERS, TRAINED, in_stall_study, init_gradient_points, init_gradient_threshold
 from runs import RunFiles
-from utils import ArgumentParser, UsageError, atomic_write, run_cli
+from utils import ArgumentParser, UsageError, atomic_write, first_line, run_cli
 
 FAMILIES = {"--ex1": ("MLP", "Exercise 1's MLP runs"), "--ex2": ("ResNet", "Exercise 2's CNN runs"),
             "--best_checkpoint": ("ResNet", "Exercise 2's CNN runs")}
@@ -37,6 +41,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             add_help=add_help)
     parser.add("--ex1", default=None, help="out_dir of the Exercise 1 sweep (MLPs on MNIST)")
     parser.add("--ex2", default=None, help="out_dir of the Exercise 2 sweep (CNNs on CIFAR-10)")
+    parser.add("--faithfulness", default=None, metavar="JSON",
+               help="faithfulness.json written by cam.py --faithfulness: its table as the ex3-faithfulness block")
     parser.add("--readme", default=None,
                help="also rewrite the tables between <!-- report:NAME --> and <!-- /report:NAME --> in this file")
     parser.add("--best_checkpoint", default=None,
@@ -209,7 +215,8 @@ def exercise2_table(runs: list[tuple[RunConfig, dict]]) -> str:
                      f"{median_range([h['test']['acc'] for _, h in group], percent)} | {seconds:.0f} s |")
     seeds = sorted({c.seed for c, _ in runs})
     lines.append("")
-    lines.append(f"{len(runs)} runs (seeds {', '.join(map(str, seeds))}); median and range over each network's seeds.")
+    lines.append(f"{len(runs)} run{'s' if len(runs) > 1 else ''} (seed{'s' if len(seeds) > 1 else ''} "
+                 f"{', '.join(map(str, seeds))}); median and range over each network's seeds.")
     return "\n".join(lines)
 
 
@@ -319,6 +326,21 @@ def stall_study(out_dir: Path, runs: list[tuple[RunConfig, dict]]
     return study, unread
 
 
+def faithfulness_block(path: Path) -> str:
+    """The table of a faithfulness.json written by cam.py --faithfulness, and what it measured; or a UsageError."""
+    try:
+        record = json.loads(path.read_text())
+        table = faithfulness.format_table(record["maps"])
+        model = Path(record["checkpoint"]).parent.name
+        what = {"pred": "the predicted class", "true": "the true class"}.get(record["class"],
+                                                                             f"class {record['class']}")
+        count, dataset = int(record["num_images"]), record["dataset"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--faithfulness {path} is not a faithfulness.json of cam.py --faithfulness "
+                         f"({first_line(e)})") from None
+    return f"{table}\n\n{count:,} {dataset} test images, maps of {what}, model {model}."
+
+
 def read_readme(path: Path) -> str:
     """The text of --readme, or a UsageError saying why it cannot be read."""
     try:
@@ -335,8 +357,9 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         out_dir = Path(args.best_checkpoint)
         print(best_checkpoint(finished_runs(out_dir, "--best_checkpoint")[0], out_dir))
         return {}
-    if args.ex1 is None and args.ex2 is None:
-        raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep), or --best_checkpoint")
+    if args.ex1 is None and args.ex2 is None and args.faithfulness is None:
+        raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep) and/or --faithfulness, or "
+                         "--best_checkpoint")
     text = read_readme(Path(args.readme)) if args.readme is not None else None
     if args.keep is not None:
         check_keep(Path(args.keep))
@@ -356,6 +379,8 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         blocks["ex2-checks"] = exercise2_checks(runs)
         incomplete += len(missing)
         sweeps["ex2"] = out_dir
+    if args.faithfulness is not None:
+        blocks["ex3-faithfulness"] = faithfulness_block(Path(args.faithfulness))
     for name, content in blocks.items():
         print(f"<!-- report:{name} -->\n{content}\n")
     if text is not None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 import cam
 import pipeline
+import report
 import utils
 from conftest import ROOT, run_config
 from data import DATASETS, load_dataset, normalize
@@ -256,6 +257,19 @@ def test_cli_faithfulness_writes_the_table_json_and_curves(checkpoint, cifar_roo
     run_main(*args, "--out_dir", str(tmp_path / "b"))  # the random map is seeded: the same numbers again
     again = json.loads((tmp_path / "b" / "faithfulness.json").read_text())
     assert again["maps"] == record["maps"]
+    # report.py makes the README's block of the same table from the file
+    block = report.main(report.get_args_parser().parse_args(["--faithfulness", str(written[0])]))["ex3-faithfulness"]
+    table, what = block.split("\n\n")
+    assert table in out
+    assert what == f"6 CIFAR10 test images, maps of the predicted class, model {checkpoint.parent.name}."
+
+
+@pytest.mark.parametrize("content", ["not json", '{"maps": {}}', '{"checkpoint": 3, "maps": {"cam": {}}}'])
+def test_report_refuses_a_file_that_is_not_a_faithfulness_json(tmp_path, content):
+    path = tmp_path / "faithfulness.json"
+    path.write_text(content)
+    with pytest.raises(utils.UsageError, match="is not a faithfulness.json of cam.py --faithfulness"):
+        report.main(report.get_args_parser().parse_args(["--faithfulness", str(path)]))
 
 
 def test_cli_photo_honours_the_exif_orientation(checkpoint, tmp_path):

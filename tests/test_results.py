@@ -1,4 +1,5 @@
-"""results/: the small files of the reproduce runs that the repository keeps, and the README tables made from them."""
+"""results/: the small files of the reproduce runs that the repository keeps, and the README tables made from them
+(and from Exercise 3's faithfulness.json in img_show/cam)."""
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +19,8 @@ def report_blocks(*flags: str) -> dict[str, str]:
 
 
 def test_readme_tables_are_what_report_makes_from_results():
-    blocks = report_blocks("--ex1", str(ROOT / "results/ex1"), "--ex2", str(ROOT / "results/ex2"))
+    blocks = report_blocks("--ex1", str(ROOT / "results/ex1"), "--ex2", str(ROOT / "results/ex2"),
+                           "--faithfulness", str(ROOT / "img_show/cam/faithfulness.json"))
     readme = (ROOT / "README.md").read_text()
     for name, content in blocks.items():
         found = re.search(rf"<!-- report:{name} -->\n(.*?)\n<!-- /report:{name} -->", readme, re.S)
