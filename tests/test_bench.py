@@ -70,13 +70,14 @@ def layout(tensor: torch.Tensor) -> str | None:
 @contextlib.contextmanager
 def watch_training():
     """For every model that trains inside the block, the set of (torch threads, layouts of its 4-D input and
-    weights) of its training forward passes, seen from inside torch's module calls."""
+    weights) of its training forward passes, seen from inside torch's module calls. Keyed by the model itself, which
+    keeps it alive: by id(), a freed model's id could be reused by the next one and merge their passes."""
     seen, depth = {}, [0]
 
     def before(module, inputs):
         if depth[0] == 0 and module.training and inputs and isinstance(inputs[0], torch.Tensor):
             layouts = {layout(t) for t in [inputs[0], *module.parameters()] if t.ndim == 4} - {None}
-            seen.setdefault(id(module), set()).add((torch.get_num_threads(), frozenset(layouts)))
+            seen.setdefault(module, set()).add((torch.get_num_threads(), frozenset(layouts)))
         depth[0] += 1
 
     def after(module, inputs, output):
@@ -92,7 +93,8 @@ def watch_training():
 
 def check_rows_trained_as_recorded(results: dict, seen: dict) -> None:
     """Each model trained on one thread count and layout, and those are the ones the rows record."""
-    assert all(len(passes) == 1 for passes in seen.values())
+    mixed = {type(model).__name__: passes for model, passes in seen.items() if len(passes) != 1}
+    assert not mixed, f"models trained on several thread counts or layouts: {mixed}"
     recorded = {(row["threads"], frozenset({row["memory_format"]} if section == "cnn" else ()))
                 for section in ("mlp", "cnn") if section in results for row in results[section]["rows"].values()}
     assert {next(iter(passes)) for passes in seen.values()} == recorded
