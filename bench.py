@@ -38,15 +38,14 @@ from torchvision import transforms
 
 import pipeline
 from cam import class_activation_maps
-from config import RunConfig
+from config import PRESETS, RunConfig
 from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, TrainLoader,
                   load_dataset, normalize, read_cifar10_batches)
 from train import (RunSetup, amp_precision, build_run_model, cpu_threads, evaluate, logged_weights, prepare_run,
                    train_one_epoch, use_cudnn_benchmark, uses_channels_last)
 from utils import ArgumentParser, UsageError, resolve_device, run_cli, write_json
 
-MLP_FLAGS = ["--model_name", "MLP", "--dataset", "MNIST", "--width", "16", "--num_hidden_layers", "22",
-             "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
+MLP_FLAGS = ["--preset", "exercise1", "--num_hidden_layers", "22", "--residual_step", "0", "--seed", "0"]
 RESNET20_FLAGS = ["--preset", "resnet20", "--augment", "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
 EXERCISE1_SECONDS = 480.0  # the target: the 90 runs of Exercise 1 in 8 minutes
 BUSY_LOAD = 1.0  # a 1-minute load average this high before we start means other work shares the cores
@@ -90,8 +89,9 @@ class Sizes:
     batch_size: int = 128  # of every training run here (smaller in tests only)
 
 
-# Exercise 1 as the README runs it: 9 depths x plain/residual x 5 seeds = 90 runs of 10 epochs
-QUICK = Sizes(100, 3, 3, 5, 2048, 2, 256, 5000, (2, 6, 10, 14, 18, 22, 26, 30, 34), (0, 2), (0, 1, 2, 3, 4), 10,
+EXERCISE1 = PRESETS["exercise1"]  # Exercise 1 as the README runs it: 9 depths x plain/residual x 5 seeds = 90 runs
+QUICK = Sizes(100, 3, 3, 5, 2048, 2, 256, 5000, tuple(EXERCISE1["num_hidden_layers"]),
+              tuple(EXERCISE1["residual_step"]), tuple(EXERCISE1["seed"]), EXERCISE1["num_epochs"],
               exercise1_sample_steps=30, resnet20_epoch_real=False, eval_sample=1000)
 FULL = replace(QUICK, mlp_steps=200, cnn_steps=8, warmup_steps=5, matmul_count=5, exercise1_sample_steps=0,
                resnet20_epoch_real=True)
@@ -421,9 +421,9 @@ def bench_exercise1(raw: RawData, data_root: str | Path, device: torch.device, s
     seeds = sizes.exercise1_seeds
 
     def sweep(*seed: int) -> list[str]:
-        return ["--model_name", "MLP", "--dataset", "MNIST", "--num_hidden_layers", *map(str, sizes.exercise1_depths),
-                "--width", "16", "--residual_step", *map(str, sizes.exercise1_residual_steps), "--seed",
-                *map(str, seed), "--num_epochs", str(sizes.exercise1_epochs)]
+        return ["--preset", "exercise1", "--num_hidden_layers", *map(str, sizes.exercise1_depths), "--residual_step",
+                *map(str, sizes.exercise1_residual_steps), "--seed", *map(str, seed), "--num_epochs",
+                str(sizes.exercise1_epochs)]
 
     configs = pipeline.run_configs(pipeline_args(sweep(*seeds), device, sizes, options, sizes.limit_train), device)
     result, epoch_seconds, wall, seconds = {"sweep": "pipeline.py " + " ".join(sweep(*seeds))}, {}, {}, 0.0
