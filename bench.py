@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import io
 import itertools
 import math
@@ -309,10 +308,13 @@ def training_section(contenders: dict[str, Contender], steps: int, sizes: Sizes,
             "speedup_over": conventional, "warmup_s": warmup["ours"]}
 
 
-def amp_row(config: RunConfig) -> RunConfig | None:
-    """Our run with pipeline.py's --amp, where that is another precision than float32 and not asked for already."""
+def our_contenders(config: RunConfig, raw: RawData, options: Options, **variants: RunConfig) -> dict[str, Contender]:
+    """Ours on `config`, on each variant, and with pipeline.py's --amp where that is another precision than float32
+    and not asked for already."""
     precision = amp_precision(torch.device(config.device))
-    return None if config.amp or precision == "float32" else replace(config, amp=True, precision=precision)
+    if not config.amp and precision != "float32":
+        variants["ours_amp"] = replace(config, amp=True, precision=precision)
+    return {name: our_trainer(c, raw, options.compile_model) for name, c in {"ours": config, **variants}.items()}
 
 
 def bench_mlp(raw: RawData, data_root: str | Path, device: torch.device, sizes: Sizes, options: Options) -> dict:
@@ -321,10 +323,8 @@ def bench_mlp(raw: RawData, data_root: str | Path, device: torch.device, sizes: 
     print("MLP on MNIST ...", file=sys.stderr, flush=True)
     config = pipeline.run_configs(pipeline_args(MLP_FLAGS, device, sizes, options, sizes.mlp_steps * sizes.batch_size),
                                   device)[0]
-    trainer = functools.partial(our_trainer, raw=raw, compile_model=options.compile_model)
-    contenders = {"ours": (ours := trainer(config)), "ours_no_logging": trainer(replace(config, grad_log_every=0))}
-    if amp_row(config):
-        contenders["ours_amp"] = trainer(amp_row(config))
+    contenders = our_contenders(config, raw, options, ours_no_logging=replace(config, grad_log_every=0))
+    ours = contenders["ours"]
 
     def conventional(data: str, **loop) -> Contender:
         loader = (TrainLoader(Split(ours.run.train.images, ours.run.train.labels), config.batch_size, config.seed)
@@ -352,14 +352,12 @@ def bench_cnn(raw: RawData, data_root: str | Path, device: torch.device, sizes: 
     print("ResNet on CIFAR-10 ...", file=sys.stderr, flush=True)
     config = pipeline.run_configs(pipeline_args(RESNET20_FLAGS, device, sizes, options,
                                                 sizes.cnn_steps * sizes.batch_size), device)[0]
-    trainer = functools.partial(our_trainer, raw=raw, compile_model=options.compile_model)
-    contenders = {"ours": (ours := trainer(config))}
-    if amp_row(config):
-        contenders["ours_amp"] = trainer(amp_row(config))
+    contenders = our_contenders(config, raw, options)
+    ours = contenders["ours"]
     if device.type == "cpu" and ours.setup.threads > 1:
-        contenders["ours_1_thread"] = trainer(replace(config, threads=1))
+        contenders["ours_1_thread"] = our_trainer(replace(config, threads=1), raw, options.compile_model)
     if uses_channels_last(config):
-        contenders["ours_contiguous"] = trainer(config, contiguous=True)
+        contenders["ours_contiguous"] = our_trainer(config, raw, options.compile_model, contiguous=True)
     for name, threads in zip(CONVENTIONAL_ROWS, (options.conventional_threads, 1)):
         if name == "conventional" or device.type == "cpu" and options.conventional_threads > 1:
             contenders[name] = conventional_trainer(config, conventional_loader("CIFAR10", data_root,
