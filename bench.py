@@ -113,13 +113,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--download", action=argparse.BooleanOptionalAction, default=True,
                help="download MNIST and CIFAR-10 through torchvision when they are missing, as pipeline.py does")
     parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add("--quick", action="store_true", default=False,
-               help="short run: fewer steps, and Exercise 1 and the ResNet-20 epoch estimated rather than run")
     parser.add("--out", default="bench_results/bench.json", help="JSON file for the results")
     parser.add("--threads", type=int, default=0,
                help="pipeline.py's --threads for our rows and the exercises (0: its policy), and the threads of the "
                     "conventional loop, CAM and the matmul (0: torch's default); the loop and our CNN also run on 1")
-    for flag, words in (("--mnist_only", "only the MLP, its ablation and Exercise 1 (no CIFAR-10 is read)"),
+    for flag, words in (("--quick", "short run: fewer steps, and Exercise 1 and the ResNet-20 epoch estimated"),
+                        ("--mnist_only", "only the MLP, its ablation and Exercise 1 (no CIFAR-10 is read)"),
                         ("--compile", "torch.compile the model in our training rows (not the loop nor the exercises)"),
                         ("--amp", "pipeline.py's --amp in our rows and the exercises (without it, our MLP and CNN get "
                                   "an --amp row where the device has a faster precision)")):
