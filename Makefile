@@ -53,8 +53,8 @@ reproduce: reproduce-ex1 reproduce-ex2 reproduce-ex3
 
 # Exercise 1: 9 depths x plain/residual x 5 seeds = 90 MLPs on MNIST (4 minutes with --jobs 2 on 2 cores, 2026-11-28).
 reproduce-ex1: install
-	$(PY) pipeline.py --model_name MLP --dataset MNIST --data_root $(DATA_ROOT) --num_hidden_layers $(EX1_DEPTHS) \
-		--width 16 --residual_step 0 2 --seed $(EX1_SEEDS) $(SIZE) --jobs $(JOBS) --out_dir $(RUNS)/ex1 --resume
+	$(PY) pipeline.py --preset exercise1 --num_hidden_layers $(EX1_DEPTHS) --seed $(EX1_SEEDS) $(SIZE) \
+		--data_root $(DATA_ROOT) --jobs $(JOBS) --out_dir $(RUNS)/ex1 --resume
 	mkdir -p $(IMG_SHOW)
 	cp $(addprefix $(RUNS)/ex1/plots/,mlp_training_loss.png mlp_Val_acc.png mlp_trainability.png \
 		$(EX1_GRADIENT_FIGURES)) $(IMG_SHOW)/

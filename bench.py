@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import functools
 import io
 import itertools
 import math
@@ -38,16 +37,15 @@ from torchvision import transforms
 
 import pipeline
 from cam import class_activation_maps
-from config import RunConfig
+from config import PRESETS, RunConfig
 from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, TrainLoader,
                   load_dataset, normalize, read_cifar10_batches)
 from train import (RunSetup, amp_precision, build_run_model, cpu_threads, evaluate, logged_weights, prepare_run,
                    train_one_epoch, use_cudnn_benchmark, uses_channels_last)
 from utils import ArgumentParser, UsageError, resolve_device, run_cli, write_json
 
-MLP_FLAGS = ["--model_name", "MLP", "--dataset", "MNIST", "--width", "16", "--num_hidden_layers", "22",
-             "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
-RESNET20_FLAGS = ["--preset", "resnet20", "--augment", "--optimizer", "adam", "--lr", "3e-4", "--grad_log_every", "1"]
+MLP_FLAGS = ["--preset", "exercise1", "--num_hidden_layers", "22", "--residual_step", "0", "--seed", "0"]
+RESNET20_FLAGS = ["--preset", "resnet20", "--augment"]  # trained with pipeline.py's defaults: Adam, lr 3e-4
 EXERCISE1_SECONDS = 480.0  # the target: the 90 runs of Exercise 1 in 8 minutes
 BUSY_LOAD = 1.0  # a 1-minute load average this high before we start means other work shares the cores
 # what a row records, in the words of the table
@@ -90,8 +88,9 @@ class Sizes:
     batch_size: int = 128  # of every training run here (smaller in tests only)
 
 
-# Exercise 1 as the README runs it: 9 depths x plain/residual x 5 seeds = 90 runs of 10 epochs
-QUICK = Sizes(100, 3, 3, 5, 2048, 2, 256, 5000, (2, 6, 10, 14, 18, 22, 26, 30, 34), (0, 2), (0, 1, 2, 3, 4), 10,
+EXERCISE1 = PRESETS["exercise1"]  # Exercise 1 as the README runs it: 9 depths x plain/residual x 5 seeds = 90 runs
+QUICK = Sizes(100, 3, 3, 5, 2048, 2, 256, 5000, tuple(EXERCISE1["num_hidden_layers"]),
+              tuple(EXERCISE1["residual_step"]), tuple(EXERCISE1["seed"]), EXERCISE1["num_epochs"],
               exercise1_sample_steps=30, resnet20_epoch_real=False, eval_sample=1000)
 FULL = replace(QUICK, mlp_steps=200, cnn_steps=8, warmup_steps=5, matmul_count=5, exercise1_sample_steps=0,
                resnet20_epoch_real=True)
@@ -114,27 +113,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--download", action=argparse.BooleanOptionalAction, default=True,
                help="download MNIST and CIFAR-10 through torchvision when they are missing, as pipeline.py does")
     parser.add("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add("--quick", action="store_true", default=False,
-               help="short run: fewer steps, and Exercise 1 and the ResNet-20 epoch estimated rather than run")
     parser.add("--out", default="bench_results/bench.json", help="JSON file for the results")
     parser.add("--threads", type=int, default=0,
-               help="CPU threads: pipeline.py's --threads for our rows and the exercises (0 = its policy: 1 for the "
-                    "MLP, every core for CNNs), and the thread count of the conventional loop, CAM and the matmul "
-                    "(0 = torch's default, every core); the conventional loop and our CNN are also timed on 1")
-    parser.add("--mnist_only", action="store_true", default=False,
-               help="only what needs MNIST alone: the MLP, its ablation and Exercise 1 (no CIFAR-10 is read)")
-    parser.add("--compile", action="store_true", default=False,
-               help="torch.compile the model in our training rows (the conventional loop and the exercises stay eager)")
-    parser.add("--amp", action="store_true", default=False,
-               help="pipeline.py's --amp in our rows and the exercises (the conventional loop stays float32); "
-                    "without it our MLP and CNN also get an --amp row where the device has a faster precision")
+               help="pipeline.py's --threads for our rows and the exercises (0: its policy), and the threads of the "
+                    "conventional loop, CAM and the matmul (0: torch's default); the loop and our CNN also run on 1")
+    for flag, words in (("--quick", "short run: fewer steps, and Exercise 1 and the ResNet-20 epoch estimated"),
+                        ("--mnist_only", "only the MLP, its ablation and Exercise 1 (no CIFAR-10 is read)"),
+                        ("--compile", "torch.compile the model in our training rows (not the loop nor the exercises)"),
+                        ("--amp", "pipeline.py's --amp in our rows and the exercises (without it, our MLP and CNN get "
+                                  "an --amp row where the device has a faster precision)")):
+        parser.add(flag, action="store_true", default=False, help=words)
     return parser
 
 
 @contextlib.contextmanager
 def threads_of(threads: int | None = None) -> Iterator[None]:
-    """Run the block on `threads` CPU threads (None: as now), then put the thread count and cuDNN's benchmark flag
-    back (pipeline.main sets both for the whole process)."""
+    """Run the block on `threads` CPU threads (None: as now), then put back the thread count and cudnn.benchmark."""
     before = torch.get_num_threads(), torch.backends.cudnn.benchmark
     torch.set_num_threads(threads or before[0])
     try:
@@ -160,8 +154,7 @@ def best_seconds(runs: dict[str, Callable[[], object]], repeats: int, device: to
 
 def pipeline_args(flags: list[str], device: torch.device, sizes: Sizes, options: Options,
                   limit_train: int | None = None) -> argparse.Namespace:
-    """pipeline.py's arguments from these flags and ours (validation split, batch size, device, threads, precision,
-    training images), so that we time exactly what it trains."""
+    """pipeline.py's arguments from these flags and ours, so that we time exactly what it trains."""
     ours = ["--val_size", str(sizes.val_size), "--batch_size", str(sizes.batch_size), "--device", str(device),
             "--threads", str(options.threads)] + ["--amp"] * options.amp
     return pipeline.get_args_parser().parse_args(flags + ours + ["--limit_train", str(limit_train)] * bool(limit_train))
@@ -189,8 +182,8 @@ class Contender:
 
 
 def run_settings(config: RunConfig, contiguous: bool = False) -> dict:
-    """Threads, memory format, precision and data of a run of ours, by pipeline.py's policies (train.cpu_threads,
-    train.uses_channels_last); `contiguous` where we store a channels_last run contiguously after all."""
+    """Threads, memory format, precision and data of a run of ours, by pipeline.py's policies; `contiguous` where
+    we store a channels_last run contiguously after all."""
     on_cpu = torch.device(config.device).type == "cpu"  # pipeline.py leaves the thread count alone on CUDA
     return {"threads": cpu_threads(config) if on_cpu else torch.get_num_threads(),
             "memory_format": "channels_last" if uses_channels_last(config) and not contiguous else "contiguous",
@@ -295,8 +288,7 @@ def memory_format(model: nn.Module) -> str:
 
 
 def training_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
-    """FLOPs of a forward and backward pass over a batch, as torch.utils.flop_counter counts them (matmuls and
-    convolutions; a multiply-add is 2 FLOPs)."""
+    """FLOPs of a forward and backward pass over a batch, as torch.utils.flop_counter counts them."""
     with FlopCounterMode(display=False) as counter:
         nn.functional.cross_entropy(model(images), labels).backward()
     model.zero_grad(set_to_none=True)
@@ -315,10 +307,13 @@ def training_section(contenders: dict[str, Contender], steps: int, sizes: Sizes,
             "speedup_over": conventional, "warmup_s": warmup["ours"]}
 
 
-def amp_row(config: RunConfig) -> RunConfig | None:
-    """Our run with pipeline.py's --amp, where that is another precision than float32 and not asked for already."""
+def our_contenders(config: RunConfig, raw: RawData, options: Options, **variants: RunConfig) -> dict[str, Contender]:
+    """Ours on `config`, on each variant, and with pipeline.py's --amp where that is another precision than float32
+    and not asked for already."""
     precision = amp_precision(torch.device(config.device))
-    return None if config.amp or precision == "float32" else replace(config, amp=True, precision=precision)
+    if not config.amp and precision != "float32":
+        variants["ours_amp"] = replace(config, amp=True, precision=precision)
+    return {name: our_trainer(c, raw, options.compile_model) for name, c in {"ours": config, **variants}.items()}
 
 
 def bench_mlp(raw: RawData, data_root: str | Path, device: torch.device, sizes: Sizes, options: Options) -> dict:
@@ -327,10 +322,8 @@ def bench_mlp(raw: RawData, data_root: str | Path, device: torch.device, sizes: 
     print("MLP on MNIST ...", file=sys.stderr, flush=True)
     config = pipeline.run_configs(pipeline_args(MLP_FLAGS, device, sizes, options, sizes.mlp_steps * sizes.batch_size),
                                   device)[0]
-    trainer = functools.partial(our_trainer, raw=raw, compile_model=options.compile_model)
-    contenders = {"ours": (ours := trainer(config)), "ours_no_logging": trainer(replace(config, grad_log_every=0))}
-    if amp_row(config):
-        contenders["ours_amp"] = trainer(amp_row(config))
+    contenders = our_contenders(config, raw, options, ours_no_logging=replace(config, grad_log_every=0))
+    ours = contenders["ours"]
 
     def conventional(data: str, **loop) -> Contender:
         loader = (TrainLoader(Split(ours.run.train.images, ours.run.train.labels), config.batch_size, config.seed)
@@ -358,14 +351,12 @@ def bench_cnn(raw: RawData, data_root: str | Path, device: torch.device, sizes: 
     print("ResNet on CIFAR-10 ...", file=sys.stderr, flush=True)
     config = pipeline.run_configs(pipeline_args(RESNET20_FLAGS, device, sizes, options,
                                                 sizes.cnn_steps * sizes.batch_size), device)[0]
-    trainer = functools.partial(our_trainer, raw=raw, compile_model=options.compile_model)
-    contenders = {"ours": (ours := trainer(config))}
-    if amp_row(config):
-        contenders["ours_amp"] = trainer(amp_row(config))
+    contenders = our_contenders(config, raw, options)
+    ours = contenders["ours"]
     if device.type == "cpu" and ours.setup.threads > 1:
-        contenders["ours_1_thread"] = trainer(replace(config, threads=1))
+        contenders["ours_1_thread"] = our_trainer(replace(config, threads=1), raw, options.compile_model)
     if uses_channels_last(config):
-        contenders["ours_contiguous"] = trainer(config, contiguous=True)
+        contenders["ours_contiguous"] = our_trainer(config, raw, options.compile_model, contiguous=True)
     for name, threads in zip(CONVENTIONAL_ROWS, (options.conventional_threads, 1)):
         if name == "conventional" or device.type == "cpu" and options.conventional_threads > 1:
             contenders[name] = conventional_trainer(config, conventional_loader("CIFAR10", data_root,
@@ -414,16 +405,14 @@ def bench_cam(raw: RawData, device: torch.device, sizes: Sizes, options: Options
 
 
 def bench_exercise1(raw: RawData, data_root: str | Path, device: torch.device, sizes: Sizes, options: Options) -> dict:
-    """Exercise 1 as the README runs it, its first seed's runs either for real, with pipeline.main into a temporary
-    folder (checkpoints, plots and all) with --jobs 1 and 2, or estimated: `exercise1_sample_steps` timed steps times
-    the steps and epochs of each, its validation passes and a test pass (loading, checkpoints and plots left out).
-    The other seeds' runs are counted at the cost of the first's."""
+    """Exercise 1, its first seed's runs for real (pipeline.main into a temporary folder, with --jobs 1 and 2) or
+    estimated from timed steps and evaluations; the other seeds' runs are counted at the cost of the first's."""
     seeds = sizes.exercise1_seeds
 
     def sweep(*seed: int) -> list[str]:
-        return ["--model_name", "MLP", "--dataset", "MNIST", "--num_hidden_layers", *map(str, sizes.exercise1_depths),
-                "--width", "16", "--residual_step", *map(str, sizes.exercise1_residual_steps), "--seed",
-                *map(str, seed), "--num_epochs", str(sizes.exercise1_epochs)]
+        return ["--preset", "exercise1", "--num_hidden_layers", *map(str, sizes.exercise1_depths), "--residual_step",
+                *map(str, sizes.exercise1_residual_steps), "--seed", *map(str, seed), "--num_epochs",
+                str(sizes.exercise1_epochs)]
 
     configs = pipeline.run_configs(pipeline_args(sweep(*seeds), device, sizes, options, sizes.limit_train), device)
     result, epoch_seconds, wall, seconds = {"sweep": "pipeline.py " + " ".join(sweep(*seeds))}, {}, {}, 0.0
@@ -432,13 +421,11 @@ def bench_exercise1(raw: RawData, data_root: str | Path, device: torch.device, s
         for jobs in (1, 2) if workers >= 2 else (1,):
             print(f"Exercise 1 for real (seed {seeds[0]} of {len(seeds)}, --jobs {jobs}) ...", file=sys.stderr,
                   flush=True)
+            flags = sweep(seeds[0]) + ["--data_root", str(data_root), "--no-download", "--jobs", str(jobs)]
             with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), threads_of():
-                args = pipeline_args(sweep(seeds[0]) + ["--data_root", str(data_root), "--no-download", "--out_dir",
-                                                        out, "--jobs", str(jobs)], device, sizes, options,
-                                     sizes.limit_train)
+                args = pipeline_args(flags + ["--out_dir", out], device, sizes, options, sizes.limit_train)
                 start = time.perf_counter()
-                runs = pipeline.main(args)
-                wall[jobs] = time.perf_counter() - start
+                runs, wall[jobs] = pipeline.main(args), time.perf_counter() - start
         epoch_seconds = {config.run_name: sum(e["seconds"] for e in history["epochs"]) for config, history in runs}
         fastest = min(wall, key=wall.get)
         seconds, note = wall[fastest], (f"--jobs {fastest}, measured" if len(seeds) == 1 else f"estimate: seed "
@@ -482,8 +469,7 @@ def resnet20_epoch(raw: RawData, device: torch.device, sizes: Sizes, cnn: dict, 
 
 
 def cpu_description() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one) and the instruction sets that decide its speed
-    and --amp's precision, as torch detects them."""
+    """The CPU's model name and the instruction sets that decide its speed and --amp's precision."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -532,41 +518,39 @@ def settings_label(row: dict) -> str:
 def format_table(results: dict) -> str:
     """The results as a plain-text table: a line per measurement, and under it what the measurement ran."""
     mlp, ex1, meta, sizes = results["mlp"], results["exercises"]["exercise1"], results["meta"], results["meta"]["sizes"]
-    rows: list[tuple[str, ...]] = []  # (name, value, extra, what it ran); a title is a name alone
+    added_to = dict(zip(mlp["ablation"][1:], mlp["ablation"]))  # each ablation row: the row it adds a lever to
 
-    def training(section: dict, names: Iterable[str], extra: Callable[[dict, str], str]) -> None:
-        rows.extend((f"  {ROW_NAMES[n]}", f"{section['rows'][n]['images_per_s']:,.0f} img/s", extra(section["rows"][n],
-                     n), settings_label(section["rows"][n])) for n in names if n in section["rows"])
+    def training(section: dict, names: Iterable[str], extra: Callable[[dict, str], str]) -> list[tuple[str, ...]]:
+        return [(f"  {ROW_NAMES[n]}", f"{row['images_per_s']:,.0f} img/s", extra(row, n), settings_label(row))
+                for n in names if (row := section["rows"].get(n))]
 
     def step(row: dict, name: str) -> str:
-        if name not in mlp["ablation"][1:]:
+        if name not in added_to:
             return f"{row['step_ms']:.2f} ms/step"
-        before = mlp["ablation"][mlp["ablation"].index(name) - 1]
-        factor = row["images_per_s"] / mlp["rows"][before]["images_per_s"]
-        return f"{row['step_ms']:.2f} ms/step, x{factor:.2f} on {ROW_NAMES[before]}"
+        factor = row["images_per_s"] / mlp["rows"][added_to[name]]["images_per_s"]
+        return f"{row['step_ms']:.2f} ms/step, x{factor:.2f} on {ROW_NAMES[added_to[name]]}"
 
-    rows.append((f"MLP {mlp['config']['num_hidden_layers']}x{mlp['config']['width']} on MNIST, batch "
-                 f"{mlp['config']['batch_size']}",))
-    training(mlp, ("ours", "ours_no_logging", "ours_amp", *CONVENTIONAL_ROWS), step)
-    rows.append(("  ablation: the conventional loop with our levers added one at a time",))
-    training(mlp, mlp["ablation"][1:], step)
+    rows = [(f"MLP {mlp['config']['num_hidden_layers']}x{mlp['config']['width']} on MNIST, batch "
+             f"{mlp['config']['batch_size']}",),  # (name, value, extra, what it ran); a title is a name alone
+            *training(mlp, ("ours", "ours_no_logging", "ours_amp", *CONVENTIONAL_ROWS), step),
+            ("  ablation: the conventional loop with our levers added one at a time",), *training(mlp, added_to, step)]
     if "cnn" in results:
         cnn, cam = results["cnn"], results["cam"]
-        rows.append((f"ResNet-20 shape on CIFAR-10, batch {cnn['config']['batch_size']}, crops+flips: "
-                     f"{cnn['flops_per_step'] / 1e9:.2f} GFLOP/step",))
-        training(cnn, ("ours", "ours_1_thread", "ours_contiguous", "ours_amp", *CONVENTIONAL_ROWS),
-                 lambda row, _: f"{row['gflops']:.1f} GFLOP/s")
-        rows += [(f"  float32 matmul {cnn['matmul_size']}^3 (reference)", f"{cnn['matmul_gflops']:.1f} GFLOP/s", "",
+        rows += [(f"ResNet-20 shape on CIFAR-10, batch {cnn['config']['batch_size']}, crops+flips: "
+                  f"{cnn['flops_per_step'] / 1e9:.2f} GFLOP/step",),
+                 *training(cnn, ("ours", "ours_1_thread", "ours_contiguous", "ours_amp", *CONVENTIONAL_ROWS),
+                           lambda row, _: f"{row['gflops']:.1f} GFLOP/s"),
+                 (f"  float32 matmul {cnn['matmul_size']}^3 (reference)", f"{cnn['matmul_gflops']:.1f} GFLOP/s", "",
                   count(cnn["matmul_threads"], "thread")), (f"CAM, ResNet-20 shape, batch of {cam['images']}",),
                  ("  as cam.py computes it", f"{cam['maps_per_s']:,.0f} maps/s", f"maps {tuple(cam['map_shape'])}",
                   settings_label(dict(cam, data="test images, no autograd")))]
-    rows.append((f"Exercise 1: {ex1['runs']} runs ({len(sizes['exercise1_depths'])} depths x residual steps "
-                 f"{'/'.join(map(str, sizes['exercise1_residual_steps']))} x {len(sizes['exercise1_seeds'])} seeds), "
-                 f"{count(sizes['exercise1_epochs'], 'epoch')} each",))
-    rows += [(f"  seed {sizes['exercise1_seeds'][0]}'s {ex1['runs_per_sweep_timed']} runs, --jobs {jobs}",
-              f"{seconds:.0f} s", "measured") for jobs, seconds in ex1.get("seconds_by_jobs", {}).items()]
-    rows.append(("  all runs", f"{ex1['seconds']:.0f} s", f"{ex1['seconds_per_run']:.1f} s a run; {ex1['note']}",
-                 settings_label(ex1)))
+    rows += [(f"Exercise 1: {ex1['runs']} runs ({len(sizes['exercise1_depths'])} depths x residual steps "
+              f"{'/'.join(map(str, sizes['exercise1_residual_steps']))} x {len(sizes['exercise1_seeds'])} seeds), "
+              f"{count(sizes['exercise1_epochs'], 'epoch')} each",),
+             *[(f"  seed {sizes['exercise1_seeds'][0]}'s {ex1['runs_per_sweep_timed']} runs, --jobs {jobs}",
+                f"{seconds:.0f} s", "measured") for jobs, seconds in ex1.get("seconds_by_jobs", {}).items()],
+             ("  all runs", f"{ex1['seconds']:.0f} s", f"{ex1['seconds_per_run']:.1f} s a run; {ex1['note']}",
+              settings_label(ex1))]
     if "resnet20_epoch" in results["exercises"]:
         epoch = results["exercises"]["resnet20_epoch"]
         rows += [(f"ResNet-20 shape, one epoch of {epoch['train_images']:,} images and validation",),

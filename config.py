@@ -291,7 +291,11 @@ PRESETS = {  # akamaster's resnet8(), resnet20(), resnet38(): He et al.'s CIFAR 
     **{f"resnet{2 + 6 * n}": dict(model_name="ResNet", dataset="CIFAR10", out_channels=16, num_levels=3,
                                   num_conv_per_level=[2 * n], residual_step=[2], stem="cifar")
        for n in (1, 3, 6)},
-    # Exercise 2: that family at depths 8, 20 and 38, plain and residual, seeds 0 to 2, 10 epochs of one-cycle SGD
+    # Exercise 1: width-16 MLPs on MNIST at 9 depths, plain and residual, seeds 0 to 4, 10 epochs (default Adam)
+    "exercise1": dict(model_name="MLP", dataset="MNIST", width=[16],
+                      num_hidden_layers=[2, 6, 10, 14, 18, 22, 26, 30, 34], residual_step=[0, 2], seed=[0, 1, 2, 3, 4],
+                      num_epochs=10),
+    # Exercise 2: those ResNets at depths 8, 20 and 38, plain and residual, seeds 0 to 2, 10 epochs of one-cycle SGD
     "exercise2": dict(model_name="ResNet", dataset="CIFAR10", out_channels=16, num_levels=3,
                       num_conv_per_level=[2, 6, 12], residual_step=[0, 2], seed=[0, 1, 2], augment=True,
                       optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4, label_smoothing=0.1,

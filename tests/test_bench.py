@@ -157,8 +157,8 @@ def test_quick_path_writes_the_documented_json_and_table(data_root, tmp_path, ca
     assert set(exercise1["epoch_seconds_per_run"]) == EXERCISE1_SEED0
     assert exercise1["seconds"] > 2 * sum(exercise1["epoch_seconds_per_run"].values())  # and 2 seeds' test passes
     assert exercise1["seconds_per_run"] == pytest.approx(exercise1["seconds"] / 8)
-    assert exercise1["sweep"] == ("pipeline.py --model_name MLP --dataset MNIST --num_hidden_layers 2 4 --width 16 "
-                                  "--residual_step 0 2 --seed 0 1 --num_epochs 1")
+    assert exercise1["sweep"] == ("pipeline.py --preset exercise1 --num_hidden_layers 2 4 --residual_step 0 2 "
+                                  "--seed 0 1 --num_epochs 1")
     assert exercise1["threads"] == 1 and exercise1["data"] == RESIDENT
     epoch = results["exercises"]["resnet20_epoch"]
     assert epoch["estimated"] and epoch["train_images"] == 64 and "steps at our CNN row's step time" in epoch["note"]

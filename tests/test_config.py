@@ -14,6 +14,10 @@ EXERCISE2_FLAGS = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--out_chan
                    "--weight_decay", "5e-4", "--label_smoothing", "0.1", "--lr_schedule", "onecycle",
                    "--batch_size", "128", "--num_epochs", "10"]  # the Makefile's line before --preset existed
 
+EXERCISE1_FLAGS = ["--model_name", "MLP", "--dataset", "MNIST", "--num_hidden_layers", "2", "6", "10", "14", "18",
+                   "22", "26", "30", "34", "--width", "16", "--residual_step", "0", "2", "--seed", "0", "1", "2", "3",
+                   "4", "--num_epochs", "10"]  # the Makefile's line before --preset exercise1 existed
+
 
 def configs(*flags: str) -> list[RunConfig]:
     return pipeline.run_configs(pipeline.get_args_parser().parse_args(["--device", "cpu", *flags]),
@@ -23,6 +27,14 @@ def configs(*flags: str) -> list[RunConfig]:
 def test_exercise2_preset_is_the_long_flag_line():
     assert configs("--preset", "exercise2") == configs(*EXERCISE2_FLAGS)
     assert len(configs("--preset", "exercise2")) == 18
+
+
+def test_exercise1_preset_is_the_long_flag_line():
+    runs = configs("--preset", "exercise1")
+    assert runs == configs(*EXERCISE1_FLAGS) and len(runs) == 90
+    assert [c.run_name for c in runs[:3]] == ["mlp_mnist_h2_w16_plain_s0", "mlp_mnist_h2_w16_plain_s1",
+                                              "mlp_mnist_h2_w16_plain_s2"]
+    assert runs[-1].run_name == "mlp_mnist_h34_w16_res2_s4"
 
 
 @pytest.mark.parametrize("preset,depth,params", [("resnet8", 8, 75290), ("resnet20", 20, 269722),
