@@ -274,8 +274,8 @@ def with_missing(table: str, missing: list[str]) -> str:
     """`table`, followed by the names of the sweep's runs it lacks when there are any."""
     if not missing:
         return table
-    return (f"{table}\n\nNot in this table ({len(set(missing))} runs of the sweep, unfinished or not trained yet): "
-            f"{', '.join(sorted(set(missing)))}.")
+    return (f"{table}\n\nNot in this table ({len(missing)} runs of the sweep, unfinished, unreadable or not trained "
+            f"yet): {', '.join(sorted(missing))}.")
 
 
 def check_keep(keep: Path) -> None:

@@ -157,7 +157,7 @@ def test_every_run_folder_not_used_and_every_missing_run_is_listed_with_why(tmp_
         f"{tmp_path}: not used: {mlp(4, 2, 1).run_name}: unfinished: 0 of 1 epochs, no test result",
         f"{tmp_path}: missing: {mlp(4, 0, 1).run_name} (no run folder; the other networks have this seed)"]
     assert "| 4 | 0/1 | 11.0% | 1/1 | 90.0% |" in out
-    assert "Not in this table (3 runs of the sweep, unfinished or not trained yet): broken, " in out
+    assert "Not in this table (3 runs of the sweep, unfinished, unreadable or not trained yet): broken, " in out
 
 
 def test_readme_is_not_rewritten_with_runs_left_out_unless_allowed(tmp_path, capsys):

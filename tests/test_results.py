@@ -2,16 +2,13 @@
 (and from Exercise 3's faithfulness.json in img_show/cam)."""
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
 import report
-from conftest import run_config
+from conftest import ROOT, run_config
 from runs import RunFiles
 from test_report import three_seeds_of_four_networks, write_run
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def report_blocks(*flags: str) -> dict[str, str]:
