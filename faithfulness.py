@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from plots import new_figure, savefig
 
@@ -73,6 +72,9 @@ def blur(images: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
     """Gaussian blur of (N, C, H, W) images with std `sigma` times the shorter side (kernel cut at 3 std)."""
     std = sigma * min(images.shape[-2:])
     size = 2 * math.ceil(3 * std) + 1
+    # imported here only: importing torchvision takes 1.5 s (it loads torch._dynamo), which report.py and cam.py
+    # without --faithfulness would pay for nothing
+    from torchvision.transforms.v2.functional import gaussian_blur
     return gaussian_blur(images, [size, size], [std, std])
 
 
