@@ -176,7 +176,7 @@ def launch(root, args: list[str], world_size: int = 2) -> None:
     spawn_ranks(root, args, world_size)
 
 
-def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path):
+def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path, capsys):
     # --out_dir is relative: each rank writes into its own working folder, so what rank 1 writes would show
     args = flags(mnist_root, "runs", "--num_hidden_layers", "4", "--num_epochs", "2", "--residual_step", "2")
     launch(tmp_path / "ddp", args)
@@ -193,12 +193,11 @@ def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path):
     norms = [np.loadtxt(d / run / "grad_norms.csv", delimiter=",", skiprows=1)
              for d in (tmp_path / "ddp" / "rank0" / "runs", tmp_path / "single")]
     np.testing.assert_allclose(norms[0], norms[1], rtol=1e-4, atol=1e-6)
-    # the checkpoint loads in a single process
-    status = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--no-train", "--device", "cpu",
-                             "--data_root", str(mnist_root), "--no-download", "--checkpoint",
-                             str(RunFiles(tmp_path / "ddp" / "rank0" / "runs" / run).checkpoint)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert status.returncode == 0 and f"accuracy {100 * ddp['test']['acc']:.2f}%" in status.stdout
+    # the checkpoint loads in a single process, this one
+    capsys.readouterr()
+    run_main("--no-train", "--device", "cpu", "--data_root", str(mnist_root), "--no-download", "--checkpoint",
+             str(RunFiles(tmp_path / "ddp" / "rank0" / "runs" / run).checkpoint))
+    assert f"accuracy {100 * ddp['test']['acc']:.2f}%" in capsys.readouterr().out
 
 
 def test_two_processes_train_a_cnn_and_resume_under_torchrun(cifar_root, tmp_path):
