@@ -43,18 +43,6 @@ def histories(out_dir) -> dict[str, dict]:
     return runs
 
 
-SWEEP = ("--num_hidden_layers", "2", "4", "--residual_step", "0", "2", "--num_epochs", "2")
-
-
-def test_jobs_give_the_histories_of_one_process(mnist_root, tmp_path):
-    one = run_main(*flags(mnist_root, tmp_path / "one", *SWEEP))
-    two = run_main(*flags(mnist_root, tmp_path / "two", *SWEEP, "--jobs", "2"))
-    assert len(histories(tmp_path / "one")) == 4
-    assert histories(tmp_path / "one") == histories(tmp_path / "two")
-    assert [c.run_name for c, _ in one] == [c.run_name for c, _ in two]
-    assert (tmp_path / "two" / "plots" / "mlp_trainability.png").is_file()
-
-
 def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
     """One worker takes the runs in the order they are queued, so the order they come back in is that order."""
     args = pipeline.get_args_parser().parse_args(flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "6", "4",
@@ -66,8 +54,10 @@ def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
     assert failures == {} and [planned[i].config.num_hidden_layers for i in histories] == [6, 4, 2]
 
 
-def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path):
-    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "4", "--batch_size", "5")
+def test_an_interrupted_jobs_sweep_resumes_to_the_histories_of_one_process(mnist_root, tmp_path):
+    """SIGTERM while two workers train the first two runs of four: the resumed --jobs sweep continues those two and
+    trains the other two from the start, and every run ends as in one process."""
+    sweep = ("--num_hidden_layers", "2", "4", "--residual_step", "0", "2", "--num_epochs", "4", "--batch_size", "5")
     command = [sys.executable, str(ROOT / "pipeline.py"), *flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2")]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -79,9 +69,13 @@ def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path)
     assert "--resume" in err.strip().splitlines()[-1]
     unfinished = [h for h in histories_or_partial(tmp_path / "cut") if "test" not in h]
     assert unfinished, "the signal came after every run had finished"
-    run_main(*flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2", "--resume"))
-    run_main(*flags(mnist_root, tmp_path / "straight", *sweep))
+    assert len(list((tmp_path / "cut").glob("*/checkpoint.pt"))) <= 2, "a run beyond the first two had started"
+    two = run_main(*flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2", "--resume"))
+    one = run_main(*flags(mnist_root, tmp_path / "straight", *sweep))
+    assert len(histories(tmp_path / "straight")) == 4
     assert histories(tmp_path / "cut") == histories(tmp_path / "straight")
+    assert [c.run_name for c, _ in two] == [c.run_name for c, _ in one]
+    assert (tmp_path / "cut" / "plots" / "mlp_trainability.png").is_file()
 
 
 def histories_or_partial(out_dir) -> list[dict]:
