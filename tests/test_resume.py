@@ -87,15 +87,6 @@ def straight_run(mnist_root, tmp_path_factory):
     return out_dir / RUN
 
 
-@pytest.fixture(scope="module")
-def finished_run(mnist_root, tmp_path_factory):
-    """The folder of a finished 1-epoch run, beside its plots/: with a constant learning rate, also the first epoch
-    of a longer run. Copy it before changing it."""
-    out_dir = tmp_path_factory.mktemp("finished")
-    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "1"))
-    return out_dir / RUN
-
-
 def test_resume_is_bit_exact(mnist_root, tmp_path, straight_run, finished_run):
     shutil.copytree(finished_run, tmp_path / RUN)  # its first epoch
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "3", "--resume"))
