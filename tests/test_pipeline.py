@@ -1,5 +1,6 @@
 """The pipeline CLI end to end: outputs, sweeps, evaluation of a checkpoint, and bad input."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -60,10 +61,9 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path, capsys):
     assert "mlp_mnist_h4_w8_res2_s0: test loss" in out and "test acc" in out
 
 
-def test_cli_evaluates_a_checkpoint(mnist_root, tmp_path, capsys):
-    run_main(*tiny_mlp_args(mnist_root, tmp_path, "--plots_dir", str(tmp_path / "p")))
-    checkpoint = RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint
-    history = json.loads(checkpoint.with_name("history.json").read_text())
+def test_cli_evaluates_a_checkpoint(mnist_root, capsys, finished_run):
+    checkpoint = RunFiles(finished_run).checkpoint
+    history = json.loads((finished_run / "history.json").read_text())
     capsys.readouterr()
     run_main("--no-train", "--load_model_as", str(checkpoint), "--data_root", str(mnist_root), "--no-download",
              "--device", "cpu")
@@ -87,16 +87,15 @@ def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
                                                                          "d8_c4x2_in_plain", "d8_c4x2_in_res2proj"))}
 
 
-def test_same_seed_gives_the_same_history(mnist_root, tmp_path):
-    histories = []
-    for out in ("a", "b"):
-        (config, history), = run_main(*tiny_mlp_args(mnist_root, tmp_path / out, "--num_hidden_layers", "4"))
-        histories.append(history)
+def test_same_seed_gives_the_same_history(mnist_root, tmp_path, finished_run):
+    """A run trained again here, beside the same run trained by the suite's fixture."""
+    (config, history), = run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+    assert config.run_name == finished_run.name
+    before = json.loads((finished_run / "history.json").read_text())
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]
-    assert strip(histories[0]) == strip(histories[1])
-    assert histories[0]["test"] == histories[1]["test"]
-    grad_norms = [(tmp_path / out / config.run_name / "grad_norms.csv").read_text() for out in ("a", "b")]
-    assert grad_norms[0] == grad_norms[1] and len(grad_norms[0].splitlines()) == 21
+    assert strip(history) == strip(before) and history["test"] == before["test"]
+    grad_norms = [(run_dir / "grad_norms.csv").read_text() for run_dir in (finished_run, tmp_path / config.run_name)]
+    assert grad_norms[0] == grad_norms[1] and len(grad_norms[0].splitlines()) == 11
 
 
 def test_run_name_is_the_folder_of_a_single_run_and_a_prefix_in_a_sweep(mnist_root, tmp_path):
@@ -182,8 +181,8 @@ def test_bad_input_from_a_real_process_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_existing_run_is_not_overwritten(mnist_root, tmp_path, capsys):
-    run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+def test_existing_run_is_not_overwritten(mnist_root, tmp_path, capsys, finished_run):
+    shutil.copytree(finished_run, tmp_path / finished_run.name)
     before = (RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint).read_bytes()
     status, lines = cli_exit(capsys, *tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
     assert status == 2 and len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], lines
