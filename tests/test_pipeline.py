@@ -124,8 +124,9 @@ def test_checkpoint_flag_is_where_a_single_run_saves_and_resumes(mnist_root, tmp
 
 
 def test_help_states_defaults_and_both_spellings(pipeline_help):
-    assert pipeline_help.returncode == 0
-    text = " ".join(pipeline_help.stdout.split())
+    status, text = pipeline_help
+    assert status == 0
+    text = " ".join(text.split())
     for flag in ("--num_epochs", "--num-epochs", "--load_model_as", "--save_model_as", "--no-train",
                  "--no-download", "--limit_train", "--residual-step"):
         assert flag in text
