@@ -194,13 +194,13 @@ def test_overwrite_is_all_or_nothing(mnist_root, tmp_path, capsys, monkeypatch, 
     assert (tmp_path / RUN / "notes.txt").read_text() == "my own notes"
 
 
-def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys):
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2"))
-    before = RunFiles(tmp_path / "mlp_mnist_h2_w8_plain_s0").checkpoint.stat().st_mtime_ns
+def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys, finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)  # the sweep's second run, finished
+    before = RunFiles(tmp_path / RUN).checkpoint.stat().st_mtime_ns
     runs = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "4",
                               "--resume"))
-    assert "mlp_mnist_h2_w8_plain_s0: already finished with these settings, skipped" in capsys.readouterr().out
-    assert RunFiles(tmp_path / "mlp_mnist_h2_w8_plain_s0").checkpoint.stat().st_mtime_ns == before
+    assert f"{RUN}: already finished with these settings, skipped" in capsys.readouterr().out
+    assert RunFiles(tmp_path / RUN).checkpoint.stat().st_mtime_ns == before
     assert [len(h["epochs"]) for _, h in runs] == [1, 1] and all("test" in h for _, h in runs)
 
 

@@ -104,17 +104,17 @@ def test_ctrl_c_while_jobs_workers_start_is_one_line(mnist_root, tmp_path):
 
 
 def test_an_unreadable_checkpoint_in_a_sweep_is_refused_while_planning_and_nothing_trains(mnist_root, tmp_path,
-                                                                                          capsys):
+                                                                                          capsys, finished_run):
     """(A run that fails while training, with the others finishing: tests/test_failures.py.)"""
-    run_main(*flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "--num_epochs", "1"))
-    broken = tmp_path / "mlp_mnist_h2_w8_plain_s0"
+    broken = tmp_path / finished_run.name  # the sweep's second run
+    shutil.copytree(finished_run, broken)
     (broken / "history.json").unlink()  # unfinished now, and its checkpoint cannot be read
     RunFiles(broken).checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(
             flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", "--num_epochs", "1", "--resume")))
     assert exit_info.value.code == 2  # refused while planning: nothing trained
-    assert not (tmp_path / "mlp_mnist_h4_w8_plain_s0").exists()
+    assert not (tmp_path / "mlp_mnist_h2_w8_plain_s0").exists()
 
 
 def test_a_diverging_run_is_reported_and_the_sweep_goes_on(mnist_root, tmp_path, capsys):
