@@ -1,10 +1,11 @@
 """Tiny MNIST and CIFAR-10 written in their official on-disk formats, so the real loading code runs offline."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import pickle
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -112,7 +113,21 @@ def cifar_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pipeline_help() -> subprocess.CompletedProcess:
-    """`python pipeline.py -h` run once in a real process, for the tests that read the help."""
-    return subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "-h"], capture_output=True, text=True,
-                          timeout=120)
+def finished_run(mnist_root, tmp_path_factory) -> Path:
+    """The folder of a finished 1-epoch run of test_resume's tiny MLP, beside its plots/: with a constant learning
+    rate, also the first epoch of a longer run. Copy it before changing it."""
+    from test_resume import RUN, args_for, run_main
+    out_dir = tmp_path_factory.mktemp("finished")
+    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "1"))
+    return out_dir / RUN
+
+
+@pytest.fixture(scope="session")
+def pipeline_help() -> tuple[int, str]:
+    """The exit status and output of `pipeline.py -h`: pipeline's parser given -h, once, for the tests that read
+    the help."""
+    import pipeline
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        pipeline.get_args_parser().parse_args(["-h"])
+    return exit_info.value.code, out.getvalue()

@@ -59,7 +59,7 @@ def test_every_run_setting_is_a_flag_in_both_spellings():
 
 
 def test_help_reads_as_sections(pipeline_help):
-    text = pipeline_help.stdout
+    text = pipeline_help[1]
     sections = [line.rstrip(":") for line in text.splitlines() if line and not line[0].isspace() and
                 line.endswith(":")]
     assert sections == ["options", "model", "data", "optimisation", "run folder", "tracking", "scaling"]

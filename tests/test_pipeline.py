@@ -1,5 +1,6 @@
 """The pipeline CLI end to end: outputs, sweeps, evaluation of a checkpoint, and bad input."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pipeline
 import utils
 from conftest import ROOT
 from runs import RunFiles, load_checkpoint
+from test_resume import cli_exit
 
 
 def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -26,10 +28,9 @@ def tiny_mlp_args(mnist_root, out_dir, *extra: str) -> list[str]:
             "--batch_size", "50", "--width", "8", "--device", "cpu", "--out_dir", str(out_dir), *extra]
 
 
-def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
-    result = run_cli(*tiny_mlp_args(mnist_root, tmp_path, "--num-hidden-layers", "2", "4", "--residual_step",
-                                    "0", "2", "--lr", "1e-2"))
-    assert result.returncode == 0, result.stderr
+def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path, capsys):
+    run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num-hidden-layers", "2", "4", "--residual_step", "0", "2",
+                            "--lr", "1e-2"))
     runs = sorted(p.name for p in tmp_path.iterdir() if p.name != "plots")
     assert runs == ["mlp_mnist_h2_w8_plain_s0", "mlp_mnist_h2_w8_res2_s0",
                     "mlp_mnist_h4_w8_plain_s0", "mlp_mnist_h4_w8_res2_s0"]
@@ -56,18 +57,18 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path):
                      "gradient_heatmap_mlp_mnist_h4_w8_plain_s0.png", "gradient_heatmap_mlp_mnist_h4_w8_res2_s0.png",
                      "gradients_mlp_d2.png", "gradients_mlp_d2_res2.png", "gradients_mlp_d4.png",
                      "gradients_mlp_d4_res2.png", "mlp_Val_acc.png", "mlp_trainability.png", "mlp_training_loss.png"]
-    assert "mlp_mnist_h4_w8_res2_s0: test loss" in result.stdout and "test acc" in result.stdout
+    out = capsys.readouterr().out
+    assert "mlp_mnist_h4_w8_res2_s0: test loss" in out and "test acc" in out
 
 
-def test_cli_evaluates_a_checkpoint(mnist_root, tmp_path):
-    run_main(*tiny_mlp_args(mnist_root, tmp_path, "--plots_dir", str(tmp_path / "p")))
-    checkpoint = RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint
-    history = json.loads(checkpoint.with_name("history.json").read_text())
-    result = run_cli("--no-train", "--load_model_as", str(checkpoint), "--data_root", str(mnist_root),
-                     "--no-download", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    assert f"accuracy {history['test']['acc']:.2%}" in result.stdout
-    assert "200 images" in result.stdout
+def test_cli_evaluates_a_checkpoint(mnist_root, capsys, finished_run):
+    checkpoint = RunFiles(finished_run).checkpoint
+    history = json.loads((finished_run / "history.json").read_text())
+    capsys.readouterr()
+    run_main("--no-train", "--load_model_as", str(checkpoint), "--data_root", str(mnist_root), "--no-download",
+             "--device", "cpu")
+    out = capsys.readouterr().out
+    assert f"accuracy {history['test']['acc']:.2%}" in out and "200 images" in out
 
 
 def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
@@ -86,16 +87,15 @@ def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
                                                                          "d8_c4x2_in_plain", "d8_c4x2_in_res2proj"))}
 
 
-def test_same_seed_gives_the_same_history(mnist_root, tmp_path):
-    histories = []
-    for out in ("a", "b"):
-        (config, history), = run_main(*tiny_mlp_args(mnist_root, tmp_path / out, "--num_hidden_layers", "4"))
-        histories.append(history)
+def test_same_seed_gives_the_same_history(mnist_root, tmp_path, finished_run):
+    """A run trained again here, beside the same run trained by the suite's fixture."""
+    (config, history), = run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+    assert config.run_name == finished_run.name
+    before = json.loads((finished_run / "history.json").read_text())
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]
-    assert strip(histories[0]) == strip(histories[1])
-    assert histories[0]["test"] == histories[1]["test"]
-    grad_norms = [(tmp_path / out / config.run_name / "grad_norms.csv").read_text() for out in ("a", "b")]
-    assert grad_norms[0] == grad_norms[1] and len(grad_norms[0].splitlines()) == 21
+    assert strip(history) == strip(before) and history["test"] == before["test"]
+    grad_norms = [(run_dir / "grad_norms.csv").read_text() for run_dir in (finished_run, tmp_path / config.run_name)]
+    assert grad_norms[0] == grad_norms[1] and len(grad_norms[0].splitlines()) == 11
 
 
 def test_run_name_is_the_folder_of_a_single_run_and_a_prefix_in_a_sweep(mnist_root, tmp_path):
@@ -124,8 +124,9 @@ def test_checkpoint_flag_is_where_a_single_run_saves_and_resumes(mnist_root, tmp
 
 
 def test_help_states_defaults_and_both_spellings(pipeline_help):
-    assert pipeline_help.returncode == 0
-    text = " ".join(pipeline_help.stdout.split())
+    status, text = pipeline_help
+    assert status == 0
+    text = " ".join(text.split())
     for flag in ("--num_epochs", "--num-epochs", "--load_model_as", "--save_model_as", "--no-train",
                  "--no-download", "--limit_train", "--residual-step"):
         assert flag in text
@@ -181,9 +182,9 @@ def test_bad_input_from_a_real_process_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_existing_run_is_not_overwritten(mnist_root, tmp_path):
-    run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+def test_existing_run_is_not_overwritten(mnist_root, tmp_path, capsys, finished_run):
+    shutil.copytree(finished_run, tmp_path / finished_run.name)
     before = (RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint).read_bytes()
-    result = run_cli(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
-    assert result.returncode == 2 and "--resume" in result.stderr and "--overwrite" in result.stderr
+    status, lines = cli_exit(capsys, *tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+    assert status == 2 and len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], lines
     assert (RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint).read_bytes() == before

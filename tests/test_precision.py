@@ -1,6 +1,7 @@
 """--amp's precision follows the hardware: the policy, what a run records and prints, float16's GradScaler in the
 checkpoint, and configs from before the precision was recorded."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -58,16 +59,15 @@ def test_float16_keeps_its_loss_scale_in_the_checkpoint_and_resumes_exactly(mnis
     assert (scaler["scale"], scaler["_growth_tracker"]) == (1024.0, 17)
 
 
-def test_float32_runs_keep_an_empty_scaler_and_their_numerics(mnist_root, tmp_path):
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
-    checkpoint = torch.load(tmp_path / RUN / "checkpoint.pt", weights_only=True)
+def test_float32_runs_keep_an_empty_scaler_and_their_numerics(finished_run):
+    checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=True)
     assert checkpoint["grad_scaler"] == {} and checkpoint["config"]["precision"] == "float32"
 
 
-def test_a_run_from_before_precision_was_recorded_loads_and_resumes(mnist_root, tmp_path, capsys):
+def test_a_run_from_before_precision_was_recorded_loads_and_resumes(mnist_root, tmp_path, capsys, finished_run):
     """Before the precision was recorded --amp always meant bfloat16; such a config loads with what it meant, and
     an unfinished run of that version (no precision, no GradScaler state) continues."""
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    shutil.copytree(finished_run, tmp_path / RUN)
     values = json.loads((tmp_path / RUN / "config.json").read_text())
     del values["precision"]
     assert RunConfig.from_dict(dict(values, amp=True)).precision == "bfloat16"

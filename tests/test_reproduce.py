@@ -15,7 +15,7 @@ from conftest import ROOT, write_cifar10, write_mnist
 TOY = {"EPOCHS": "1", "IMAGES": "640", "VAL_SIZE": "100", "JOBS": "1",
        "EX1_DEPTHS": "2 4", "EX1_SEEDS": "0", "EX1_GRADIENT_FIGURES": "gradients_mlp_d4.png gradients_mlp_d4_res2.png",
        "EX2_CONVS": "2", "EX2_SEEDS": "0", "EX2_GRADIENT_FIGURES": "Conv_gradients_d8.png",
-       "FAITHFULNESS": "20"}
+       "FAITHFULNESS": "2"}
 # the figures README.md shows from img_show/ whose names do not depend on the depths or the predictions
 FIXED_FIGURES = ("mlp_training_loss.png", "mlp_Val_acc.png", "mlp_trainability.png", "Conv_train_loss.png",
                  "Conv_val_accuracy.png", "cam/cam_grid.png")

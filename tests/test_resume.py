@@ -87,24 +87,17 @@ def straight_run(mnist_root, tmp_path_factory):
     return out_dir / RUN
 
 
-@pytest.fixture(scope="module")
-def finished_run(mnist_root, tmp_path_factory):
-    """The folder of a finished 1-epoch run; copy it before changing it."""
-    out_dir = tmp_path_factory.mktemp("finished")
-    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "1"))
-    return out_dir / RUN
-
-
-def test_resume_is_bit_exact(mnist_root, tmp_path, straight_run):
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+def test_resume_is_bit_exact(mnist_root, tmp_path, straight_run, finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)  # its first epoch
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "3", "--resume"))
     assert_same_run(straight_run, tmp_path / RUN)
 
 
-def test_grad_norms_of_an_epoch_trained_again_are_not_duplicated(mnist_root, tmp_path, straight_run):
+def test_grad_norms_of_an_epoch_trained_again_are_not_duplicated(mnist_root, tmp_path, straight_run,
+                                                                  finished_run):
     """A crash between appending an epoch's gradient norms and saving its checkpoint: the resumed run trains that
     epoch again, and grad_norms.csv must hold each step once, as in a straight run."""
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    shutil.copytree(finished_run, tmp_path / RUN)  # its first epoch
     files = RunFiles(tmp_path / RUN)
     epoch_2 = list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))
     files.append_grad_norms(epoch_2, torch.rand(len(epoch_2), 6))
@@ -201,13 +194,13 @@ def test_overwrite_is_all_or_nothing(mnist_root, tmp_path, capsys, monkeypatch, 
     assert (tmp_path / RUN / "notes.txt").read_text() == "my own notes"
 
 
-def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys):
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2"))
-    before = RunFiles(tmp_path / "mlp_mnist_h2_w8_plain_s0").checkpoint.stat().st_mtime_ns
+def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys, finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)  # the sweep's second run, finished
+    before = RunFiles(tmp_path / RUN).checkpoint.stat().st_mtime_ns
     runs = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "4",
                               "--resume"))
-    assert "mlp_mnist_h2_w8_plain_s0: already finished with these settings, skipped" in capsys.readouterr().out
-    assert RunFiles(tmp_path / "mlp_mnist_h2_w8_plain_s0").checkpoint.stat().st_mtime_ns == before
+    assert f"{RUN}: already finished with these settings, skipped" in capsys.readouterr().out
+    assert RunFiles(tmp_path / RUN).checkpoint.stat().st_mtime_ns == before
     assert [len(h["epochs"]) for _, h in runs] == [1, 1] and all("test" in h for _, h in runs)
 
 
@@ -378,19 +371,17 @@ def straight_long_run(mnist_root, tmp_path_factory):
     return out_dir / RUN
 
 
-@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
-def test_a_second_process_on_a_run_being_trained_is_refused_and_changes_nothing(mnist_root, tmp_path,
-                                                                                straight_long_run, flag):
+def test_a_second_process_on_a_run_being_trained_is_refused_and_changes_nothing(mnist_root, tmp_path, capsys,
+                                                                                straight_long_run):
+    """This process is the second one, with --resume and then with --overwrite."""
     first = start_training(mnist_root, tmp_path)
-    os.kill(first.pid, signal.SIGSTOP)  # it holds the lock mid-run, however long the second takes to start
+    os.kill(first.pid, signal.SIGSTOP)  # it holds the lock mid-run, however long the second takes
     try:
-        second = subprocess.run([sys.executable, str(ROOT / "pipeline.py"),
-                                 *args_for(mnist_root, tmp_path, *LONG_RUN, flag)],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        for flag in ("--resume", "--overwrite"):
+            status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, *LONG_RUN, flag))
+            assert status == 2 and len(lines) == 1 and RUN in lines[0] and f"process {first.pid}" in lines[0], lines
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
-    assert RUN in second.stderr and f"process {first.pid}" in second.stderr and "Traceback" not in second.stderr
     assert first.wait(timeout=300) == 0, first.communicate()
     assert_same_run(straight_long_run, tmp_path / RUN)
 
@@ -413,10 +404,11 @@ def test_a_sweep_is_refused_up_front_when_one_of_its_runs_is_being_trained(mnist
 
 
 @pytest.mark.parametrize("damage", ["cut_row", "garbage_row"])
-def test_grad_norms_cut_or_garbled_after_the_checkpoint_heal_on_resume(mnist_root, tmp_path, straight_run, damage):
+def test_grad_norms_cut_or_garbled_after_the_checkpoint_heal_on_resume(mnist_root, tmp_path, straight_run,
+                                                                       finished_run, damage):
     """A kill -9 or a full disk mid-append leaves part of a row: resume cuts back to the last complete row at or
     before the checkpoint's step, so nothing is glued to the next row, and the file ends as a straight run's."""
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+    shutil.copytree(finished_run, tmp_path / RUN)  # its first epoch
     files = RunFiles(tmp_path / RUN)
     with files.grad_norms.open("a") as f:
         # the first digit of step 10's row; or a row of an earlier step that does not parse, then a cut one
@@ -427,8 +419,9 @@ def test_grad_norms_cut_or_garbled_after_the_checkpoint_heal_on_resume(mnist_roo
 
 @pytest.mark.parametrize("damage", ["missing", "not_numbers"])
 def test_an_unfinished_run_without_usable_grad_norms_resumes_and_its_figure_says_why(mnist_root, tmp_path, capsys,
-                                                                                      straight_run, damage):
-    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
+                                                                                      straight_run, finished_run,
+                                                                                      damage):
+    shutil.copytree(finished_run, tmp_path / RUN)  # its first epoch
     files = RunFiles(tmp_path / RUN)
     if damage == "missing":
         files.grad_norms.unlink()
@@ -590,14 +583,13 @@ def fill_but(folder, kib: int) -> str:
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(mnist_root, tmp_path,
-                                                                                 straight_run):
+                                                                                 straight_run, finished_run):
     disk, kept = tmp_path / "disk", tmp_path / "kept"
     args = " ".join(args_for(mnist_root, disk / "runs"))
-    result = in_small_tmpfs(disk, f'$P pipeline.py {args} --num_epochs 1 > /dev/null && {fill_but(disk, 64)} && '
+    result = in_small_tmpfs(disk, f'mkdir "{disk}/runs" && cp -a "{finished_run}" "{disk}/runs/" && '
+                                  f'{fill_but(disk, 64)} && '
                                   f'$P pipeline.py {args} --num_epochs 3 --resume > /dev/null; echo "rc=$?"; '
-                                  f'cp -a "{disk}/runs" "{kept}"; rm "{disk}/filler"; '
-                                  f'$P pipeline.py {args} --num_epochs 3 --resume > /dev/null && '
-                                  f'cp -a "{disk}/runs" "{tmp_path}/after"')
+                                  f'cp -a "{disk}/runs" "{kept}"')
     assert "rc=1" in result.stdout, result.stderr
     line = f"pipeline.py: error: {RUN} failed: no space left on {RunFiles(disk / 'runs' / RUN).checkpoint}"
     assert result.stderr.splitlines()[0] == line, result.stderr
@@ -605,13 +597,16 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
     assert load_checkpoint(RunFiles(kept / RUN).checkpoint)["epoch"] == 1
     assert len(json.loads((kept / RUN / "history.json").read_text())["epochs"]) == 1
     assert not [p for p in (kept / RUN).iterdir() if p.name.endswith(".tmp")]
-    assert_same_run(straight_run, tmp_path / "after" / RUN)  # with space again, the resume is exact
+    shutil.copytree(kept, tmp_path / "after")  # with space again, the resume is exact
+    run_main(*args_for(mnist_root, tmp_path / "after", "--num_epochs", "3", "--resume"))
+    assert_same_run(straight_run, tmp_path / "after" / RUN)
 
 
-def test_a_full_disk_while_drawing_figures_is_one_line_and_keeps_the_old_ones(mnist_root, tmp_path):
+def test_a_full_disk_while_drawing_figures_is_one_line_and_keeps_the_old_ones(mnist_root, tmp_path, finished_run):
     disk, kept = tmp_path / "disk", tmp_path / "kept"
     args = " ".join(args_for(mnist_root, disk / "runs", "--num_epochs", "1"))
-    result = in_small_tmpfs(disk, f'$P pipeline.py {args} > /dev/null && cp -a "{disk}/runs" "{tmp_path}/before" && '
+    result = in_small_tmpfs(disk, f'cp -a "{finished_run.parent}" "{disk}/runs" && '
+                                  f'cp -a "{disk}/runs" "{tmp_path}/before" && '
                                   f'{fill_but(disk, 8)} && $P pipeline.py {args} --resume > /dev/null; '
                                   f'echo "rc=$?"; cp -a "{disk}/runs" "{kept}"')
     assert "rc=2" in result.stdout, result.stderr

@@ -43,18 +43,6 @@ def histories(out_dir) -> dict[str, dict]:
     return runs
 
 
-SWEEP = ("--num_hidden_layers", "2", "4", "--residual_step", "0", "2", "--num_epochs", "2")
-
-
-def test_jobs_give_the_histories_of_one_process(mnist_root, tmp_path):
-    one = run_main(*flags(mnist_root, tmp_path / "one", *SWEEP))
-    two = run_main(*flags(mnist_root, tmp_path / "two", *SWEEP, "--jobs", "2"))
-    assert len(histories(tmp_path / "one")) == 4
-    assert histories(tmp_path / "one") == histories(tmp_path / "two")
-    assert [c.run_name for c, _ in one] == [c.run_name for c, _ in two]
-    assert (tmp_path / "two" / "plots" / "mlp_trainability.png").is_file()
-
-
 def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
     """One worker takes the runs in the order they are queued, so the order they come back in is that order."""
     args = pipeline.get_args_parser().parse_args(flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "6", "4",
@@ -66,8 +54,10 @@ def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
     assert failures == {} and [planned[i].config.num_hidden_layers for i in histories] == [6, 4, 2]
 
 
-def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path):
-    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "4", "--batch_size", "5")
+def test_an_interrupted_jobs_sweep_resumes_to_the_histories_of_one_process(mnist_root, tmp_path):
+    """SIGTERM while two workers train the first two runs of four: the resumed --jobs sweep continues those two and
+    trains the other two from the start, and every run ends as in one process."""
+    sweep = ("--num_hidden_layers", "2", "4", "--residual_step", "0", "2", "--num_epochs", "4", "--batch_size", "5")
     command = [sys.executable, str(ROOT / "pipeline.py"), *flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2")]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -79,9 +69,13 @@ def test_interrupted_jobs_sweep_resumes_to_the_same_result(mnist_root, tmp_path)
     assert "--resume" in err.strip().splitlines()[-1]
     unfinished = [h for h in histories_or_partial(tmp_path / "cut") if "test" not in h]
     assert unfinished, "the signal came after every run had finished"
-    run_main(*flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2", "--resume"))
-    run_main(*flags(mnist_root, tmp_path / "straight", *sweep))
+    assert len(list((tmp_path / "cut").glob("*/checkpoint.pt"))) <= 2, "a run beyond the first two had started"
+    two = run_main(*flags(mnist_root, tmp_path / "cut", *sweep, "--jobs", "2", "--resume"))
+    one = run_main(*flags(mnist_root, tmp_path / "straight", *sweep))
+    assert len(histories(tmp_path / "straight")) == 4
     assert histories(tmp_path / "cut") == histories(tmp_path / "straight")
+    assert [c.run_name for c, _ in two] == [c.run_name for c, _ in one]
+    assert (tmp_path / "cut" / "plots" / "mlp_trainability.png").is_file()
 
 
 def histories_or_partial(out_dir) -> list[dict]:
@@ -110,17 +104,17 @@ def test_ctrl_c_while_jobs_workers_start_is_one_line(mnist_root, tmp_path):
 
 
 def test_an_unreadable_checkpoint_in_a_sweep_is_refused_while_planning_and_nothing_trains(mnist_root, tmp_path,
-                                                                                          capsys):
+                                                                                          capsys, finished_run):
     """(A run that fails while training, with the others finishing: tests/test_failures.py.)"""
-    run_main(*flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "--num_epochs", "1"))
-    broken = tmp_path / "mlp_mnist_h2_w8_plain_s0"
+    broken = tmp_path / finished_run.name  # the sweep's second run
+    shutil.copytree(finished_run, broken)
     (broken / "history.json").unlink()  # unfinished now, and its checkpoint cannot be read
     RunFiles(broken).checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
         utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(
             flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", "--num_epochs", "1", "--resume")))
     assert exit_info.value.code == 2  # refused while planning: nothing trained
-    assert not (tmp_path / "mlp_mnist_h4_w8_plain_s0").exists()
+    assert not (tmp_path / "mlp_mnist_h2_w8_plain_s0").exists()
 
 
 def test_a_diverging_run_is_reported_and_the_sweep_goes_on(mnist_root, tmp_path, capsys):
@@ -176,7 +170,7 @@ def launch(root, args: list[str], world_size: int = 2) -> None:
     spawn_ranks(root, args, world_size)
 
 
-def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path):
+def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path, capsys):
     # --out_dir is relative: each rank writes into its own working folder, so what rank 1 writes would show
     args = flags(mnist_root, "runs", "--num_hidden_layers", "4", "--num_epochs", "2", "--residual_step", "2")
     launch(tmp_path / "ddp", args)
@@ -193,12 +187,11 @@ def test_two_processes_train_the_mlp_of_one(mnist_root, tmp_path):
     norms = [np.loadtxt(d / run / "grad_norms.csv", delimiter=",", skiprows=1)
              for d in (tmp_path / "ddp" / "rank0" / "runs", tmp_path / "single")]
     np.testing.assert_allclose(norms[0], norms[1], rtol=1e-4, atol=1e-6)
-    # the checkpoint loads in a single process
-    status = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--no-train", "--device", "cpu",
-                             "--data_root", str(mnist_root), "--no-download", "--checkpoint",
-                             str(RunFiles(tmp_path / "ddp" / "rank0" / "runs" / run).checkpoint)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert status.returncode == 0 and f"accuracy {100 * ddp['test']['acc']:.2f}%" in status.stdout
+    # the checkpoint loads in a single process, this one
+    capsys.readouterr()
+    run_main("--no-train", "--device", "cpu", "--data_root", str(mnist_root), "--no-download", "--checkpoint",
+             str(RunFiles(tmp_path / "ddp" / "rank0" / "runs" / run).checkpoint))
+    assert f"accuracy {100 * ddp['test']['acc']:.2f}%" in capsys.readouterr().out
 
 
 def test_two_processes_train_a_cnn_and_resume_under_torchrun(cifar_root, tmp_path):

@@ -207,10 +207,17 @@ class FailingToLogWandb(types.ModuleType):
         return self.runs[-1]
 
 
+@pytest.fixture(scope="module")
+def untracked_run(mnist_root, tmp_path_factory):
+    """The folder of a 2-epoch run without tracking."""
+    out_dir = tmp_path_factory.mktemp("untracked")
+    run_main(*args_for(mnist_root, out_dir, "--num_epochs", "2"))
+    return out_dir / RUN
+
+
 @pytest.mark.parametrize("fail", ["start", "log"])
 def test_a_failing_tracker_is_one_warning_and_training_goes_on(mnist_root, tmp_path, monkeypatch, capsys, wandb_home,
-                                                               fail):
-    run_main(*args_for(mnist_root, tmp_path / "untracked", "--num_epochs", "2"))
+                                                               untracked_run, fail):
     if fail == "start":  # the real W&B, online with no API key anywhere: it refuses to start
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
         monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -225,7 +232,7 @@ def test_a_failing_tracker_is_one_warning_and_training_goes_on(mnist_root, tmp_p
     warnings = [line for line in capsys.readouterr().err.splitlines() if "W&B" in line]
     assert warnings[0].startswith(f"warning: {RUN}: W&B tracking stopped, the run goes on without it ({reason}")
     assert len(warnings) == 2  # the run's and the sweep summary's, once each
-    untracked, _, _ = read_run(tmp_path / "untracked" / RUN)
+    untracked, _, _ = read_run(untracked_run)
     tracked, _, _ = read_run(tmp_path / "tracked" / RUN)
     assert [e["train_loss"] for e in tracked["epochs"]] == [e["train_loss"] for e in untracked["epochs"]]
     assert tracked["test"] == untracked["test"]
