@@ -36,6 +36,31 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("fuzz")]
 
 
+# the tiny MLP run of the resume, pipeline and precision tests: its name, and its flags beside a data root and out_dir
+RUN = "mlp_mnist_h4_w8_plain_s0"
+
+
+def args_for(mnist_root, out_dir, *extra: str) -> list[str]:
+    return ["--data_root", str(mnist_root), "--no-download", "--val_size", "100", "--batch_size", "50",
+            "--width", "8", "--device", "cpu", "--out_dir", str(out_dir), *extra]
+
+
+def run_main(*args: str):
+    """pipeline.py's main on these flags, in this process."""
+    import pipeline
+    return pipeline.main(pipeline.get_args_parser().parse_args(list(args)))
+
+
+def cli_exit(capsys, *args: str) -> tuple[int, list[str]]:
+    """Run the pipeline CLI in-process as a user would; return its exit status and stderr lines."""
+    import pipeline
+    import utils
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(list(args)))
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
 def run_config(*flags: str):
     """The first RunConfig pipeline.py plans from these flags, on the CPU (the real flag-to-config path)."""
     import pipeline
@@ -116,7 +141,6 @@ def cifar_root(tmp_path_factory) -> Path:
 def finished_run(mnist_root, tmp_path_factory) -> Path:
     """The folder of a finished 1-epoch run of test_resume's tiny MLP, beside its plots/: with a constant learning
     rate, also the first epoch of a longer run. Copy it before changing it."""
-    from test_resume import RUN, args_for, run_main
     out_dir = tmp_path_factory.mktemp("finished")
     run_main(*args_for(mnist_root, out_dir, "--num_epochs", "1"))
     return out_dir / RUN

@@ -7,7 +7,7 @@ import torch
 
 import pipeline
 import utils
-from test_resume import args_for
+from conftest import args_for
 
 FAILING, FINISHING = "mlp_mnist_h2_w8_plain_s0", "mlp_mnist_h4_w8_plain_s0"
 

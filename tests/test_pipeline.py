@@ -9,9 +9,8 @@ import torch
 
 import pipeline
 import utils
-from conftest import ROOT
+from conftest import ROOT, cli_exit
 from runs import RunFiles, load_checkpoint
-from test_resume import cli_exit
 
 
 def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import torch
 import pipeline
 import train
 from config import RunConfig
-from test_resume import RUN, args_for, run_main
+from conftest import RUN, args_for, run_main
 
 
 @pytest.mark.parametrize("capability,expected", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])

@@ -15,36 +15,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-import pipeline
 import plots
 import report
 import runs
 import train
 import utils
-from conftest import ROOT, image_of_step
+from conftest import ROOT, RUN, args_for, cli_exit, image_of_step, run_main
 from runs import RunFiles, load_checkpoint, save_checkpoint
 
-RUN = "mlp_mnist_h4_w8_plain_s0"
 STEPS_PER_EPOCH = 10  # 500 training images in batches of 50
 # 3 epochs of 100 steps (batches of 5): a signal or a second process lands while the later epochs run
 LONG_RUN = ("--num_epochs", "3", "--batch_size", "5")
-
-
-def args_for(mnist_root, out_dir, *extra: str) -> list[str]:
-    return ["--data_root", str(mnist_root), "--no-download", "--val_size", "100", "--batch_size", "50",
-            "--width", "8", "--device", "cpu", "--out_dir", str(out_dir), *extra]
-
-
-def run_main(*args: str):
-    return pipeline.main(pipeline.get_args_parser().parse_args(list(args)))
-
-
-def cli_exit(capsys, *args: str) -> tuple[int, list[str]]:
-    """Run the pipeline CLI in-process as a user would; return its exit status and stderr lines."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        utils.run_cli(pipeline.main, pipeline.get_args_parser().parse_args(list(args)))
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def interrupt_at(monkeypatch, step: int) -> None:
