@@ -9,7 +9,7 @@ import torch
 
 import pipeline
 import utils
-from conftest import ROOT, cli_exit
+from conftest import ROOT, args_for, cli_exit, run_main
 from runs import RunFiles, load_checkpoint
 
 
@@ -18,18 +18,9 @@ def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def run_main(*args: str):
-    return pipeline.main(pipeline.get_args_parser().parse_args(list(args)))
-
-
-def tiny_mlp_args(mnist_root, out_dir, *extra: str) -> list[str]:
-    return ["--data_root", str(mnist_root), "--no-download", "--val_size", "100", "--num_epochs", "2",
-            "--batch_size", "50", "--width", "8", "--device", "cpu", "--out_dir", str(out_dir), *extra]
-
-
 def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path, capsys):
-    run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num-hidden-layers", "2", "4", "--residual_step", "0", "2",
-                            "--lr", "1e-2"))
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "2", "--num-hidden-layers", "2", "4", "--residual_step",
+                       "0", "2", "--lr", "1e-2"))
     runs = sorted(p.name for p in tmp_path.iterdir() if p.name != "plots")
     assert runs == ["mlp_mnist_h2_w8_plain_s0", "mlp_mnist_h2_w8_res2_s0",
                     "mlp_mnist_h4_w8_plain_s0", "mlp_mnist_h4_w8_res2_s0"]
@@ -88,7 +79,7 @@ def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
 
 def test_same_seed_gives_the_same_history(mnist_root, tmp_path, finished_run):
     """A run trained again here, beside the same run trained by the suite's fixture."""
-    (config, history), = run_main(*tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+    (config, history), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
     assert config.run_name == finished_run.name
     before = json.loads((finished_run / "history.json").read_text())
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]
@@ -98,10 +89,10 @@ def test_same_seed_gives_the_same_history(mnist_root, tmp_path, finished_run):
 
 
 def test_run_name_is_the_folder_of_a_single_run_and_a_prefix_in_a_sweep(mnist_root, tmp_path):
-    one = tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "--run_name", "mine")
+    one = args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "--run_name", "mine")
     (config, _), = run_main(*one)
     assert config.run_name == "mine" and RunFiles(tmp_path / "mine").checkpoint.is_file()
-    runs = run_main(*tiny_mlp_args(mnist_root, tmp_path / "sweep", "--num_epochs", "1", "--num_hidden_layers", "2",
+    runs = run_main(*args_for(mnist_root, tmp_path / "sweep", "--num_epochs", "1", "--num_hidden_layers", "2",
                                    "4", "--run_name", "exp"))
     names = ["exp_mlp_mnist_h2_w8_plain_s0", "exp_mlp_mnist_h4_w8_plain_s0"]
     assert [config.run_name for config, _ in runs] == names
@@ -111,7 +102,7 @@ def test_run_name_is_the_folder_of_a_single_run_and_a_prefix_in_a_sweep(mnist_ro
 
 def test_checkpoint_flag_is_where_a_single_run_saves_and_resumes(mnist_root, tmp_path, capsys):
     path = tmp_path / "elsewhere" / "model.pt"
-    args = tiny_mlp_args(mnist_root, tmp_path / "runs", "--checkpoint", str(path))
+    args = args_for(mnist_root, tmp_path / "runs", "--checkpoint", str(path))
     (_, first), = run_main(*args, "--num_epochs", "1")
     run_dir = tmp_path / "runs" / "mlp_mnist_h4_w8_plain_s0"
     assert load_checkpoint(path)["epoch"] == 1
@@ -184,6 +175,6 @@ def test_bad_input_from_a_real_process_is_one_line(tmp_path):
 def test_existing_run_is_not_overwritten(mnist_root, tmp_path, capsys, finished_run):
     shutil.copytree(finished_run, tmp_path / finished_run.name)
     before = (RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint).read_bytes()
-    status, lines = cli_exit(capsys, *tiny_mlp_args(mnist_root, tmp_path, "--num_epochs", "1"))
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1"))
     assert status == 2 and len(lines) == 1 and "--resume" in lines[0] and "--overwrite" in lines[0], lines
     assert (RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint).read_bytes() == before
