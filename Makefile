@@ -5,23 +5,27 @@ PY := $(VENV)/bin/python
 DATA_ROOT ?= data
 JOBS ?= $(shell nproc)
 # make reproduce: where runs and figures go and the size of the lab (a test runs it at toy size: 1 epoch, a few
-# hundred images, 1 seed, 2 depths). IMAGES and VAL_SIZE left empty: all training images, pipeline.py's 5,000.
+# hundred images, 1 seed, 2 depths). Left empty: the presets' depths, seeds and 10 epochs (--preset exercise1 and
+# exercise2 in config.py), all training images, pipeline.py's 5,000 validation images.
 RUNS ?= runs/reproduce
 IMG_SHOW ?= img_show
-EPOCHS ?= 10
+EPOCHS ?=
 IMAGES ?=
 VAL_SIZE ?=
-EX1_DEPTHS ?= 2 6 10 14 18 22 26 30 34
-EX1_SEEDS ?= 0 1 2 3 4
+EX1_DEPTHS ?=
+EX1_SEEDS ?=
 EX1_GRADIENT_FIGURES ?= gradients_mlp_d22.png gradients_mlp_d34.png gradients_mlp_d34_res2.png \
 	gradient_heatmap_mlp_mnist_h22_w16_plain_s0.png gradient_heatmap_mlp_mnist_h34_w16_plain_s0.png \
 	gradient_heatmap_mlp_mnist_h34_w16_res2_s0.png mlp_init_gradient_vs_accuracy.png
-EX2_CONVS ?= 2 6 12
-EX2_SEEDS ?= 0 1 2
+EX2_CONVS ?=
+EX2_SEEDS ?=
 EX2_GRADIENT_FIGURES ?= Conv_gradients_d38.png gradient_heatmap_resnet_cifar10_d38_c16x3_plain_s0.png \
 	gradient_heatmap_resnet_cifar10_d38_c16x3_res2_s0.png
 FAITHFULNESS ?= 1000
-SIZE := --num_epochs $(EPOCHS)$(if $(VAL_SIZE), --val_size $(VAL_SIZE))$(if $(IMAGES), --limit_train $(IMAGES))
+EX1_FLAGS := $(if $(EX1_DEPTHS), --num_hidden_layers $(EX1_DEPTHS))$(if $(EX1_SEEDS), --seed $(EX1_SEEDS))
+EX2_FLAGS := $(if $(EX2_CONVS), --num_conv_per_level $(EX2_CONVS))$(if $(EX2_SEEDS), --seed $(EX2_SEEDS))
+SIZE := $(if $(EPOCHS), --num_epochs $(EPOCHS))$(if $(VAL_SIZE), --val_size $(VAL_SIZE))$(if $(IMAGES), \
+	--limit_train $(IMAGES))
 
 .PHONY: install test fuzz demo bench gpu-check clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3 readme
 
@@ -53,7 +57,7 @@ reproduce: reproduce-ex1 reproduce-ex2 reproduce-ex3
 
 # Exercise 1: 9 depths x plain/residual x 5 seeds = 90 MLPs on MNIST (4 minutes with --jobs 2 on 2 cores, 2026-11-28).
 reproduce-ex1: install
-	$(PY) pipeline.py --preset exercise1 --num_hidden_layers $(EX1_DEPTHS) --seed $(EX1_SEEDS) $(SIZE) \
+	$(PY) pipeline.py --preset exercise1$(EX1_FLAGS)$(SIZE) \
 		--data_root $(DATA_ROOT) --jobs $(JOBS) --out_dir $(RUNS)/ex1 --resume
 	mkdir -p $(IMG_SHOW)
 	cp $(addprefix $(RUNS)/ex1/plots/,mlp_training_loss.png mlp_Val_acc.png mlp_trainability.png \
@@ -65,8 +69,8 @@ reproduce-ex1: install
 # spinning: beside one busy process an epoch took 9.2 s instead of 13.1 s; on a quiet machine it costs 13%
 # (docs/performance.md).
 reproduce-ex2: install
-	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --preset exercise2 --num_conv_per_level $(EX2_CONVS) --seed $(EX2_SEEDS) \
-		$(SIZE) --data_root $(DATA_ROOT) --out_dir $(RUNS)/ex2 --resume
+	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --preset exercise2$(EX2_FLAGS)$(SIZE) \
+		--data_root $(DATA_ROOT) --out_dir $(RUNS)/ex2 --resume
 	mkdir -p $(IMG_SHOW)
 	cp $(addprefix $(RUNS)/ex2/plots/,Conv_train_loss.png Conv_val_accuracy.png $(EX2_GRADIENT_FIGURES)) $(IMG_SHOW)/
 	$(PY) report.py --ex2 $(RUNS)/ex2
