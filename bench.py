@@ -1,13 +1,13 @@
 """How fast the lab's training code is, against the loop most course code uses, on the same data in one process.
 
-    python bench.py --quick    # a few minutes on 2 CPU cores
-    python bench.py            # about 5 minutes on 2 CPU cores: Exercise 1's seed 0 and an epoch for real
+    python bench.py --quick    # the training rows only, fewer steps: about a minute on 2 CPU cores
+    python bench.py            # and Exercise 1's seed 0 and an epoch of the ResNet-20 shape for real: about 5 minutes
 
 Prints a table and writes the numbers to --out (JSON). Every rate is the best of a few timed repeats after a warm-up,
 the contenders interleaved so that a busy neighbour slows them alike (time.perf_counter, CUDA synchronised). Every
-row runs on its own CPU thread count and records what it runs; the table's labels are made from those records. Ours
-is train.prepare_run and train.train_one_epoch on the configs pipeline.py's parser makes; the conventional loop is
-written plainly, as course code writes it, only to be measured against; the MLP's ablation adds our levers to it.
+row runs on its own CPU thread count and records what it runs, and the table's labels are made from those records.
+Ours is train.prepare_run and train.train_one_epoch on the configs pipeline.py's parser makes; the conventional loop
+is written plainly, as course code writes it, only to be measured against; the MLP's ablation adds our levers to it.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from torchvision import transforms
 
 import pipeline
 from cam import class_activation_maps
-from config import PRESETS, RunConfig
+from config import RunConfig
 from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, RawData, Split, TrainLoader,
                   load_dataset, normalize, read_cifar10_batches)
 from train import (RunSetup, amp_precision, build_run_model, cpu_threads, evaluate, logged_weights, prepare_run,
@@ -76,24 +76,15 @@ class Sizes:
     matmul_size: int
     matmul_count: int  # matmuls per timed repeat
     cam_images: int
-    val_size: int  # images held out of training, as in the exercises
-    exercise1_depths: tuple[int, ...]  # Exercise 1's sweep: hidden layers x residual steps x seeds
-    exercise1_residual_steps: tuple[int, ...]
-    exercise1_seeds: tuple[int, ...]  # only the first seed's runs are timed: the others do the same work
-    exercise1_epochs: int
-    exercise1_sample_steps: int  # steps timed per run to estimate Exercise 1; 0 runs it for real
-    resnet20_epoch_real: bool  # time a real epoch of the ResNet-20 shape rather than estimate it from the CNN rate
-    eval_sample: int  # validation images evaluated to estimate an evaluation pass
+    exercises: bool  # Exercise 1's first seed and an epoch of the ResNet-20 shape, for real
+    exercise1: tuple[str, ...] = ("--preset", "exercise1")  # Exercise 1's sweep, as the README runs it
     limit_train: int | None = None  # train the exercises on fewer images (tests only)
+    val_size: int = 5000  # images held out of training, as in the exercises
     batch_size: int = 128  # of every training run here (smaller in tests only)
 
 
-EXERCISE1 = PRESETS["exercise1"]  # Exercise 1 as the README runs it: 9 depths x plain/residual x 5 seeds = 90 runs
-QUICK = Sizes(100, 3, 3, 5, 2048, 2, 256, 5000, tuple(EXERCISE1["num_hidden_layers"]),
-              tuple(EXERCISE1["residual_step"]), tuple(EXERCISE1["seed"]), EXERCISE1["num_epochs"],
-              exercise1_sample_steps=30, resnet20_epoch_real=False, eval_sample=1000)
-FULL = replace(QUICK, mlp_steps=200, cnn_steps=8, warmup_steps=5, matmul_count=5, exercise1_sample_steps=0,
-               resnet20_epoch_real=True)
+QUICK = Sizes(100, 3, 3, 5, 2048, 2, 256, exercises=False)
+FULL = replace(QUICK, mlp_steps=200, cnn_steps=8, warmup_steps=5, matmul_count=5, exercises=True)
 
 
 @dataclass(frozen=True)
@@ -117,7 +108,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--threads", type=int, default=0,
                help="pipeline.py's --threads for our rows and the exercises (0: its policy), and the threads of the "
                     "conventional loop, CAM and the matmul (0: torch's default); the loop and our CNN also run on 1")
-    for flag, words in (("--quick", "short run: fewer steps, and Exercise 1 and the ResNet-20 epoch estimated"),
+    for flag, words in (("--quick", "short run: the training rows only, with fewer steps (no exercises)"),
                         ("--mnist_only", "only the MLP, its ablation and Exercise 1 (no CIFAR-10 is read)"),
                         ("--compile", "torch.compile the model in our training rows (not the loop nor the exercises)"),
                         ("--amp", "pipeline.py's --amp in our rows and the exercises (without it, our MLP and CNN get "
@@ -277,14 +268,8 @@ def conventional_trainer(config: RunConfig, loader: Iterable, data: str, threads
                 running_loss += loss.item()
         return running_loss / steps
 
-    return Contender(Setup("conventional loop", threads, memory_format(model), "float32", data,
+    return Contender(Setup("conventional loop", threads, "contiguous", "float32", data,
                            optimizer_name(optimizer), grad_norms), train_steps)
-
-
-def memory_format(model: nn.Module) -> str:
-    """channels_last when the model's convolution weights are stored so, else contiguous."""
-    return "channels_last" if any(p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last)
-                                  and not p.is_contiguous() for p in model.parameters()) else "contiguous"
 
 
 def training_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -401,71 +386,45 @@ def bench_cam(raw: RawData, device: torch.device, sizes: Sizes, options: Options
 
     shape, seconds = list(maps().shape), best_seconds({"cam": maps}, sizes.repeats, device)["cam"]
     return {"images": len(images), "map_shape": shape, "seconds": seconds, "maps_per_s": len(images) / seconds,
-            "threads": options.conventional_threads, "memory_format": memory_format(model), "precision": "float32"}
+            "threads": options.conventional_threads, "memory_format": "contiguous", "precision": "float32"}
 
 
-def bench_exercise1(raw: RawData, data_root: str | Path, device: torch.device, sizes: Sizes, options: Options) -> dict:
-    """Exercise 1, its first seed's runs for real (pipeline.main into a temporary folder, with --jobs 1 and 2) or
-    estimated from timed steps and evaluations; the other seeds' runs are counted at the cost of the first's."""
-    seeds = sizes.exercise1_seeds
-
-    def sweep(*seed: int) -> list[str]:
-        return ["--preset", "exercise1", "--num_hidden_layers", *map(str, sizes.exercise1_depths), "--residual_step",
-                *map(str, sizes.exercise1_residual_steps), "--seed", *map(str, seed), "--num_epochs",
-                str(sizes.exercise1_epochs)]
-
-    configs = pipeline.run_configs(pipeline_args(sweep(*seeds), device, sizes, options, sizes.limit_train), device)
-    result, epoch_seconds, wall, seconds = {"sweep": "pipeline.py " + " ".join(sweep(*seeds))}, {}, {}, 0.0
-    if sizes.exercise1_sample_steps == 0:
-        workers = torch.cuda.device_count() if device.type == "cuda" else os.cpu_count() or 1
-        for jobs in (1, 2) if workers >= 2 else (1,):
-            print(f"Exercise 1 for real (seed {seeds[0]} of {len(seeds)}, --jobs {jobs}) ...", file=sys.stderr,
-                  flush=True)
-            flags = sweep(seeds[0]) + ["--data_root", str(data_root), "--no-download", "--jobs", str(jobs)]
-            with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), threads_of():
-                args = pipeline_args(flags + ["--out_dir", out], device, sizes, options, sizes.limit_train)
-                start = time.perf_counter()
-                runs, wall[jobs] = pipeline.main(args), time.perf_counter() - start
-        epoch_seconds = {config.run_name: sum(e["seconds"] for e in history["epochs"]) for config, history in runs}
-        fastest = min(wall, key=wall.get)
-        seconds, note = wall[fastest], (f"--jobs {fastest}, measured" if len(seeds) == 1 else f"estimate: seed "
-                                        f"{seeds[0]}'s {len(runs)} runs measured with --jobs {fastest}, x {len(seeds)}")
-        result.update(seconds_by_jobs={str(j): s for j, s in wall.items()}, runs_per_sweep_timed=len(runs),
-                      jobs_speedup=wall[1] / wall[2] if 2 in wall else None)
-    else:
-        print("Exercise 1 estimate ...", file=sys.stderr, flush=True)
-        for config in (c for c in configs if c.seed == seeds[0]):
-            ours, steps = our_trainer(config, raw), sizes.exercise1_sample_steps
-            ours.train(sizes.warmup_steps)
-            step = best_seconds({"train": lambda: ours.train(steps)}, sizes.repeats, device)["train"] / steps
-            val = best_seconds({"val": lambda: validate(ours, ours.run.val)}, 1, device)["val"]
-            epoch_seconds[config.run_name] = config.num_epochs * (len(ours.run.train) * step + val)
-            seconds += epoch_seconds[config.run_name] + len(ours.run.test) / len(ours.run.val) * val
-        note = f"estimate from {count(steps, 'timed step')} a run" + (
-            f", seed {seeds[0]}'s runs x {len(seeds)}" if len(seeds) > 1 else "")
-    seconds *= len(seeds)
-    return dict(result, runs=len(configs), runs_timed=len(epoch_seconds), seconds=seconds,
-                estimated=sizes.exercise1_sample_steps > 0 or len(seeds) > 1, seconds_per_run=seconds / len(configs),
-                epoch_seconds_per_run=epoch_seconds, **run_settings(configs[0]), note=note)
+def bench_exercise1(data_root: str | Path, device: torch.device, sizes: Sizes, options: Options) -> dict:
+    """Exercise 1, its first seed's runs for real (pipeline.main into a temporary folder, with --jobs 1, and 2 where
+    there are two workers); the other seeds' runs are counted at the cost of the first's."""
+    configs = pipeline.run_configs(pipeline_args(list(sizes.exercise1), device, sizes, options, sizes.limit_train),
+                                   device)
+    seeds, wall = sorted({c.seed for c in configs}), {}
+    workers = torch.cuda.device_count() if device.type == "cuda" else os.cpu_count() or 1
+    for jobs in (1, 2) if workers >= 2 else (1,):
+        print(f"Exercise 1 for real (seed {seeds[0]} of {len(seeds)}, --jobs {jobs}) ...", file=sys.stderr, flush=True)
+        flags = [*sizes.exercise1, "--seed", str(seeds[0]), "--data_root", str(data_root), "--no-download", "--jobs",
+                 str(jobs)]
+        with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), threads_of():
+            args = pipeline_args(flags + ["--out_dir", out], device, sizes, options, sizes.limit_train)
+            start = time.perf_counter()
+            runs, wall[jobs] = pipeline.main(args), time.perf_counter() - start
+    fastest = min(wall, key=wall.get)
+    seconds = wall[fastest] * len(seeds)
+    return {"sweep": "pipeline.py " + " ".join(sizes.exercise1), "runs": len(configs), "seeds": seeds,
+            "depths": len({c.num_hidden_layers for c in configs}), "epochs": configs[0].num_epochs,
+            "residual_steps": sorted({c.residual_step for c in configs}), "runs_timed": len(runs),
+            "seconds_by_jobs": {str(j): s for j, s in wall.items()}, "jobs_speedup": wall[1] / wall[2] if 2 in wall
+            else None, "seconds": seconds, "estimated": len(seeds) > 1, "seconds_per_run": seconds / len(configs),
+            "epoch_seconds_per_run": {c.run_name: sum(e["seconds"] for e in h["epochs"]) for c, h in runs},
+            **run_settings(configs[0]), "note": f"--jobs {fastest}, measured" if len(seeds) == 1 else
+            f"estimate: seed {seeds[0]}'s {len(runs)} runs measured with --jobs {fastest}, x {len(seeds)}"}
 
 
-def resnet20_epoch(raw: RawData, device: torch.device, sizes: Sizes, cnn: dict, options: Options) -> dict:
-    """One epoch of the ResNet-20 shape on the exercise's data (training and validation): timed for real after a
-    warm-up, or estimated from our CNN row's step time and an evaluation of `eval_sample` validation images."""
+def resnet20_epoch(raw: RawData, device: torch.device, sizes: Sizes, options: Options) -> dict:
+    """One real epoch of the ResNet-20 shape on the exercise's data (training and validation), after a warm-up."""
+    print("ResNet-20, one real epoch ...", file=sys.stderr, flush=True)
     config = pipeline.run_configs(pipeline_args(RESNET20_FLAGS, device, sizes, options, sizes.limit_train), device)[0]
     ours = our_trainer(config, raw)
-    val, steps, result = ours.run.val, len(ours.run.train), {"estimated": not sizes.resnet20_epoch_real}
-    if sizes.resnet20_epoch_real:
-        print("ResNet-20, one real epoch ...", file=sys.stderr, flush=True)
-        ours.train(sizes.warmup_steps)
-        seconds = best_seconds({"epoch": lambda: (ours.train(steps), validate(ours, val))}, 1, device)["epoch"]
-    else:
-        sample = Split(val.images[:sizes.eval_sample], val.labels[:sizes.eval_sample])
-        validate(ours, sample)
-        evaluation = best_seconds({"eval": lambda: validate(ours, sample)}, 1, device)["eval"]
-        seconds = steps * cnn["rows"]["ours"]["step_ms"] / 1e3 + len(val) / len(sample) * evaluation
-        result["note"] = f"{steps} steps at our CNN row's step time, plus validation scaled from {len(sample)} images"
-    return dict(result, seconds=seconds, train_images=len(ours.run.train.labels), **asdict(ours.setup))
+    ours.train(sizes.warmup_steps)
+    seconds = best_seconds({"epoch": lambda: (ours.train(len(ours.run.train)), validate(ours, ours.run.val))}, 1,
+                           device)["epoch"]
+    return dict(seconds=seconds, train_images=len(ours.run.train.labels), **asdict(ours.setup))
 
 
 def cpu_description() -> str:
@@ -480,15 +439,16 @@ def cpu_description() -> str:
 
 def check_targets(results: dict) -> list[dict]:
     """The performance targets, each with its measured value and whether it is met."""
-    mlp, cnn, ex1 = results["mlp"], results.get("cnn"), results["exercises"]["exercise1"]
+    mlp, cnn, ex1 = results["mlp"], results.get("cnn"), results.get("exercises", {}).get("exercise1")
     targets = [("MLP training vs conventional at its best thread count", mlp["speedup"], ">=", 8.0, "x"),
                ("gradient-norm logging cost", mlp["logging_cost"], "<=", 0.10, "of step time")]
     if cnn is not None:
         targets += [("CNN training vs conventional at its best thread count", cnn["speedup"], ">=", 1.3, "x"),
                     ("CNN GFLOP/s vs matmul", cnn["fraction_of_matmul"], ">=", 0.45, "of matmul")]
-    targets.append(("Exercise 1, all runs" + " (estimate)" * ex1["estimated"], ex1["seconds"], "<",
-                    EXERCISE1_SECONDS, "s"))
-    if ex1.get("jobs_speedup") is not None:
+    if ex1 is not None:
+        targets.append(("Exercise 1, all runs" + " (estimate)" * ex1["estimated"], ex1["seconds"], "<",
+                        EXERCISE1_SECONDS, "s"))
+    if ex1 is not None and ex1["jobs_speedup"] is not None:
         targets.append(("Exercise 1 with --jobs 2 vs --jobs 1", ex1["jobs_speedup"], ">=", 1.8, "x"))
     met = {">=": lambda v, b: v >= b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
     return [{"name": name, "value": value, "unit": unit, "met": bool(met[op](value, bound)),
@@ -517,7 +477,7 @@ def settings_label(row: dict) -> str:
 
 def format_table(results: dict) -> str:
     """The results as a plain-text table: a line per measurement, and under it what the measurement ran."""
-    mlp, ex1, meta, sizes = results["mlp"], results["exercises"]["exercise1"], results["meta"], results["meta"]["sizes"]
+    mlp, meta = results["mlp"], results["meta"]
     added_to = dict(zip(mlp["ablation"][1:], mlp["ablation"]))  # each ablation row: the row it adds a lever to
 
     def training(section: dict, names: Iterable[str], extra: Callable[[dict, str], str]) -> list[tuple[str, ...]]:
@@ -544,18 +504,18 @@ def format_table(results: dict) -> str:
                   count(cnn["matmul_threads"], "thread")), (f"CAM, ResNet-20 shape, batch of {cam['images']}",),
                  ("  as cam.py computes it", f"{cam['maps_per_s']:,.0f} maps/s", f"maps {tuple(cam['map_shape'])}",
                   settings_label(dict(cam, data="test images, no autograd")))]
-    rows += [(f"Exercise 1: {ex1['runs']} runs ({len(sizes['exercise1_depths'])} depths x residual steps "
-              f"{'/'.join(map(str, sizes['exercise1_residual_steps']))} x {len(sizes['exercise1_seeds'])} seeds), "
-              f"{count(sizes['exercise1_epochs'], 'epoch')} each",),
-             *[(f"  seed {sizes['exercise1_seeds'][0]}'s {ex1['runs_per_sweep_timed']} runs, --jobs {jobs}",
-                f"{seconds:.0f} s", "measured") for jobs, seconds in ex1.get("seconds_by_jobs", {}).items()],
-             ("  all runs", f"{ex1['seconds']:.0f} s", f"{ex1['seconds_per_run']:.1f} s a run; {ex1['note']}",
-              settings_label(ex1))]
-    if "resnet20_epoch" in results["exercises"]:
-        epoch = results["exercises"]["resnet20_epoch"]
-        rows += [(f"ResNet-20 shape, one epoch of {epoch['train_images']:,} images and validation",),
-                 ("  ours", f"{epoch['seconds']:.1f} s", "estimate" if epoch["estimated"] else "measured",
-                  settings_label(epoch))]
+    if "exercises" in results:
+        ex1, epoch = results["exercises"]["exercise1"], results["exercises"].get("resnet20_epoch")
+        rows += [(f"Exercise 1: {ex1['runs']} runs ({ex1['depths']} depths x residual steps "
+                  f"{'/'.join(map(str, ex1['residual_steps']))} x {count(len(ex1['seeds']), 'seed')}), "
+                  f"{count(ex1['epochs'], 'epoch')} each",),
+                 *[(f"  seed {ex1['seeds'][0]}'s {ex1['runs_timed']} runs, --jobs {jobs}", f"{seconds:.0f} s",
+                    "measured") for jobs, seconds in ex1["seconds_by_jobs"].items()],
+                 ("  all runs", f"{ex1['seconds']:.0f} s", f"{ex1['seconds_per_run']:.1f} s a run; {ex1['note']}",
+                  settings_label(ex1))]
+        if epoch is not None:
+            rows += [(f"ResNet-20 shape, one epoch of {epoch['train_images']:,} images and validation",),
+                     ("  ours", f"{epoch['seconds']:.1f} s", "measured", settings_label(epoch))]
     rows += [("Targets",)] + [(f"  {t['name']}", format_value(t["value"], t["unit"]).split(" of ")[0],
                                f"target {t['target']}: {'met' if t['met'] else 'NOT met'}") for t in results["targets"]]
     width, vwidth = (max(len(row[i]) for row in rows if len(row) > 1) + 2 for i in (0, 1))
@@ -596,9 +556,10 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     if cifar is not None:
         results["cnn"] = bench_cnn(cifar, args.data_root, device, sizes, options)
         results["cam"] = bench_cam(cifar, device, sizes, options)
-    results["exercises"] = {"exercise1": bench_exercise1(mnist, args.data_root, device, sizes, options)}
-    if cifar is not None:
-        results["exercises"]["resnet20_epoch"] = resnet20_epoch(cifar, device, sizes, results["cnn"], options)
+    if sizes.exercises:
+        results["exercises"] = {"exercise1": bench_exercise1(args.data_root, device, sizes, options)}
+        if cifar is not None:
+            results["exercises"]["resnet20_epoch"] = resnet20_epoch(cifar, device, sizes, options)
     results["targets"] = check_targets(results)
     results["meta"].update(seconds=time.perf_counter() - start, load_average_at_start=load_at_start,
                            load_average_at_end=os.getloadavg())

@@ -91,13 +91,12 @@ def mnist_sweep(data_root: Path, device: str, out_dir: Path) -> dict:
 
 
 def mnist_bench(data_root: Path, device: str, out: Path) -> dict:
-    """bench.py --quick --mnist_only on CUDA: the MLP's rows (images/s) and Exercise 1's estimate."""
+    """bench.py --quick --mnist_only on CUDA: the MLP's rows (images/s)."""
     args = bench.get_args_parser().parse_args(["--device", device, "--data_root", str(data_root), "--no-download",
                                                "--quick", "--mnist_only", "--out", str(out)])
     results = bench.main(args)
     return {"json": str(out), "mlp_images_per_s": {name: row["images_per_s"] for name, row in
-                                                    results["mlp"]["rows"].items()},
-            "exercise1_seconds": results["exercises"]["exercise1"]["seconds"]}
+                                                    results["mlp"]["rows"].items()}}
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,10 +21,10 @@ from data import CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, read_cifar10_batches
 from utils import UsageError
 
 TINY = bench.Sizes(mlp_steps=2, cnn_steps=1, warmup_steps=1, repeats=1, matmul_size=64, matmul_count=1,
-                   cam_images=8, val_size=100, exercise1_depths=(2, 4), exercise1_residual_steps=(0, 2),
-                   exercise1_seeds=(0, 1), exercise1_epochs=1, exercise1_sample_steps=1, resnet20_epoch_real=False,
-                   eval_sample=8, limit_train=64, batch_size=8)
-TOP_KEYS = {"meta", "mlp", "cnn", "cam", "exercises", "targets"}
+                   cam_images=8, exercises=False, exercise1=("--preset", "exercise1", "--num_hidden_layers", "2", "4",
+                                                             "--seed", "0", "1", "--num_epochs", "1"),
+                   limit_train=64, val_size=100, batch_size=8)
+TOP_KEYS = {"meta", "mlp", "cnn", "cam", "targets"}  # and "exercises" without --quick
 SETUP_KEYS = {"code", "threads", "memory_format", "precision", "data", "optimizer", "grad_norms", "compiled"}
 EXERCISE1_SEED0 = {"mlp_mnist_h2_w16_plain_s0", "mlp_mnist_h2_w16_res2_s0", "mlp_mnist_h4_w16_plain_s0",
                    "mlp_mnist_h4_w16_res2_s0"}
@@ -151,23 +152,12 @@ def test_quick_path_writes_the_documented_json_and_table(data_root, tmp_path, ca
     assert cnn["channels_last_speedup"] == pytest.approx(
         cnn["rows"]["ours"]["images_per_s"] / cnn["rows"]["ours_contiguous"]["images_per_s"])
     assert results["cam"]["map_shape"] == [8, 8, 8]  # 32 px, two stride-2 levels
-    assert results["cam"]["memory_format"] == "contiguous"  # as cam.py runs it
-    exercise1 = results["exercises"]["exercise1"]
-    assert exercise1["estimated"] and exercise1["runs"] == 8 and exercise1["runs_timed"] == 4
-    assert set(exercise1["epoch_seconds_per_run"]) == EXERCISE1_SEED0
-    assert exercise1["seconds"] > 2 * sum(exercise1["epoch_seconds_per_run"].values())  # and 2 seeds' test passes
-    assert exercise1["seconds_per_run"] == pytest.approx(exercise1["seconds"] / 8)
-    assert exercise1["sweep"] == ("pipeline.py --preset exercise1 --num_hidden_layers 2 4 --residual_step 0 2 "
-                                  "--seed 0 1 --num_epochs 1")
-    assert exercise1["threads"] == 1 and exercise1["data"] == RESIDENT
-    epoch = results["exercises"]["resnet20_epoch"]
-    assert epoch["estimated"] and epoch["train_images"] == 64 and "steps at our CNN row's step time" in epoch["note"]
-    assert "Exercise 1, all runs (estimate)" in [t["name"] for t in results["targets"]]
+    assert not any(t["name"].startswith("Exercise 1") for t in results["targets"])  # --quick: no exercises
     assert all(math.isfinite(x) for x in all_numbers(results))
     rows = {(label, under) for label, _, under in table_rows(table)}
     assert all((LABELS[name], what_it_ran(row)) in rows for name, row in [*mlp["rows"].items(), *cnn["rows"].items()])
     assert table_row(table, "+ fused Adam").endswith("on + resident data")  # the row above it: no one-thread lever
-    assert table_row(table, "all runs").endswith("s a run; estimate from 1 timed step a run, seed 0's runs x 2")
+    assert "Exercise 1" not in table and "one epoch" not in table
     assert "Targets" in table and table.rstrip().endswith(f"wrote {tmp_path / 'results' / 'bench.json'}")
     cpu = table.splitlines()[1]  # the CPU, its instruction sets and what --amp chooses on it, under the title
     assert cpu.startswith("CPU: ") and "AVX2 " in cpu and "AVX512-BF16 " in cpu and "AMX " in cpu
@@ -211,20 +201,22 @@ def test_policy_threads_and_the_ablation_one_lever_at_a_time(tmp_path, capsys, r
         factor = mlp["rows"][name]["images_per_s"] / mlp["rows"][before]["images_per_s"]
         assert table_row(table, LABELS[name]).endswith(f"ms/step, x{factor:.2f} on {LABELS[before]}")
     # --mnist_only, what make gpu-check runs where only MNIST is carried: the MLP rows, their targets, Exercise 1
-    assert set(results) == TOP_KEYS - {"cnn", "cam"} and set(results["exercises"]) == {"exercise1"}
+    assert set(results) == TOP_KEYS - {"cnn", "cam"}
     assert not any(t["name"].startswith("CNN") for t in results["targets"])
-    assert "MLP 22x16 on MNIST" in table and "ResNet-20" not in table and "Exercise 1, all runs" in table
+    assert "MLP 22x16 on MNIST" in table and "ResNet-20" not in table
 
 
 def test_full_path_runs_the_exercises_for_real(data_root, tmp_path, capsys, restore_threads):
     """Exercise 1's first seed for real with --jobs 1 (and 2 where there are two cores), the second seed counted at
     its cost; one real epoch of the ResNet-20 shape."""
-    sizes = bench.Sizes(**dict(vars(TINY), exercise1_sample_steps=0, resnet20_epoch_real=True))
-    results, table = run_bench(capsys, data_root, tmp_path / "bench.json", sizes)
+    results, table = run_bench(capsys, data_root, tmp_path / "bench.json", replace(TINY, exercises=True))
     exercise1, epoch = results["exercises"]["exercise1"], results["exercises"]["resnet20_epoch"]
-    assert exercise1["estimated"] and not epoch["estimated"] and not results["meta"]["quick"]
-    assert exercise1["runs"] == 8 and exercise1["runs_timed"] == exercise1["runs_per_sweep_timed"] == 4
+    assert set(results) == TOP_KEYS | {"exercises"} and exercise1["estimated"] and not results["meta"]["quick"]
+    assert exercise1["runs"] == 8 and exercise1["runs_timed"] == 4 and exercise1["seeds"] == [0, 1]
     assert set(exercise1["epoch_seconds_per_run"]) == EXERCISE1_SEED0
+    assert exercise1["seconds_per_run"] == pytest.approx(exercise1["seconds"] / 8)
+    assert exercise1["threads"] == 1 and exercise1["data"] == RESIDENT
+    assert "Exercise 1: 8 runs (2 depths x residual steps 0/2 x 2 seeds), 1 epoch each" in table
     by_jobs = exercise1["seconds_by_jobs"]
     assert set(by_jobs) in ({"1"}, {"1", "2"})
     assert exercise1["seconds"] == pytest.approx(2 * min(by_jobs.values()))
