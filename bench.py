@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import itertools
 import math
 import os
@@ -127,6 +126,21 @@ def threads_of(threads: int | None = None) -> Iterator[None]:
     finally:
         torch.set_num_threads(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+@contextlib.contextmanager
+def silenced_stdout() -> Iterator[None]:
+    """Nothing printed in the block reaches stdout, from this process or from the workers it starts (they inherit
+    file descriptor 1), so that the table stays clean."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def best_seconds(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
@@ -400,7 +414,7 @@ def bench_exercise1(data_root: str | Path, device: torch.device, sizes: Sizes, o
         print(f"Exercise 1 for real (seed {seeds[0]} of {len(seeds)}, --jobs {jobs}) ...", file=sys.stderr, flush=True)
         flags = [*sizes.exercise1, "--seed", str(seeds[0]), "--data_root", str(data_root), "--no-download", "--jobs",
                  str(jobs)]
-        with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), threads_of():
+        with tempfile.TemporaryDirectory() as out, silenced_stdout(), threads_of():
             args = pipeline_args(flags + ["--out_dir", out], device, sizes, options, sizes.limit_train)
             start = time.perf_counter()
             runs, wall[jobs] = pipeline.main(args), time.perf_counter() - start

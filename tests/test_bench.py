@@ -50,14 +50,15 @@ def data_root(tmp_path_factory):
     return write_cifar10(write_mnist(tmp_path_factory.mktemp("bench_data")))
 
 
-def run_bench(capsys, data_root, out, sizes, *flags) -> tuple[dict, str]:
-    """bench.py's main on these flags: its results as the JSON file holds them, and the table it printed."""
+def run_bench(capture, data_root, out, sizes, *flags) -> tuple[dict, str]:
+    """bench.py's main on these flags: its results as the JSON file holds them, and the table it printed (read from
+    pytest's capsys, or capfd to see what other processes print too)."""
     args = bench.get_args_parser().parse_args(["--data_root", str(data_root), "--device", "cpu", "--out", str(out),
                                                *flags])
     returned = bench.main(args, sizes)
     results = json.loads(out.read_text())
     assert results == json.loads(json.dumps(returned))
-    return results, capsys.readouterr().out
+    return results, capture.readouterr().out
 
 
 def layout(tensor: torch.Tensor) -> str | None:
@@ -206,10 +207,12 @@ def test_policy_threads_and_the_ablation_one_lever_at_a_time(tmp_path, capsys, r
     assert "MLP 22x16 on MNIST" in table and "ResNet-20" not in table
 
 
-def test_full_path_runs_the_exercises_for_real(data_root, tmp_path, capsys, restore_threads):
+def test_full_path_runs_the_exercises_for_real(data_root, tmp_path, capfd, restore_threads):
     """Exercise 1's first seed for real with --jobs 1 (and 2 where there are two cores), the second seed counted at
-    its cost; one real epoch of the ResNet-20 shape."""
-    results, table = run_bench(capsys, data_root, tmp_path / "bench.json", replace(TINY, exercises=True))
+    its cost; one real epoch of the ResNet-20 shape. What the sweeps print, in this process or in their workers,
+    stays out of the table."""
+    results, table = run_bench(capfd, data_root, tmp_path / "bench.json", replace(TINY, exercises=True))
+    assert "epoch 1/1" not in table and "test acc" not in table and table.startswith("bench.py on cpu")
     exercise1, epoch = results["exercises"]["exercise1"], results["exercises"]["resnet20_epoch"]
     assert set(results) == TOP_KEYS | {"exercises"} and exercise1["estimated"] and not results["meta"]["quick"]
     assert exercise1["runs"] == 8 and exercise1["runs_timed"] == 4 and exercise1["seeds"] == [0, 1]
