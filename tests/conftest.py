@@ -5,6 +5,7 @@ import contextlib
 import copy
 import io
 import pickle
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "fuzz: a fuzz case beyond the seeded subset; runs with --fuzz (make fuzz)")
+    # a shell without job control starts `make test &` with SIGINT ignored, which every process a test starts would
+    # inherit; the interruption tests need Ctrl-C to raise KeyboardInterrupt, here and in those processes
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
