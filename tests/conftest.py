@@ -28,10 +28,13 @@ def pytest_configure(config):
     # a shell without job control starts `make test &` with SIGINT ignored, which every process a test starts would
     # inherit; the interruption tests need Ctrl-C to raise KeyboardInterrupt, here and in those processes
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    config.addinivalue_line("markers", "longest: the suite's longest test; started first, so that the other "
+                                       "pytest-xdist worker's short tests run beside it instead of after it")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without --fuzz, leave out the fuzz cases beyond the seeded subset."""
+    """The longest test first; without --fuzz, leave out the fuzz cases beyond the seeded subset."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: the others keep their order
     if config.getoption("--fuzz"):
         return
     left_out = [item for item in items if item.get_closest_marker("fuzz")]

@@ -29,6 +29,7 @@ def folder_digest(folder) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.longest
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_reproduce_at_toy_size_puts_figures_cam_files_and_tables_where_the_readme_says(tmp_path):
     data = write_cifar10(write_mnist(tmp_path / "data", n_train=800), n_per_batch=150, n_test=100)
