@@ -87,11 +87,12 @@ reproduce-ex3: install
 	rm -rf $(IMG_SHOW)/cam && mkdir -p $(IMG_SHOW) && cp -r $(RUNS)/ex3 $(IMG_SHOW)/cam
 
 # Keep the reproduce runs' small files (config, history, step-0 gradient row; 0.7 MB) in results/ and rewrite the
-# README's tables from them and from Exercise 3's faithfulness.json: tests/test_results.py checks that the README's
-# tables are what results/ makes.
+# tables of README.md and docs/analysis.md from them and from Exercise 3's faithfulness.json: tests/test_results.py
+# checks that those tables are what results/ makes.
 readme: install
 	$(PY) report.py --ex1 $(RUNS)/ex1 --ex2 $(RUNS)/ex2 --keep results
-	$(PY) report.py --ex1 results/ex1 --ex2 results/ex2 --faithfulness $(IMG_SHOW)/cam/faithfulness.json --readme README.md
+	$(PY) report.py --ex1 results/ex1 --ex2 results/ex2 --faithfulness $(IMG_SHOW)/cam/faithfulness.json \
+		--readme README.md docs/analysis.md
 
 bench: install
 	$(PY) bench.py --data_root $(DATA_ROOT)

@@ -2,7 +2,7 @@
 typed by hand.
 
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2            # print the tables
-    python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --readme README.md   # and rewrite them there
+    python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --readme README.md docs/analysis.md
     python report.py --best_checkpoint runs/reproduce/ex2                        # the CAM model of Exercise 3
     python report.py --ex1 runs/reproduce/ex1 --ex2 runs/reproduce/ex2 --keep results  # keep what they are made of
     python report.py --faithfulness img_show/cam/faithfulness.json                # Exercise 3's faithfulness table
@@ -43,8 +43,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--ex2", default=None, help="out_dir of the Exercise 2 sweep (CNNs on CIFAR-10)")
     parser.add("--faithfulness", default=None, metavar="JSON",
                help="faithfulness.json written by cam.py --faithfulness: its table as the ex3-faithfulness block")
-    parser.add("--readme", default=None,
-               help="also rewrite the tables between <!-- report:NAME --> and <!-- /report:NAME --> in this file")
+    parser.add("--readme", nargs="+", default=None, metavar="FILE",
+               help="also rewrite the tables between <!-- report:NAME --> and <!-- /report:NAME --> in these "
+                    "Markdown files, each where its block is")
     parser.add("--best_checkpoint", default=None,
                help="print the checkpoint of the residual run with the best final validation accuracy in this "
                     "out_dir, and nothing else")
@@ -302,12 +303,15 @@ def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:
         print(f"kept the {len(runs)} run folders of {out_dir} in {target}")
 
 
-def replace_block(text: str, name: str, content: str) -> str:
-    """`text` with the lines between <!-- report:name --> and <!-- /report:name --> replaced by `content`."""
+def replace_block(texts: dict[Path, str], name: str, content: str) -> dict[Path, str]:
+    """`texts` (by file) with the lines between <!-- report:name --> and <!-- /report:name --> replaced by `content`
+    in whichever of them holds that block."""
     pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)", re.S)
-    if not pattern.search(text):
-        raise UsageError(f"--readme has no <!-- report:{name} --> ... <!-- /report:{name} --> block")
-    return pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
+    if not any(pattern.search(text) for text in texts.values()):
+        raise UsageError(f"--readme: no <!-- report:{name} --> ... <!-- /report:{name} --> block in "
+                         f"{' or '.join(map(str, texts))}")
+    return {path: pattern.sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
+            for path, text in texts.items()}
 
 
 def stall_study(out_dir: Path, runs: list[tuple[RunConfig, dict]]
@@ -360,7 +364,7 @@ def main(args: argparse.Namespace) -> dict[str, str]:
     if args.ex1 is None and args.ex2 is None and args.faithfulness is None:
         raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep) and/or --faithfulness, or "
                          "--best_checkpoint")
-    text = read_readme(Path(args.readme)) if args.readme is not None else None
+    texts = {Path(path): read_readme(Path(path)) for path in args.readme} if args.readme is not None else None
     if args.keep is not None:
         check_keep(Path(args.keep))
     blocks, incomplete, sweeps = {}, 0, {}
@@ -383,14 +387,15 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         blocks["ex3-faithfulness"] = faithfulness_block(Path(args.faithfulness))
     for name, content in blocks.items():
         print(f"<!-- report:{name} -->\n{content}\n")
-    if text is not None:
+    if texts is not None:
         if incomplete and not args.allow_missing:
-            raise UsageError(f"not rewriting {args.readme}: {incomplete} runs of the sweep are not in these tables "
+            raise UsageError(f"not rewriting {' '.join(args.readme)}: {incomplete} runs of the sweep are not in these tables "
                              "(listed above); finish them, or pass --allow_missing to write the tables without them")
         for name, content in blocks.items():
-            text = replace_block(text, name, content)
-        atomic_write(Path(args.readme), lambda tmp: tmp.write_text(text))
-        print(f"rewrote {len(blocks)} tables in {args.readme}")
+            texts = replace_block(texts, name, content)
+        for path, text in texts.items():
+            atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
+        print(f"rewrote {len(blocks)} tables in {' and '.join(args.readme)}")
     if args.keep is not None:
         keep_results(Path(args.keep), sweeps)
     return blocks

@@ -124,6 +124,26 @@ def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):
     assert blocks["ex1-init"] == "No plain runs of 14 to 34 hidden layers with their gradient norms logged at step 0."
 
 
+def test_readme_blocks_are_written_into_whichever_file_holds_them(tmp_path, capsys):
+    """--readme README.md docs/analysis.md, as make readme runs it: each table goes where its block is, a block in
+    neither file is one line naming both, and then neither file is touched."""
+    write_run(tmp_path / "ex1", mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    readme, analysis = tmp_path / "README.md", tmp_path / "analysis.md"
+    readme.write_text("intro\n<!-- report:ex1 -->\nold table\n<!-- /report:ex1 -->\n")
+    analysis.write_text("<!-- report:ex1-init -->\nold check\n<!-- /report:ex1-init -->\nend\n")
+    blocks = report.main(report.get_args_parser().parse_args(["--ex1", str(tmp_path / "ex1"), "--readme",
+                                                              str(readme), str(analysis)]))
+    assert readme.read_text() == f"intro\n<!-- report:ex1 -->\n{blocks['ex1']}\n<!-- /report:ex1 -->\n"
+    assert analysis.read_text() == f"<!-- report:ex1-init -->\n{blocks['ex1-init']}\n<!-- /report:ex1-init -->\nend\n"
+    before = readme.read_text()
+    analysis.write_text("no blocks here\n")
+    assert report_cli("--ex1", str(tmp_path / "ex1"), "--readme", str(readme), str(analysis)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no <!-- report:ex1-init --> ... <!-- /report:ex1-init --> block in {readme} or " \
+                             f"{analysis}" in err[0]
+    assert readme.read_text() == before and analysis.read_text() == "no blocks here\n"
+
+
 README_BLOCKS = "".join(f"<!-- report:{name} -->\nold\n<!-- /report:{name} -->\n" for name in ("ex1", "ex1-init"))
 
 

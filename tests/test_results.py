@@ -16,13 +16,15 @@ def report_blocks(*flags: str) -> dict[str, str]:
 
 
 def test_readme_tables_are_what_report_makes_from_results():
+    """Every table of README.md and docs/analysis.md (where make readme writes them), each in one of the two."""
     blocks = report_blocks("--ex1", str(ROOT / "results/ex1"), "--ex2", str(ROOT / "results/ex2"),
                            "--faithfulness", str(ROOT / "img_show/cam/faithfulness.json"))
-    readme = (ROOT / "README.md").read_text()
+    pages = {name: (ROOT / name).read_text() for name in ("README.md", "docs/analysis.md")}
     for name, content in blocks.items():
-        found = re.search(rf"<!-- report:{name} -->\n(.*?)\n<!-- /report:{name} -->", readme, re.S)
-        assert found, f"README.md has no {name} block"
-        assert found.group(1) == content, f"README.md's {name} block is not report.py's output from results/"
+        found = {page: block.group(1) for page, text in pages.items()
+                 if (block := re.search(rf"<!-- report:{name} -->\n(.*?)\n<!-- /report:{name} -->", text, re.S))}
+        assert len(found) == 1, f"the {name} block is in {sorted(found) or 'neither page'}"
+        assert list(found.values()) == [content], f"{name} in {list(found)} is not report.py's output from results/"
 
 
 def test_kept_results_remake_the_same_tables_without_checkpoints(tmp_path, capsys):
