@@ -1,7 +1,7 @@
 """How fast the lab's training code is, against the loop most course code uses, on the same data in one process.
 
     python bench.py --quick    # the training rows only, fewer steps: about a minute on 2 CPU cores
-    python bench.py            # and Exercise 1's seed 0 and an epoch of the ResNet-20 shape for real: about 5 minutes
+    python bench.py            # and Exercise 1's seed 0 and a ResNet-20 epoch for real: 5 to 8 minutes on 2 cores
 
 Prints a table and writes the numbers to --out (JSON). Every rate is the best of a few timed repeats after a warm-up,
 the contenders interleaved so that a busy neighbour slows them alike (time.perf_counter, CUDA synchronised). Every
