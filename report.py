@@ -389,8 +389,9 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         print(f"<!-- report:{name} -->\n{content}\n")
     if texts is not None:
         if incomplete and not args.allow_missing:
-            raise UsageError(f"not rewriting {' '.join(args.readme)}: {incomplete} runs of the sweep are not in these tables "
-                             "(listed above); finish them, or pass --allow_missing to write the tables without them")
+            raise UsageError(f"not rewriting {' and '.join(args.readme)}: {incomplete} runs of the sweep are not in "
+                             "these tables (listed above); finish them, or pass --allow_missing to write the tables "
+                             "without them")
         for name, content in blocks.items():
             texts = replace_block(texts, name, content)
         for path, text in texts.items():
