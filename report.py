@@ -364,7 +364,7 @@ def main(args: argparse.Namespace) -> dict[str, str]:
     if args.ex1 is None and args.ex2 is None and args.faithfulness is None:
         raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep) and/or --faithfulness, or "
                          "--best_checkpoint")
-    texts = {Path(path): read_readme(Path(path)) for path in args.readme} if args.readme is not None else None
+    texts = {path: read_readme(path) for path in map(Path, args.readme)} if args.readme is not None else None
     if args.keep is not None:
         check_keep(Path(args.keep))
     blocks, incomplete, sweeps = {}, 0, {}
