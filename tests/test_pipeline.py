@@ -92,8 +92,8 @@ def test_run_name_is_the_folder_of_a_single_run_and_a_prefix_in_a_sweep(mnist_ro
     one = args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "--run_name", "mine")
     (config, _), = run_main(*one)
     assert config.run_name == "mine" and RunFiles(tmp_path / "mine").checkpoint.is_file()
-    runs = run_main(*args_for(mnist_root, tmp_path / "sweep", "--num_epochs", "1", "--num_hidden_layers", "2",
-                                   "4", "--run_name", "exp"))
+    runs = run_main(*args_for(mnist_root, tmp_path / "sweep", "--num_epochs", "1", "--num_hidden_layers", "2", "4",
+                              "--run_name", "exp"))
     names = ["exp_mlp_mnist_h2_w8_plain_s0", "exp_mlp_mnist_h4_w8_plain_s0"]
     assert [config.run_name for config, _ in runs] == names
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [*names, "plots"]
