@@ -1,13 +1,13 @@
 """How fast the lab's training code is, against the loop most course code uses, on the same data in one process.
 
-    python bench.py --quick    # the training rows only, fewer steps: about a minute on 2 CPU cores
+    python bench.py --quick    # the training, CAM and matmul rows, fewer steps: about a minute on 2 CPU cores
     python bench.py            # and Exercise 1's seed 0 and a ResNet-20 epoch for real: 5 to 8 minutes on 2 cores
 
-Prints a table and writes the numbers to --out (JSON). Every rate is the best of a few timed repeats after a warm-up,
-the contenders interleaved so that a busy neighbour slows them alike (time.perf_counter, CUDA synchronised). Every
-row runs on its own CPU thread count and records what it runs, and the table's labels are made from those records.
-Ours is train.prepare_run and train.train_one_epoch on the configs pipeline.py's parser makes; the conventional loop
-is written plainly, as course code writes it, only to be measured against; the MLP's ablation adds our levers to it.
+Prints a table and writes the numbers to --out (JSON). Each rate is the best of a few timed repeats after a warm-up,
+the contenders interleaved so that a busy neighbour slows them alike (CUDA synchronised). Each row runs on its own CPU
+thread count and records what it runs; the table's labels are made from those records. Ours is train.prepare_run and
+train.train_one_epoch on the configs pipeline.py's parser makes; the conventional loop is written plainly, as course
+code writes it, only to be measured against; the MLP's ablation adds our levers to it one at a time.
 """
 from __future__ import annotations
 
@@ -54,15 +54,12 @@ FUSED_NORMS, ITEM_NORMS, NO_NORMS = "_foreach_norm each step", ".item() per weig
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16 autocast", "float16": "float16 autocast, GradScaler"}
 CPU_ISA = {"AVX2": torch.cpu._is_avx2_supported, "AVX-512": torch.cpu._is_avx512_supported,
            "AVX512-BF16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported}
-CONVENTIONAL_ROWS = ("conventional", "conventional_1_thread")  # the conventional loop at each thread count tried
+# the rows are keyed by their labels in the table; the conventional loop is timed at its threads and at one
+OURS, CONVENTIONAL = "ours", "conventional loop"
+CONVENTIONAL_ROWS = (CONVENTIONAL, f"{CONVENTIONAL}, 1 thread")
 # the MLP's ablation: the conventional loop, then our levers switched on one at a time, in this order
-ABLATION = (("plus_resident_data", {"data": RESIDENT}), ("plus_one_thread", {"threads": 1}),
-            ("plus_fused_optimizer", {"fused_optimizer": True}), ("plus_fused_norms", {"grad_norms": FUSED_NORMS}))
-ROW_NAMES = {"ours": "ours", "ours_no_logging": "ours, norm log off", "ours_amp": "ours, --amp",
-             "ours_1_thread": "ours, 1 thread", "ours_contiguous": "ours, contiguous",
-             "conventional": "conventional loop", "conventional_1_thread": "conventional loop, 1 thread",
-             "plus_resident_data": "+ resident data", "plus_one_thread": "+ one thread",
-             "plus_fused_optimizer": "+ fused Adam", "plus_fused_norms": "+ fused norm log"}
+ABLATION = (("+ resident data", {"data": RESIDENT}), ("+ one thread", {"threads": 1}),
+            ("+ fused Adam", {"fused_optimizer": True}), ("+ fused norm log", {"grad_norms": FUSED_NORMS}))
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,10 @@ FULL = replace(QUICK, mlp_steps=200, cnn_steps=8, warmup_steps=5, matmul_count=5
 
 @dataclass(frozen=True)
 class Options:
-    """What the command line decides about the rows."""
+    """What one benchmark measures: the sizes, and what the command line decides about the rows."""
+    sizes: Sizes
+    device: torch.device
+    data_root: Path
     threads: int  # pipeline.py's --threads for our rows and the exercises (0: its own policy, train.cpu_threads)
     conventional_threads: int  # of the conventional loop (also timed on 1), CAM and the matmul
     amp: bool  # --amp (train.amp_precision) in our rows and the exercises
@@ -107,7 +107,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--threads", type=int, default=0,
                help="pipeline.py's --threads for our rows and the exercises (0: its policy), and the threads of the "
                     "conventional loop, CAM and the matmul (0: torch's default); the loop and our CNN also run on 1")
-    for flag, words in (("--quick", "short run: the training rows only, with fewer steps (no exercises)"),
+    for flag, words in (("--quick", "short run: the training, CAM and matmul rows, with fewer steps (no exercises)"),
                         ("--mnist_only", "only the MLP, its ablation and Exercise 1 (no CIFAR-10 is read)"),
                         ("--compile", "torch.compile the model in our training rows (not the loop nor the exercises)"),
                         ("--amp", "pipeline.py's --amp in our rows and the exercises (without it, our MLP and CNN get "
@@ -157,12 +157,16 @@ def best_seconds(runs: dict[str, Callable[[], object]], repeats: int, device: to
     return best
 
 
-def pipeline_args(flags: list[str], device: torch.device, sizes: Sizes, options: Options,
-                  limit_train: int | None = None) -> argparse.Namespace:
+def pipeline_args(flags: list[str], options: Options, limit_train: int | None = None) -> argparse.Namespace:
     """pipeline.py's arguments from these flags and ours, so that we time exactly what it trains."""
-    ours = ["--val_size", str(sizes.val_size), "--batch_size", str(sizes.batch_size), "--device", str(device),
-            "--threads", str(options.threads)] + ["--amp"] * options.amp
+    ours = ["--val_size", str(options.sizes.val_size), "--batch_size", str(options.sizes.batch_size), "--device",
+            str(options.device), "--threads", str(options.threads)] + ["--amp"] * options.amp
     return pipeline.get_args_parser().parse_args(flags + ours + ["--limit_train", str(limit_train)] * bool(limit_train))
+
+
+def run_config(flags: list[str], options: Options, limit_train: int | None = None) -> RunConfig:
+    """The config of the one run pipeline.py makes of these flags."""
+    return pipeline.run_configs(pipeline_args(flags, options, limit_train), options.device)[0]
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,7 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return "fused " * bool(optimizer.defaults.get("fused")) + type(optimizer).__name__
 
 
-def our_trainer(config: RunConfig, raw: RawData, compile_model: bool = False, contiguous: bool = False) -> Contender:
+def our_trainer(config: RunConfig, raw: RawData, compile_model: bool, contiguous: bool = False) -> Contender:
     """Our training code as pipeline.py runs this config, trained on the images of the run's first batches."""
     run = prepare_run(config, raw)
     if contiguous:  # to measure what channels_last gains
@@ -217,14 +221,15 @@ def our_trainer(config: RunConfig, raw: RawData, compile_model: bool = False, co
             return train_one_epoch(replace(run, train=loader), 1, 0)
 
     norms = NO_NORMS if every == 0 else FUSED_NORMS + f", every {every} steps" * (every > 1)
-    return Contender(Setup("ours", **settings, optimizer=optimizer_name(run.optimizer), grad_norms=norms,
+    return Contender(Setup(OURS, **settings, optimizer=optimizer_name(run.optimizer), grad_norms=norms,
                            compiled=compile_model), train, run)
 
 
-def validate(ours: Contender, split: Split) -> tuple[float, float]:
-    """train.evaluate of our trainer's model on `split`, on the trainer's thread count."""
-    with threads_of(ours.setup.threads):
-        return evaluate(ours.run.net, split, precision=ours.run.config.precision)
+def amp_variant(config: RunConfig) -> dict[str, RunConfig]:
+    """Our run with pipeline.py's --amp, where that is another precision than float32 and not asked for already."""
+    precision = amp_precision(torch.device(config.device))
+    return {} if config.amp or precision == "float32" else {"ours, --amp": replace(config, amp=True,
+                                                                                    precision=precision)}
 
 
 class CIFAR10Images(Dataset):
@@ -282,8 +287,15 @@ def conventional_trainer(config: RunConfig, loader: Iterable, data: str, threads
                 running_loss += loss.item()
         return running_loss / steps
 
-    return Contender(Setup("conventional loop", threads, "contiguous", "float32", data,
-                           optimizer_name(optimizer), grad_norms), train_steps)
+    return Contender(Setup(CONVENTIONAL, threads, "contiguous", "float32", data, optimizer_name(optimizer),
+                           grad_norms), train_steps)
+
+
+def conventional_rows(trainer: Callable[[int], Contender], options: Options) -> dict[str, Contender]:
+    """The conventional loop on its threads and, on a CPU where those are more than one, on one thread."""
+    threads = options.conventional_threads
+    on_one_too = options.device.type == "cpu" and threads > 1
+    return {name: trainer(n) for name, n in zip(CONVENTIONAL_ROWS, (threads, 1)[:1 + on_one_too])}
 
 
 def training_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -294,81 +306,83 @@ def training_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return counter.get_total_flops()
 
 
-def training_section(contenders: dict[str, Contender], steps: int, sizes: Sizes, device: torch.device) -> dict:
+def training_section(contenders: dict[str, Contender], steps: int, options: Options) -> dict:
     """The contenders warmed up, then timed on `steps` steps each, interleaved, as rows (setup, images/s, ms per
     step); and how much faster ours is than the conventional loop at its best thread count."""
+    sizes, device = options.sizes, options.device
     warmup = best_seconds({name: lambda c=c: c.train(sizes.warmup_steps) for name, c in contenders.items()}, 1, device)
     seconds = best_seconds({name: lambda c=c: c.train(steps) for name, c in contenders.items()}, sizes.repeats, device)
     rows = {name: dict(asdict(c.setup), images_per_s=steps * sizes.batch_size / seconds[name],
                        step_ms=1e3 * seconds[name] / steps) for name, c in contenders.items()}
     conventional = max((name for name in CONVENTIONAL_ROWS if name in rows), key=lambda n: rows[n]["images_per_s"])
-    return {"steps": steps, "rows": rows, "speedup": rows["ours"]["images_per_s"] / rows[conventional]["images_per_s"],
-            "speedup_over": conventional, "warmup_s": warmup["ours"]}
+    return {"steps": steps, "rows": rows, "speedup": rows[OURS]["images_per_s"] / rows[conventional]["images_per_s"],
+            "speedup_over": conventional, "warmup_s": warmup[OURS]}
 
 
-def our_contenders(config: RunConfig, raw: RawData, options: Options, **variants: RunConfig) -> dict[str, Contender]:
-    """Ours on `config`, on each variant, and with pipeline.py's --amp where that is another precision than float32
-    and not asked for already."""
-    precision = amp_precision(torch.device(config.device))
-    if not config.amp and precision != "float32":
-        variants["ours_amp"] = replace(config, amp=True, precision=precision)
-    return {name: our_trainer(c, raw, options.compile_model) for name, c in {"ours": config, **variants}.items()}
-
-
-def bench_mlp(raw: RawData, data_root: str | Path, device: torch.device, sizes: Sizes, options: Options) -> dict:
+def bench_mlp(raw: RawData, options: Options) -> dict:
     """Section 1, the 22-hidden-layer MLP on MNIST: ours, also without the gradient-norm log; the conventional loop
     on the conventional threads and on one; the ablation between them (levers that change nothing left out)."""
     print("MLP on MNIST ...", file=sys.stderr, flush=True)
-    config = pipeline.run_configs(pipeline_args(MLP_FLAGS, device, sizes, options, sizes.mlp_steps * sizes.batch_size),
-                                  device)[0]
-    contenders = our_contenders(config, raw, options, ours_no_logging=replace(config, grad_log_every=0))
-    ours = contenders["ours"]
+    config = run_config(MLP_FLAGS, options, options.sizes.mlp_steps * options.sizes.batch_size)
+    variants = {OURS: config, "ours, norm log off": replace(config, grad_log_every=0), **amp_variant(config)}
+    contenders = {name: our_trainer(c, raw, options.compile_model) for name, c in variants.items()}
+    ours = contenders[OURS].run.train
 
     def conventional(data: str, **loop) -> Contender:
-        loader = (TrainLoader(Split(ours.run.train.images, ours.run.train.labels), config.batch_size, config.seed)
-                  if data == RESIDENT else conventional_loader("MNIST", data_root, config.batch_size))
+        loader = (TrainLoader(Split(ours.images, ours.labels), config.batch_size, config.seed) if data == RESIDENT
+                  else conventional_loader("MNIST", options.data_root, config.batch_size))
         return conventional_trainer(config, loader, data, **loop)
 
     loop = {"data": MNIST_LOADER, "threads": options.conventional_threads, "fused_optimizer": False,
             "grad_norms": ITEM_NORMS}
-    contenders["conventional"], ablation = conventional(**loop), ["conventional"]
-    if device.type == "cpu" and loop["threads"] > 1:
-        contenders["conventional_1_thread"] = conventional(**dict(loop, threads=1))
+    contenders |= conventional_rows(lambda threads: conventional(**dict(loop, threads=threads)), options)
+    ablation = [CONVENTIONAL]
     for name, lever in ABLATION:
         if dict(loop, **lever) != loop:
             loop = dict(loop, **lever)
             contenders[name], ablation = conventional(**loop), ablation + [name]
-    section = training_section(contenders, sizes.mlp_steps, sizes, device)
+    section = training_section(contenders, options.sizes.mlp_steps, options)
     return {"config": {k: getattr(config, k) for k in ("num_hidden_layers", "width", "batch_size", "optimizer", "lr")},
             **section, "ablation": ablation,
-            "logging_cost": 1 - section["rows"]["ours_no_logging"]["step_ms"] / section["rows"]["ours"]["step_ms"]}
+            "logging_cost": 1 - section["rows"]["ours, norm log off"]["step_ms"] / section["rows"][OURS]["step_ms"]}
 
 
-def bench_cnn(raw: RawData, data_root: str | Path, device: torch.device, sizes: Sizes, options: Options) -> dict:
+def bench_cnn(raw: RawData, options: Options) -> dict:
     """Section 2, the ResNet-20 shape on CIFAR-10 with crops and flips: ours (also on one thread, and contiguous)
     against the conventional loop, in images/s and in GFLOP/s beside a large float32 matmul."""
     print("ResNet on CIFAR-10 ...", file=sys.stderr, flush=True)
-    config = pipeline.run_configs(pipeline_args(RESNET20_FLAGS, device, sizes, options,
-                                                sizes.cnn_steps * sizes.batch_size), device)[0]
-    contenders = our_contenders(config, raw, options)
-    ours = contenders["ours"]
-    if device.type == "cpu" and ours.setup.threads > 1:
-        contenders["ours_1_thread"] = our_trainer(replace(config, threads=1), raw, options.compile_model)
+    config = run_config(RESNET20_FLAGS, options, options.sizes.cnn_steps * options.sizes.batch_size)
+    ours = our_trainer(config, raw, options.compile_model)
+    contenders = {OURS: ours}
+    if options.device.type == "cpu" and ours.setup.threads > 1:
+        contenders["ours, 1 thread"] = our_trainer(replace(config, threads=1), raw, options.compile_model)
     if uses_channels_last(config):
-        contenders["ours_contiguous"] = our_trainer(config, raw, options.compile_model, contiguous=True)
-    for name, threads in zip(CONVENTIONAL_ROWS, (options.conventional_threads, 1)):
-        if name == "conventional" or device.type == "cpu" and options.conventional_threads > 1:
-            contenders[name] = conventional_trainer(config, conventional_loader("CIFAR10", data_root,
-                                                    config.batch_size), CIFAR10_LOADER, threads, False, NO_NORMS)
+        contenders["ours, contiguous"] = our_trainer(config, raw, options.compile_model, contiguous=True)
+    contenders |= {name: our_trainer(c, raw, options.compile_model) for name, c in amp_variant(config).items()}
+    loader = conventional_loader("CIFAR10", options.data_root, config.batch_size)
+    contenders |= conventional_rows(lambda threads: conventional_trainer(config, loader, CIFAR10_LOADER, threads,
+                                                                         False, NO_NORMS), options)
     with threads_of(ours.setup.threads):
         batch = slice(config.batch_size)
         flops = training_flops(ours.run.model, ours.run.train.images[batch], ours.run.train.labels[batch])
-    section = training_section(contenders, sizes.cnn_steps, sizes, device)
-    for row in section["rows"].values():
+    section = training_section(contenders, options.sizes.cnn_steps, options)
+    rows, matmul = section["rows"], matmul_gflops(options)
+    for row in rows.values():
         row["gflops"] = flops / row["step_ms"] / 1e6
+    fields = ("num_levels", "out_channels", "num_conv_per_level", "residual_step", "stem", "batch_size", "augment",
+              "grad_log_every")
+    return {"config": {k: getattr(config, k) for k in fields}, "flops_per_step": flops, **section,
+            "matmul_size": options.sizes.matmul_size, "matmul_threads": options.conventional_threads,
+            "matmul_gflops": matmul, "fraction_of_matmul": rows[OURS]["gflops"] / matmul,
+            "channels_last_speedup": rows[OURS]["images_per_s"] / rows["ours, contiguous"]["images_per_s"]
+            if "ours, contiguous" in rows else None}
+
+
+def matmul_gflops(options: Options) -> float:
+    """GFLOP/s of a large float32 matmul on the conventional loop's threads, the reference for the CNN's rate."""
     print("matmul reference ...", file=sys.stderr, flush=True)
-    size, count = sizes.matmul_size, sizes.matmul_count
-    a, b, out = (torch.randn(size, size, device=device) for _ in range(3))
+    size, count = options.sizes.matmul_size, options.sizes.matmul_count
+    a, b, out = (torch.randn(size, size, device=options.device) for _ in range(3))
 
     def matmuls():
         with threads_of(options.conventional_threads):
@@ -376,51 +390,44 @@ def bench_cnn(raw: RawData, data_root: str | Path, device: torch.device, sizes: 
                 torch.mm(a, b, out=out)
 
     matmuls()
-    matmul = 2 * size ** 3 * count / best_seconds({"mm": matmuls}, sizes.repeats, device)["mm"] / 1e9
-    rows, fields = section["rows"], ("num_levels", "out_channels", "num_conv_per_level", "residual_step", "stem",
-                                     "batch_size", "augment", "grad_log_every")
-    return {"config": {k: getattr(config, k) for k in fields}, "flops_per_step": flops, **section,
-            "matmul_size": size, "matmul_threads": options.conventional_threads, "matmul_gflops": matmul,
-            "channels_last_speedup": rows["ours"]["images_per_s"] / rows["ours_contiguous"]["images_per_s"]
-            if "ours_contiguous" in rows else None, "fraction_of_matmul": rows["ours"]["gflops"] / matmul}
+    return 2 * size ** 3 * count / best_seconds({"mm": matmuls}, options.sizes.repeats, options.device)["mm"] / 1e9
 
 
-def bench_cam(raw: RawData, device: torch.device, sizes: Sizes, options: Options) -> dict:
+def bench_cam(raw: RawData, options: Options) -> dict:
     """Section 3: class activation maps per second of a batch of test images, as cam.py computes them (a contiguous
     float32 model, no autograd), by a random ResNet-20 on the conventional loop's threads."""
     print("CAM ...", file=sys.stderr, flush=True)
-    model = build_run_model(pipeline.run_configs(pipeline_args(RESNET20_FLAGS, device, sizes, options), device)[0])
-    model = model.to(memory_format=torch.contiguous_format).eval()
-    images = normalize(raw.test_images[:sizes.cam_images], DATASETS["CIFAR10"], device)
-    classes = raw.test_labels[:sizes.cam_images].to(device)
+    model = build_run_model(run_config(RESNET20_FLAGS, options)).to(memory_format=torch.contiguous_format).eval()
+    images = normalize(raw.test_images[:options.sizes.cam_images], DATASETS["CIFAR10"], options.device)
+    classes = raw.test_labels[:options.sizes.cam_images].to(options.device)
 
     def maps() -> torch.Tensor:
         with threads_of(options.conventional_threads), torch.no_grad():
             return class_activation_maps(model, images, classes)[0]
 
-    shape, seconds = list(maps().shape), best_seconds({"cam": maps}, sizes.repeats, device)["cam"]
+    shape, seconds = list(maps().shape), best_seconds({"cam": maps}, options.sizes.repeats, options.device)["cam"]
     return {"images": len(images), "map_shape": shape, "seconds": seconds, "maps_per_s": len(images) / seconds,
             "threads": options.conventional_threads, "memory_format": "contiguous", "precision": "float32"}
 
 
-def bench_exercise1(data_root: str | Path, device: torch.device, sizes: Sizes, options: Options) -> dict:
+def bench_exercise1(options: Options) -> dict:
     """Exercise 1, its first seed's runs for real (pipeline.main into a temporary folder, with --jobs 1, and 2 where
     there are two workers); the other seeds' runs are counted at the cost of the first's."""
-    configs = pipeline.run_configs(pipeline_args(list(sizes.exercise1), device, sizes, options, sizes.limit_train),
-                                   device)
+    sweep, limit_train, device = list(options.sizes.exercise1), options.sizes.limit_train, options.device
+    configs = pipeline.run_configs(pipeline_args(sweep, options, limit_train), device)
     seeds, wall = sorted({c.seed for c in configs}), {}
     workers = torch.cuda.device_count() if device.type == "cuda" else os.cpu_count() or 1
     for jobs in (1, 2) if workers >= 2 else (1,):
         print(f"Exercise 1 for real (seed {seeds[0]} of {len(seeds)}, --jobs {jobs}) ...", file=sys.stderr, flush=True)
-        flags = [*sizes.exercise1, "--seed", str(seeds[0]), "--data_root", str(data_root), "--no-download", "--jobs",
-                 str(jobs)]
+        flags = sweep + ["--seed", str(seeds[0]), "--data_root", str(options.data_root), "--no-download", "--jobs",
+                         str(jobs)]
         with tempfile.TemporaryDirectory() as out, silenced_stdout(), threads_of():
-            args = pipeline_args(flags + ["--out_dir", out], device, sizes, options, sizes.limit_train)
+            args = pipeline_args(flags + ["--out_dir", out], options, limit_train)
             start = time.perf_counter()
             runs, wall[jobs] = pipeline.main(args), time.perf_counter() - start
     fastest = min(wall, key=wall.get)
     seconds = wall[fastest] * len(seeds)
-    return {"sweep": "pipeline.py " + " ".join(sizes.exercise1), "runs": len(configs), "seeds": seeds,
+    return {"sweep": "pipeline.py " + " ".join(sweep), "runs": len(configs), "seeds": seeds,
             "depths": len({c.num_hidden_layers for c in configs}), "epochs": configs[0].num_epochs,
             "residual_steps": sorted({c.residual_step for c in configs}), "runs_timed": len(runs),
             "seconds_by_jobs": {str(j): s for j, s in wall.items()}, "jobs_speedup": wall[1] / wall[2] if 2 in wall
@@ -430,14 +437,18 @@ def bench_exercise1(data_root: str | Path, device: torch.device, sizes: Sizes, o
             f"estimate: seed {seeds[0]}'s {len(runs)} runs measured with --jobs {fastest}, x {len(seeds)}"}
 
 
-def resnet20_epoch(raw: RawData, device: torch.device, sizes: Sizes, options: Options) -> dict:
+def resnet20_epoch(raw: RawData, options: Options) -> dict:
     """One real epoch of the ResNet-20 shape on the exercise's data (training and validation), after a warm-up."""
     print("ResNet-20, one real epoch ...", file=sys.stderr, flush=True)
-    config = pipeline.run_configs(pipeline_args(RESNET20_FLAGS, device, sizes, options, sizes.limit_train), device)[0]
-    ours = our_trainer(config, raw)
-    ours.train(sizes.warmup_steps)
-    seconds = best_seconds({"epoch": lambda: (ours.train(len(ours.run.train)), validate(ours, ours.run.val))}, 1,
-                           device)["epoch"]
+    ours = our_trainer(run_config(RESNET20_FLAGS, options, options.sizes.limit_train), raw, False)
+    ours.train(options.sizes.warmup_steps)
+
+    def epoch():
+        ours.train(len(ours.run.train))
+        with threads_of(ours.setup.threads):
+            evaluate(ours.run.net, ours.run.val, precision=ours.run.config.precision)
+
+    seconds = best_seconds({"epoch": epoch}, 1, options.device)["epoch"]
     return dict(seconds=seconds, train_images=len(ours.run.train.labels), **asdict(ours.setup))
 
 
@@ -495,25 +506,23 @@ def format_table(results: dict) -> str:
     added_to = dict(zip(mlp["ablation"][1:], mlp["ablation"]))  # each ablation row: the row it adds a lever to
 
     def training(section: dict, names: Iterable[str], extra: Callable[[dict, str], str]) -> list[tuple[str, ...]]:
-        return [(f"  {ROW_NAMES[n]}", f"{row['images_per_s']:,.0f} img/s", extra(row, n), settings_label(row))
-                for n in names if (row := section["rows"].get(n))]
+        return [(f"  {name}", f"{row['images_per_s']:,.0f} img/s", extra(row, name), settings_label(row))
+                for name in names if (row := section["rows"][name])]
 
     def step(row: dict, name: str) -> str:
-        if name not in added_to:
-            return f"{row['step_ms']:.2f} ms/step"
-        factor = row["images_per_s"] / mlp["rows"][added_to[name]]["images_per_s"]
-        return f"{row['step_ms']:.2f} ms/step, x{factor:.2f} on {ROW_NAMES[added_to[name]]}"
+        on = added_to.get(name)
+        factor = f", x{row['images_per_s'] / mlp['rows'][on]['images_per_s']:.2f} on {on}" if on else ""
+        return f"{row['step_ms']:.2f} ms/step{factor}"
 
     rows = [(f"MLP {mlp['config']['num_hidden_layers']}x{mlp['config']['width']} on MNIST, batch "
              f"{mlp['config']['batch_size']}",),  # (name, value, extra, what it ran); a title is a name alone
-            *training(mlp, ("ours", "ours_no_logging", "ours_amp", *CONVENTIONAL_ROWS), step),
+            *training(mlp, [name for name in mlp["rows"] if name not in added_to], step),
             ("  ablation: the conventional loop with our levers added one at a time",), *training(mlp, added_to, step)]
     if "cnn" in results:
         cnn, cam = results["cnn"], results["cam"]
         rows += [(f"ResNet-20 shape on CIFAR-10, batch {cnn['config']['batch_size']}, crops+flips: "
                   f"{cnn['flops_per_step'] / 1e9:.2f} GFLOP/step",),
-                 *training(cnn, ("ours", "ours_1_thread", "ours_contiguous", "ours_amp", *CONVENTIONAL_ROWS),
-                           lambda row, _: f"{row['gflops']:.1f} GFLOP/s"),
+                 *training(cnn, cnn["rows"], lambda row, _: f"{row['gflops']:.1f} GFLOP/s"),
                  (f"  float32 matmul {cnn['matmul_size']}^3 (reference)", f"{cnn['matmul_gflops']:.1f} GFLOP/s", "",
                   count(cnn["matmul_threads"], "thread")), (f"CAM, ResNet-20 shape, batch of {cam['images']}",),
                  ("  as cam.py computes it", f"{cam['maps_per_s']:,.0f} maps/s", f"maps {tuple(cam['map_shape'])}",
@@ -549,12 +558,12 @@ def format_table(results: dict) -> str:
 
 def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     """Run every measurement, print the table, write the JSON; return the results."""
-    device = resolve_device(args.device)
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (pipeline.py's policy, torch's default) or positive, got {args.threads}")
-    sizes = sizes or (QUICK if args.quick else FULL)
+    device = resolve_device(args.device)
     use_cudnn_benchmark(device)  # as pipeline.py runs, for every row
-    options = Options(args.threads, args.threads or torch.get_num_threads(), args.amp, args.compile)
+    options = Options(sizes or (QUICK if args.quick else FULL), device, Path(args.data_root), args.threads,
+                      args.threads or torch.get_num_threads(), args.amp, args.compile)
     start, load_at_start = time.perf_counter(), os.getloadavg()
     try:
         mnist = load_dataset("MNIST", args.data_root, args.download)
@@ -564,16 +573,16 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     results = {"meta": {"torch": torch.__version__, "numpy": np.__version__, "device": str(device),
                         "threads": args.threads, "default_threads": torch.get_num_threads(),
                         "cpu_count": os.cpu_count(), "cpu": cpu_description(), "amp_precision": amp_precision(device),
-                        "quick": args.quick, "compile": args.compile, "amp": args.amp, "repeats": sizes.repeats,
-                        "mnist_only": args.mnist_only, "sizes": asdict(sizes)}}
-    results["mlp"] = bench_mlp(mnist, args.data_root, device, sizes, options)
+                        "quick": args.quick, "compile": args.compile, "amp": args.amp,
+                        "repeats": options.sizes.repeats, "mnist_only": args.mnist_only,
+                        "sizes": asdict(options.sizes)},
+               "mlp": bench_mlp(mnist, options)}
     if cifar is not None:
-        results["cnn"] = bench_cnn(cifar, args.data_root, device, sizes, options)
-        results["cam"] = bench_cam(cifar, device, sizes, options)
-    if sizes.exercises:
-        results["exercises"] = {"exercise1": bench_exercise1(args.data_root, device, sizes, options)}
+        results |= {"cnn": bench_cnn(cifar, options), "cam": bench_cam(cifar, options)}
+    if options.sizes.exercises:
+        results["exercises"] = {"exercise1": bench_exercise1(options)}
         if cifar is not None:
-            results["exercises"]["resnet20_epoch"] = resnet20_epoch(cifar, device, sizes, options)
+            results["exercises"]["resnet20_epoch"] = resnet20_epoch(cifar, options)
     results["targets"] = check_targets(results)
     results["meta"].update(seconds=time.perf_counter() - start, load_average_at_start=load_at_start,
                            load_average_at_end=os.getloadavg())
