@@ -505,9 +505,9 @@ def format_table(results: dict) -> str:
     mlp, meta = results["mlp"], results["meta"]
     added_to = dict(zip(mlp["ablation"][1:], mlp["ablation"]))  # each ablation row: the row it adds a lever to
 
-    def training(section: dict, names: Iterable[str], extra: Callable[[dict, str], str]) -> list[tuple[str, ...]]:
+    def training(rows: dict[str, dict], extra: Callable[[dict, str], str]) -> list[tuple[str, ...]]:
         return [(f"  {name}", f"{row['images_per_s']:,.0f} img/s", extra(row, name), settings_label(row))
-                for name in names if (row := section["rows"][name])]
+                for name, row in rows.items()]
 
     def step(row: dict, name: str) -> str:
         on = added_to.get(name)
@@ -516,13 +516,14 @@ def format_table(results: dict) -> str:
 
     rows = [(f"MLP {mlp['config']['num_hidden_layers']}x{mlp['config']['width']} on MNIST, batch "
              f"{mlp['config']['batch_size']}",),  # (name, value, extra, what it ran); a title is a name alone
-            *training(mlp, [name for name in mlp["rows"] if name not in added_to], step),
-            ("  ablation: the conventional loop with our levers added one at a time",), *training(mlp, added_to, step)]
+            *training({name: row for name, row in mlp["rows"].items() if name not in added_to}, step),
+            ("  ablation: the conventional loop with our levers added one at a time",),
+            *training({name: mlp["rows"][name] for name in added_to}, step)]
     if "cnn" in results:
         cnn, cam = results["cnn"], results["cam"]
         rows += [(f"ResNet-20 shape on CIFAR-10, batch {cnn['config']['batch_size']}, crops+flips: "
                   f"{cnn['flops_per_step'] / 1e9:.2f} GFLOP/step",),
-                 *training(cnn, cnn["rows"], lambda row, _: f"{row['gflops']:.1f} GFLOP/s"),
+                 *training(cnn["rows"], lambda row, _: f"{row['gflops']:.1f} GFLOP/s"),
                  (f"  float32 matmul {cnn['matmul_size']}^3 (reference)", f"{cnn['matmul_gflops']:.1f} GFLOP/s", "",
                   count(cnn["matmul_threads"], "thread")), (f"CAM, ResNet-20 shape, batch of {cam['images']}",),
                  ("  as cam.py computes it", f"{cam['maps_per_s']:,.0f} maps/s", f"maps {tuple(cam['map_shape'])}",
