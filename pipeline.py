@@ -74,9 +74,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_flag(run, "--plots_dir", default=None, help="folder for plots (default: <out_dir>/plots)")
     add_flag(run, "--run_name", default=None,
              help="run folder name (default: derived from the config; a prefix in sweeps)")
-    add_flag(run, "--resume", action="store_true", default=False,
+    existing = run.add_mutually_exclusive_group()  # an existing run is continued or replaced, never both
+    add_flag(existing, "--resume", action="store_true", default=False,
              help="continue unfinished runs from their checkpoints and skip finished ones")
-    add_flag(run, "--overwrite", action="store_true", default=False, help="replace existing run folders")
+    add_flag(existing, "--overwrite", action="store_true", default=False, help="replace existing run folders")
     add_flag(groups[TRACKING], "--wandb", choices=["disabled", "offline", "online"], nargs="?", const="online",
              default="disabled", help="track every run in Weights & Biases, grouped by --out_dir's name: offline "
              "writes <run folder>/wandb to upload later with wandb sync; online uploads as it trains (after wandb "

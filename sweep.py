@@ -75,7 +75,7 @@ class Plan:
         for i, run in enumerate(self.runs):
             if self.locks is not None and i not in self.locks:
                 self.locks[i] = run.files.lock()
-                if run.files.exist():
+                if run.action == "new" and run.files.exist():
                     raise RunConflict(f"{run.files.run_dir} was written by another process while this one "
                                       "planned; run the command again")
 
@@ -107,6 +107,8 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, exist
 
 def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) -> PlannedRun:
     """What to do with one run folder (see plan); a process that `writes` repairs what it can."""
+    if files.checkpoint.parent != files.run_dir and files.checkpoint.exists():
+        check_checkpoint_owner(files.checkpoint, config)
     if not files.exist():
         return PlannedRun(config, files, "new")
     if existing == "overwrite":
@@ -127,6 +129,18 @@ def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) ->
         check_checkpoint_resumable(checkpoint, config, files.checkpoint)
         return PlannedRun(config, files, "resume")
     return PlannedRun(config, files, "replace")  # files of a run that saved no epoch: nothing to continue
+
+
+def check_checkpoint_owner(path: Path, config: RunConfig) -> None:
+    """An existing --checkpoint file is resumed or replaced only when it holds this run's checkpoint; anything else
+    (a file of the user's, another run's model) is a RunConflict, whatever --resume or --overwrite say."""
+    try:
+        saved = saved_config(load_checkpoint(path), path)
+    except CheckpointError as e:
+        raise RunConflict(f"{e}; it is left as it is: choose another --checkpoint path") from None
+    if saved.run_name != config.run_name:
+        raise RunConflict(f"--checkpoint {path} holds the checkpoint of run {saved.run_name}, not of "
+                          f"{config.run_name}; it is left as it is: choose another --checkpoint path")
 
 
 def finished_history(config: RunConfig, files: RunFiles, writes: bool) -> dict | None:

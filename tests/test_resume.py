@@ -175,6 +175,52 @@ def test_overwrite_is_all_or_nothing(mnist_root, tmp_path, capsys, monkeypatch, 
     assert (tmp_path / RUN / "notes.txt").read_text() == "my own notes"
 
 
+def test_resume_and_overwrite_together_are_refused(mnist_root, tmp_path, capsys, finished_run):
+    """--resume with --overwrite once replaced a finished run (--overwrite won): a command gives one of them."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--resume", "--overwrite"))
+    assert status == 2 and len(lines) == 1 and "--overwrite" in lines[0] and "--resume" in lines[0], lines
+    assert run_files(tmp_path / RUN) == before
+
+
+@pytest.mark.parametrize("existing", ["--overwrite", "--resume"])
+@pytest.mark.parametrize("owner", ["the user", "another run"])
+def test_a_checkpoint_path_holding_something_else_is_refused_and_kept(mnist_root, tmp_path, capsys, finished_run,
+                                                                      owner, existing):
+    """--checkpoint naming a file that is not this run's checkpoint (the user's, or another run's model) is refused
+    in one line whatever --resume or --overwrite say: the file stays as it was and no run folder is made."""
+    target = tmp_path / "notes.txt"
+    if owner == "the user":
+        target.write_text("my notes")
+    else:
+        shutil.copytree(finished_run, tmp_path / "other" / RUN)
+        target = RunFiles(tmp_path / "other" / RUN).checkpoint
+    before = target.read_bytes()
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path / "out", "--num_hidden_layers", "2",
+                                               "--num_epochs", "1", "--checkpoint", str(target), existing))
+    assert status == 2 and len(lines) == 1 and "choose another --checkpoint path" in lines[0], lines
+    assert (RUN in lines[0]) == (owner == "another run")
+    assert target.read_bytes() == before and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_kept_outside_its_run_folder_continues_or_is_replaced(mnist_root, tmp_path, capsys,
+                                                                         finished_run):
+    """The run's own checkpoint, kept with --checkpoint elsewhere, continues the run into a new folder (which this
+    process makes: not 'written by another process') and may be replaced with --overwrite."""
+    checkpoint = tmp_path / "kept.pt"
+    shutil.copy(RunFiles(finished_run).checkpoint, checkpoint)
+
+    def train(epochs: int, existing: str) -> dict:
+        (_, history), = run_main(*args_for(mnist_root, tmp_path / "out", "--num_epochs", str(epochs), "--checkpoint",
+                                           str(checkpoint), existing))
+        return history
+
+    assert len(train(2, "--resume")["epochs"]) == 2 and load_checkpoint(checkpoint)["epoch"] == 2
+    assert (tmp_path / "out" / RUN / "history.json").is_file()
+    assert len(train(1, "--overwrite")["epochs"]) == 1 and load_checkpoint(checkpoint)["epoch"] == 1
+
+
 def test_restarted_sweep_skips_finished_runs(mnist_root, tmp_path, capsys, finished_run):
     shutil.copytree(finished_run, tmp_path / RUN)  # the sweep's second run, finished
     before = RunFiles(tmp_path / RUN).checkpoint.stat().st_mtime_ns
