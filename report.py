@@ -29,7 +29,8 @@ import faithfulness
 from config import RunConfig
 from plots import STALL_LAYERS, TRAINED, in_stall_study, init_gradient_points, init_gradient_threshold
 from runs import RunFiles
-from utils import ArgumentParser, UsageError, atomic_write, first_line, run_cli
+from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, reporting_full_disk,
+                   run_cli)
 
 FAMILIES = {"--ex1": ("MLP", "Exercise 1's MLP runs"), "--ex2": ("ResNet", "Exercise 2's CNN runs"),
             "--best_checkpoint": ("ResNet", "Exercise 2's CNN runs")}
@@ -268,7 +269,13 @@ def best_checkpoint(runs: list[tuple[RunConfig, dict]], out_dir: Path) -> Path:
     residual = [(h["epochs"][-1]["val_acc"], c.run_name) for c, h in runs if c.residual_step]
     if not residual:
         raise UsageError(f"{out_dir} holds no finished residual run")
-    return RunFiles(out_dir / max(residual)[1]).checkpoint
+    val_acc, name = max(residual)
+    checkpoint = RunFiles(out_dir / name).checkpoint
+    if not checkpoint.is_file():
+        raise UsageError(f"the best residual run of {out_dir}, {name} (validation accuracy {val_acc:.1%}), has no "
+                         f"{checkpoint.name}: give the out_dir that trained it (kept results hold no checkpoints), "
+                         "or train it again with --overwrite")
+    return checkpoint
 
 
 def with_missing(table: str, missing: list[str]) -> str:
@@ -282,6 +289,7 @@ def with_missing(table: str, missing: list[str]) -> str:
 def check_keep(keep: Path) -> None:
     """Refuse a --keep folder whose ex1 or ex2 holds a checkpoint: those are a sweep's own run folders, which
     keep_results would replace."""
+    check_writable(keep, "--keep")
     for target in (keep / "ex1", keep / "ex2"):
         if target.is_file() or target.is_dir() and any(RunFiles(p).checkpoint.exists() for p in target.iterdir()):
             raise UsageError(f"--keep {keep}: {target} holds run folders or is a file, not kept results; give "
@@ -294,10 +302,15 @@ def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:
     for name, out_dir in sweeps.items():
         target, staging = keep / name, keep / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         runs = [RunFiles(p) for p in sorted(out_dir.iterdir()) if p.is_dir() and RunFiles(p).exist()]
-        for files in runs:
-            files.keep_summary(staging / files.run_dir.name)
+        try:
+            with reporting_full_disk(staging):
+                staging.mkdir(parents=True)
+                for files in runs:
+                    files.keep_summary(staging / files.run_dir.name)
+        except BaseException:  # what was kept before stays; no half-written copy is left beside it
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         print(f"kept the {len(runs)} run folders of {out_dir} in {target}")

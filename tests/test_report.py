@@ -106,8 +106,11 @@ def test_best_checkpoint_is_the_residual_run_with_the_best_final_validation_accu
     write_run(tmp_path, cnn(3, 1, seed=0), [1.0, 1.0], [0.92, 0.80], 0.80)  # its checkpoint holds the last epoch
     write_run(tmp_path, cnn(3, 1, seed=1), [1.0, 1.0], [0.80, 0.85], 0.80)
     write_run(tmp_path, cnn(3, 1, seed=2), [1.0, 1.0], [0.80, 0.75], 0.80)
-    assert report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path) == (
-        RunFiles(tmp_path / cnn(3, 1, seed=1).run_name).checkpoint)
+    best = RunFiles(tmp_path / cnn(3, 1, seed=1).run_name).checkpoint
+    with pytest.raises(utils.UsageError, match=f"{cnn(3, 1, seed=1).run_name} .*has no checkpoint.pt"):
+        report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path)  # as in results/: no checkpoints kept
+    best.write_bytes(b"weights")
+    assert report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path) == best
 
 
 def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):

@@ -9,6 +9,7 @@ import report
 from conftest import ROOT, run_config
 from runs import RunFiles
 from test_report import three_seeds_of_four_networks, write_run
+from test_resume import fill_but, in_small_tmpfs
 
 
 def report_blocks(*flags: str) -> dict[str, str]:
@@ -64,3 +65,28 @@ def test_keep_refuses_a_sweeps_own_run_folders(tmp_path, capsys):
     with pytest.raises(report.UsageError, match="holds run folders"):
         report_blocks("--ex2", str(tmp_path / "ex2"), "--keep", str(tmp_path))
     assert len(list(tmp_path.glob("ex2/*/checkpoint.pt"))) == 12
+
+
+def test_keep_where_a_file_is_is_one_line_and_keeps_the_file(tmp_path):
+    three_seeds_of_four_networks(tmp_path / "ex2")
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(report.UsageError, match="is not a folder"):
+        report_blocks("--ex2", str(tmp_path / "ex2"), "--keep", str(tmp_path / "notes"))
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_keep_on_a_full_disk_is_one_line_and_keeps_what_was_kept(tmp_path):
+    """The copy is staged beside the kept results and only then replaces them: a full disk half-way through
+    leaves the old copy whole and no staging folder."""
+    disk = tmp_path / "disk"
+    three_seeds_of_four_networks(tmp_path / "ex2")
+    result = in_small_tmpfs(disk, f'$P report.py --ex2 "{tmp_path}/ex2" --keep "{disk}" > /dev/null && '
+                                  f'cp -a "{disk}/ex2" "{tmp_path}/before" && {fill_but(disk, 8)} && '
+                                  f'$P report.py --ex2 "{tmp_path}/ex2" --keep "{disk}" > /dev/null; echo "rc=$?"; '
+                                  f'ls -A "{disk}"; cp -a "{disk}/ex2" "{tmp_path}/after"')
+    assert "rc=2" in result.stdout, result.stderr
+    assert result.stderr.strip() == f"report.py: error: no space left on {disk / '.ex2.tmp'}"
+    assert result.stdout.split("rc=2")[1].split() == ["ex2", "filler"]  # no .ex2.tmp
+    before = {p.relative_to(tmp_path / "before"): p.read_bytes() for p in (tmp_path / "before").rglob("*.json")}
+    after = {p.relative_to(tmp_path / "after"): p.read_bytes() for p in (tmp_path / "after").rglob("*.json")}
+    assert after == before and len(before) == 24
