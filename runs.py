@@ -101,8 +101,8 @@ class RunFiles:
 
     def lock(self) -> RunLock:
         """Take the run's lock, creating its folder (RunLocked when another process holds it; RunConflict when a
-        file stands where its folder belongs or a folder where one of its files does), and remove the temporary
-        files that a writer killed mid-write left, which only the lock's holder may do."""
+        file stands where its folder belongs or a folder where one of its files does, or neither can be made), and
+        remove the temporary files that a writer killed mid-write left, which only the lock's holder may do."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunConflict(f"{self.run_dir} is a file where the run's folder belongs; move it away and run the "
                               "command again")
@@ -110,7 +110,11 @@ class RunFiles:
             if path.is_dir():  # never removed for the user: nothing the run wrote is a folder
                 raise RunConflict(f"{path} is a folder where the run keeps a file; move it away and run the command "
                                   "again")
-        lock = RunLock(self.lock_file, self.run_dir)
+        try:
+            lock = RunLock(self.lock_file, self.run_dir)
+        except OSError as e:  # a folder that check_writable passed and the file system refuses all the same
+            raise RunConflict(f"{self.run_dir}: its folder or lock file cannot be made ({first_line(e)}); choose "
+                              "another --out_dir") from None
         for folder in {self.run_dir, self.checkpoint.parent}:
             for path in folder.glob(".*.tmp"):
                 if any(path.name.startswith(f".{p.name}.") for p in self.ours()) and not path.is_dir():

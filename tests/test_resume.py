@@ -533,6 +533,13 @@ def test_temporary_files_of_a_killed_writer_are_removed_when_the_run_is_opened(m
     assert (tmp_path / RUN / f".{files.history.name}.a folder.tmp").is_dir()
 
 
+@pytest.mark.skipif(not os.access("/proc", os.W_OK), reason="needs a /proc that os.access calls writable (root)")
+def test_an_out_dir_the_file_system_refuses_after_the_checks_is_one_line(mnist_root, capsys):
+    """/proc passes check_writable as root, then refuses the run folder: once three chained tracebacks."""
+    status, lines = cli_exit(capsys, *args_for(mnist_root, "/proc/no_such_run_folder", "--num_epochs", "1"))
+    assert status == 2 and len(lines) == 1 and "choose another --out_dir" in lines[0], lines
+
+
 @pytest.mark.parametrize("name", ["config.json", "history.json", "grad_norms.csv", ".lock"])
 def test_a_folder_where_a_run_file_belongs_is_refused_in_one_line_and_kept(mnist_root, tmp_path, capsys,
                                                                          finished_run, name):
