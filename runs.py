@@ -275,11 +275,28 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
-        raise CheckpointError(f"--checkpoint {path} is not a loadable checkpoint (refused or unreadable: "
-                              f"{first_line(e)})") from None
+        raise CheckpointError(f"--checkpoint {path} is not a loadable checkpoint: {unloadable_reason(path, e)}") \
+            from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise CheckpointError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
     return upgrade_checkpoint(checkpoint, path)
+
+
+def unloadable_reason(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) failed on `path`, in our words: torch's own message ends in advice to load
+    with weights_only=False, which would run whatever code the file holds."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return first_line(e)
+    if not magic:
+        return "the file is empty"
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        return "it is not a file that torch.save writes"
+    if "Weights only load failed" in str(error):
+        return "it holds Python objects that the safe loader (weights_only=True) refuses to create"
+    return f"it is cut short or damaged ({first_line(error, 80)})"
 
 
 def upgrade_checkpoint(checkpoint: dict, path: Path) -> dict:

@@ -292,6 +292,27 @@ def test_hostile_checkpoint_is_refused_and_its_code_never_runs(mnist_root, tmp_p
     assert marker.exists()
 
 
+@pytest.mark.parametrize("kind,reason", [("empty", "the file is empty"),
+                                         ("text", "it is not a file that torch.save writes"),
+                                         ("random bytes", "it is not a file that torch.save writes"),
+                                         ("cut", "it is cut short or damaged"),
+                                         ("hostile", "it holds Python objects that the safe loader (weights_only=True)")])
+def test_an_unloadable_checkpoint_says_why_and_never_advises_the_unsafe_loader(tmp_path, capsys, finished_run,
+                                                                             kind, reason):
+    """torch's own message for a refused file ends in 'Re-running torch.load with weights_only set to False', which
+    would run the file's code; ours says what is wrong with the file."""
+    path, good = tmp_path / "model.pt", RunFiles(finished_run).checkpoint.read_bytes()
+    if kind == "hostile":
+        torch.save({"model": {}, "config": {}, "payload": Payload(tmp_path / "code_ran")}, path)
+    else:
+        path.write_bytes({"empty": b"", "text": b"hello\n", "random bytes": bytes(range(256)) * 4,
+                          "cut": good[:len(good) // 2]}[kind])
+    status, lines = cli_exit(capsys, "--no-train", "--checkpoint", str(path), "--device", "cpu")
+    assert status == 2 and len(lines) == 1, lines
+    assert f"error: --checkpoint {path} is not a loadable checkpoint: {reason}" in lines[0]
+    assert "False" not in lines[0] and not (tmp_path / "code_ran").exists()
+
+
 # settings that the suite's checkpoints of before RunConfig lacked, and flags they held that are no settings
 NEW_SETTINGS = ("nesterov", "lr_schedule", "warmup_epochs", "label_smoothing", "sync_bn")
 OLD_FLAGS = {"data_root": "data", "download": True, "checkpoint": None, "out_dir": "runs", "plots_dir": None}
