@@ -320,10 +320,20 @@ def start_quietly(workers: list, tasks) -> None:
         raise KeyboardInterrupt
 
 
+def stop_once(signum: int, frame) -> None:
+    """A worker's handler of Ctrl-C and SIGTERM: stop, and ignore those that follow. A terminal's Ctrl-C reaches
+    the worker and the sweep's main process, which then sends one of its own; the second, landing while the worker
+    exits, would print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def worker(planned: list[PlannedRun], raw: RawData, runtime: Runtime, tasks, results) -> None:
     """A worker process on runtime.devices[0]: take run indices from `tasks` until None, train each under its
     run folder's lock, and put (index, history, error line)."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, stop_once)
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by start_quietly
         setup_for_distributed(True)
