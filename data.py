@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import first_line
+from utils import download_into, first_line
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -122,7 +122,8 @@ def load_cifar10(root: Path, download: bool) -> RawData:
         from torchvision.datasets.utils import download_and_extract_archive
         cifar = torchvision.datasets.CIFAR10
         try:
-            download_and_extract_archive(cifar.url, str(root), filename=cifar.filename, md5=cifar.tgz_md5)
+            download_into(root, lambda: download_and_extract_archive(cifar.url, str(root), filename=cifar.filename,
+                                                                     md5=cifar.tgz_md5))
         except Exception as e:  # urllib, http and archive errors all mean the same thing to the user
             raise DatasetError(f"{hint}, and the download failed ({first_line(e)}); download {cifar.url} and "
                              f"unpack it into {root}") from None
@@ -163,8 +164,8 @@ def load_mnist(root: Path, download: bool) -> RawData:
                              "that holds MNIST/raw")
         import torchvision  # imported here only: it takes seconds to import and is needed only to download
         try:
-            for train in (True, False):
-                torchvision.datasets.MNIST(str(root), train=train, download=True)
+            download_into(raw, lambda: [torchvision.datasets.MNIST(str(root), train=train, download=True)
+                                        for train in (True, False)])
         except Exception as e:  # torchvision raises RuntimeError, URLError or OSError, all meaning "no data"
             raise DatasetError(f"{hint}, and the download failed ({first_line(e)}); "
                              f"copy the four files there by hand") from None

@@ -134,11 +134,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself when it exists, else the nearest of its parents that does."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def download_into(folder: Path, fetch: Callable[[], object]) -> None:
+    """Call `fetch`, which downloads into `folder`; when it fails, remove the folders it made that it left empty
+    (a failed download writes nothing the user keeps) and raise its error."""
+    existing = existing_ancestor(folder)
+    try:
+        fetch()
+    except BaseException:
+        while folder != existing and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+        raise
+
+
 def check_writable(path: Path, flag: str) -> None:
     """A folder we will create or write into must be (under) a writable folder."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_ancestor(path)
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

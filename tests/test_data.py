@@ -48,18 +48,15 @@ def test_missing_data_without_download_says_where(tmp_path, name, expected):
 
 
 @pytest.mark.parametrize("name", ["MNIST", "CIFAR10"])
-def test_failed_download_is_a_usage_error(tmp_path, monkeypatch, name):
-    import urllib.error
-
+def test_a_failed_download_is_one_line_and_leaves_no_folder_behind(tmp_path, monkeypatch, name):
+    """torchvision's own download, from a server that refuses the connection (nothing listens on port 9 here)."""
     import torchvision
-    import torchvision.datasets.utils as tv_utils
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no route to host")
-    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
-    with pytest.raises(DatasetError, match="download failed.*no route to host"):
-        load_dataset(name, tmp_path, download=True)
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DatasetError, match="and the download failed"):
+        load_dataset(name, tmp_path / "mine" / "data", download=True)
+    assert not list((tmp_path / "mine").iterdir())
 
 
 def test_truncated_idx_file_is_a_usage_error(tmp_path):
