@@ -27,6 +27,7 @@ from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writabl
 
 MAX_THREADS_PER_CORE = 4  # --threads beyond this many per core only adds contention (10000 crashed torch)
 SWEEPS = "; several values run every combination"
+EVALUATION_FLAGS = {"train", "checkpoint", "data_root", "download", "device"}  # what --no-train reads
 
 
 class PipelineParser(ArgumentParser):
@@ -129,9 +130,15 @@ def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfi
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
-    """--no-train: evaluate a saved model on its dataset's test set."""
+    """--no-train: evaluate a saved model on its dataset's test set, with the settings it was trained with."""
     if args.checkpoint is None:
         raise UsageError("--no-train needs --checkpoint PATH (a checkpoint.pt written by a training run)")
+    defaults = vars(get_args_parser().parse_args([]))
+    ignored = [f"--{name}" for name, value in vars(args).items()
+               if name not in EVALUATION_FLAGS and value != defaults[name]]
+    if ignored:  # a --dataset or --batch_size that seemed to apply would be silently replaced by the checkpoint's
+        raise UsageError(f"--no-train evaluates --checkpoint with the settings it was trained with; leave out "
+                         f"{', '.join(ignored)}")
     config, model = load_model(args.checkpoint)
     model.to(device)
     info = DATASETS[config.dataset]

@@ -139,8 +139,10 @@ def check_checkpoint_owner(path: Path, config: RunConfig) -> None:
     except CheckpointError as e:
         raise RunConflict(f"{e}; it is left as it is: choose another --checkpoint path") from None
     if saved.run_name != config.run_name:
-        raise RunConflict(f"--checkpoint {path} holds the checkpoint of run {saved.run_name}, not of "
-                          f"{config.run_name}; it is left as it is: choose another --checkpoint path")
+        changed = saved.changed_flag(config)
+        raise RunConflict(f"--checkpoint {path} holds the checkpoint of run {saved.run_name}"
+                          f"{f' (trained with {changed})' if changed else ''}, not of {config.run_name}; it is left "
+                          "as it is: choose another --checkpoint path")
 
 
 def finished_history(config: RunConfig, files: RunFiles, writes: bool) -> dict | None:

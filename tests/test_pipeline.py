@@ -61,6 +61,15 @@ def test_cli_evaluates_a_checkpoint(mnist_root, capsys, finished_run):
     assert f"accuracy {history['test']['acc']:.2%}" in out and "200 images" in out
 
 
+def test_no_train_refuses_the_flags_it_would_ignore(mnist_root, capsys, finished_run):
+    """--no-train takes the model and its dataset from the checkpoint: a --dataset or --batch_size beside it once
+    went unnoticed, and the MNIST model was evaluated on MNIST all the same."""
+    status, lines = cli_exit(capsys, "--no-train", "--checkpoint", str(RunFiles(finished_run).checkpoint),
+                             "--data_root", str(mnist_root), "--no-download", "--device", "cpu", "--dataset",
+                             "CIFAR10", "--batch_size", "0")
+    assert status == 2 and len(lines) == 1 and lines[0].endswith("leave out --dataset, --batch_size"), lines
+
+
 def test_cnn_sweep_with_augmentation_and_seeds(cifar_root, tmp_path):
     runs = run_main("--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root),
                     "--no-download", "--val_size", "100", "--limit_train", "128", "--batch_size", "64",
