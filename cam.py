@@ -56,7 +56,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add("--image", default=None,
                help=f"explain this JPEG/PNG instead of test images (at most {MAX_PIXELS:,} pixels; transparency is "
              "composited on white; squashed to the training resolution for the model) (default: none)")
-    parser.add("--label", default="unknown", help="true class of --image, used in file names (and by --class true)")
+    parser.add("--label", default=None, help="true class of --image, used in file names (default: the photo's file "
+               "name) and by --class true")
     parser.add("--class", dest="target", default="pred", metavar="CLASS",
                help="class whose map is drawn: pred (each image's prediction), true (its label), or a class index "
                     "or name")
@@ -189,6 +190,12 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^\w.-]", "_", text)
 
 
+def map_suffix(shown: str, pred: str) -> str:
+    """The end of a file name, before .png: the lab's names say nothing of whose map is drawn, which is the
+    prediction's unless --class chose another class; then "_map_<class>", so that the two never share a file."""
+    return "" if shown == pred else f"_map_{shown}"
+
+
 def save_png(path: Path, rgb: torch.Tensor) -> None:
     """Save a uint8 (H, W, 3) RGB tensor as a PNG, atomically."""
     image = Image.fromarray(np.ascontiguousarray(rgb.numpy()), "RGB")
@@ -275,7 +282,7 @@ def explain_test_images(args: argparse.Namespace, model: nn.Module, info: Datase
         true, pred = class_name(labels[row].item(), info), class_name(predictions[row].item(), info)
         shown = class_name(classes[row].item(), info)
         for kind, image in zip(KINDS, (display[row], heatmaps[row], mixes[row])):
-            written.append(out_dir / f"{i}_{kind}_{true}_p_{pred}_{i}.png")
+            written.append(out_dir / f"{i}_{kind}_{true}_p_{pred}_{i}{map_suffix(shown, pred)}.png")
             save_png(written[-1], image)
         titles.append([f"#{i} true: {true}\npred: {pred} ({probabilities[row]:.0%})", f"map of {shown}", "overlay"])
         print(f"test image {i}: true {true}, predicted {pred} ({probabilities[row]:.1%}), map of {shown}")
@@ -288,7 +295,8 @@ def explain_photo(args: argparse.Namespace, model: nn.Module, info: DatasetInfo,
                   target: int | str, device: torch.device) -> list[Path]:
     """CAM of one photo, computed at the training resolution and drawn at the photo's own; return the files."""
     if target == "true" and args.label not in info.classes:
-        raise UsageError(f"--class true needs --label to be one of {', '.join(info.classes)}, got {args.label!r}")
+        raise UsageError(f"--class true needs --label to be one of {', '.join(info.classes)}"
+                         + (f", got {args.label!r}" if args.label is not None else ""))
     photo = load_photo(args.image, info.in_channels)
     small = photo.resize((input_size, input_size), Image.Resampling.BILINEAR)
     classes = None if target == "pred" else torch.tensor(
@@ -300,8 +308,9 @@ def explain_photo(args: argparse.Namespace, model: nn.Module, info: DatasetInfo,
     original = photo_tensor(photo.convert("RGB")).permute(0, 2, 3, 1)
     heatmaps, mixes = render(original, maps, args.alpha)
     written = []
+    label = safe_name(Path(args.image).stem if args.label is None else args.label)
     for kind, image in zip(KINDS, (original[0], heatmaps[0], mixes[0])):
-        written.append(Path(args.out_dir) / f"single_{kind}_{safe_name(args.label)}_p_{pred}.png")
+        written.append(Path(args.out_dir) / f"single_{kind}_{label}_p_{pred}{map_suffix(shown, pred)}.png")
         save_png(written[-1], image)
     print(f"{args.image}: predicted {pred} ({probability.item():.1%}), map of {shown}")
     return written

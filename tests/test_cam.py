@@ -227,7 +227,7 @@ def test_cli_photo_keeps_every_pixel(checkpoint, tmp_path, name, make):
     out_dir = tmp_path / "out"
     written = run_main("--saved_model", str(checkpoint), "--image", str(tmp_path / name), "--device", "cpu",
                        "--out_dir", str(out_dir), *(["--label", "cat"] if name.endswith("jpg") else []))
-    label = "cat" if name.endswith("jpg") else "unknown"
+    label = "cat" if name.endswith("jpg") else "grey_alpha"  # without --label, the photo's own name
     assert {p.name for p in out_dir.iterdir()} == {p.name for p in written}
     assert len(written) == 3 and all(p.name.startswith(f"single_{kind}_{label}_p_")
                                       for p, kind in zip(written, ("orig", "actv_map", "mix")))
@@ -318,6 +318,23 @@ def test_cli_class_by_name_or_index_maps_that_class(checkpoint, cifar_root, tmp_
             with Image.open(path) as image:
                 assert np.array_equal(np.asarray(image), heatmap.numpy()), (choice, path.name)
         assert len(maps_written) == 2
+
+
+def test_a_map_of_another_class_never_shares_a_file_with_the_prediction_s(checkpoint, cifar_root, tmp_path):
+    """The lab's names say only the true and the predicted class; a map of another class (--class) once replaced the
+    prediction's map under the same name."""
+    _, model = load_model(checkpoint)
+    with torch.no_grad():
+        image = load_dataset("CIFAR10", cifar_root, download=False).test_images[:1]
+        predicted = model.eval()(normalize(image, DATASETS["CIFAR10"])).argmax(1).item()
+    other = DATASETS["CIFAR10"].classes[(predicted + 1) % 10]
+    common = ["--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download", "--indices", "0",
+              "--device", "cpu", "--out_dir", str(tmp_path)]
+    lab = {p.name for p in run_main(*common)} - {"cam_grid.png"}
+    mapped = {p.name for p in run_main(*common, "--class", other)} - {"cam_grid.png"}
+    assert len(lab) == len(mapped) == 3 and all(name.endswith("_0.png") for name in lab)
+    assert all(name.endswith(f"_0_map_{other}.png") for name in mapped)
+    assert lab | mapped <= {p.name for p in tmp_path.iterdir()}
 
 
 def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
