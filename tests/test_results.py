@@ -80,13 +80,14 @@ def test_keep_on_a_full_disk_is_one_line_and_keeps_what_was_kept(tmp_path):
     leaves the old copy whole and no staging folder."""
     disk = tmp_path / "disk"
     three_seeds_of_four_networks(tmp_path / "ex2")
-    result = in_small_tmpfs(disk, f'$P report.py --ex2 "{tmp_path}/ex2" --keep "{disk}" > /dev/null && '
-                                  f'cp -a "{disk}/ex2" "{tmp_path}/before" && {fill_but(disk, 8)} && '
+    report_blocks("--ex2", str(tmp_path / "ex2"), "--keep", str(tmp_path / "before"))
+    result = in_small_tmpfs(disk, f'cp -a "{tmp_path}/before/ex2" "{disk}" && {fill_but(disk, 8)} && '
                                   f'$P report.py --ex2 "{tmp_path}/ex2" --keep "{disk}" > /dev/null; echo "rc=$?"; '
                                   f'ls -A "{disk}"; cp -a "{disk}/ex2" "{tmp_path}/after"')
     assert "rc=2" in result.stdout, result.stderr
     assert result.stderr.strip() == f"report.py: error: no space left on {disk / '.ex2.tmp'}"
     assert result.stdout.split("rc=2")[1].split() == ["ex2", "filler"]  # no .ex2.tmp
-    before = {p.relative_to(tmp_path / "before"): p.read_bytes() for p in (tmp_path / "before").rglob("*.json")}
+    before = {p.relative_to(tmp_path / "before" / "ex2"): p.read_bytes()
+              for p in (tmp_path / "before" / "ex2").rglob("*.json")}
     after = {p.relative_to(tmp_path / "after"): p.read_bytes() for p in (tmp_path / "after").rglob("*.json")}
     assert after == before and len(before) == 24
