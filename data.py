@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import codecs
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils import download_into, first_line
+from utils import existing_ancestor, first_line
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -108,6 +108,19 @@ def check_labels(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, 
     if len(outside):
         raise DatasetError(f"{source}: labels must be classes 0..{len(info.classes) - 1}, found {outside[0].item()}"
                            f"{redo}")
+
+
+def download_into(folder: Path, fetch: Callable[[], object]) -> None:
+    """Call `fetch`, which downloads into `folder`; when it fails, remove the folders it made that it left empty
+    (a failed download writes nothing the user keeps) and raise its error."""
+    existing = existing_ancestor(folder)
+    try:
+        fetch()
+    except BaseException:
+        while folder != existing and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+        raise
 
 
 def load_cifar10(root: Path, download: bool) -> RawData:

@@ -141,19 +141,6 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
-def download_into(folder: Path, fetch: Callable[[], object]) -> None:
-    """Call `fetch`, which downloads into `folder`; when it fails, remove the folders it made that it left empty
-    (a failed download writes nothing the user keeps) and raise its error."""
-    existing = existing_ancestor(folder)
-    try:
-        fetch()
-    except BaseException:
-        while folder != existing and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-            folder = folder.parent
-        raise
-
-
 def check_writable(path: Path, flag: str) -> None:
     """A folder we will create or write into must be (under) a writable folder."""
     existing = existing_ancestor(path)
