@@ -185,12 +185,10 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
         evaluate_checkpoint(args, resolve_device(args.device))
         return []
     check_args(args)
-    rank, world_size = 0, distributed_world()
+    rank, world_size, device = 0, distributed_world(), resolve_device(args.device)  # checked under torchrun too
     if world_size > 1:
-        rank, world_size, device_name = init_distributed(args.device)
+        rank, world_size, device_name = init_distributed(device.type)
         device = torch.device(device_name)
-    else:
-        device = resolve_device(args.device)
     setup_for_distributed(rank == 0)
     configs = run_configs(args, device)
     if args.amp and configs[0].precision == "float32":

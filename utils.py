@@ -195,12 +195,12 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print
 
 
-def init_distributed(device: str) -> tuple[int, int, str]:
+def init_distributed(device_type: str) -> tuple[int, int, str]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on the
     CPU. Return (rank, world size, this rank's device)."""
     import torch.distributed as dist
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    cuda = device_type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)

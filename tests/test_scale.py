@@ -21,7 +21,7 @@ import utils
 from data import load_dataset
 from runs import RunFiles
 from train import Runtime
-from conftest import ROOT
+from conftest import ROOT, cli_exit
 
 
 def flags(mnist_root, out_dir, *extra: str) -> list[str]:
@@ -125,6 +125,20 @@ def test_ctrl_c_again_and_again_while_jobs_workers_train_is_one_line(mnist_root,
     out, err = process.communicate(timeout=120)
     assert len(workers) == 2 and process.returncode == 130, err
     assert "Traceback" not in err and "Exception" not in err and "--resume" in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.parametrize("device,message", [("cuda", "CUDA is not available"), ("mps", "not supported")])
+def test_a_device_torchrun_cannot_use_is_refused_before_joining_the_group(mnist_root, tmp_path, capsys, monkeypatch,
+                                                                          device, message):
+    """A process that torchrun started (its environment) checks --device as a single process does: once a CUDA
+    driver's traceback, or training on the CPU after --device mps."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    status, lines = cli_exit(capsys, *flags(mnist_root, tmp_path, "--device", device))
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not any(tmp_path.iterdir()) and not torch.distributed.is_initialized()
 
 
 def test_an_unreadable_checkpoint_in_a_sweep_is_refused_while_planning_and_nothing_trains(mnist_root, tmp_path,
