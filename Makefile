@@ -79,8 +79,7 @@ reproduce-ex2: install
 # first 8 test images and the lab's photo (img_show/cat2.jpg), and how faithful they are on FAITHFULNESS test images
 # (deletion, insertion, Average Drop: docs/cam.md).
 reproduce-ex3: install
-	rm -rf $(RUNS)/ex3
-	best=$$($(PY) report.py --best_checkpoint $(RUNS)/ex2) && \
+	best=$$($(PY) report.py --best_checkpoint $(RUNS)/ex2) && rm -rf $(RUNS)/ex3 && \
 	$(PY) cam.py --checkpoint $$best --data_root $(DATA_ROOT) --faithfulness $(FAITHFULNESS) --out_dir $(RUNS)/ex3 && \
 	$(PY) cam.py --checkpoint $$best --data_root $(DATA_ROOT) --num_images_to_save 8 --out_dir $(RUNS)/ex3 && \
 	$(PY) cam.py --checkpoint $$best --image img_show/cat2.jpg --label cat --out_dir $(RUNS)/ex3
@@ -101,7 +100,8 @@ bench: install
 # downloaded: tests/test_cuda.py, a real MNIST sweep on CUDA and bench.py's MNIST rows there, in at most 8 minutes on
 # one GPU; MNIST's four .gz files are read from MNIST_GZ. Writes gpu_check/report.json.
 MNIST_GZ ?= mnist
-GPU_PYTHON ?= python3
+# the venv's Python where make install made one, else the machine's (a GPU machine with torch preinstalled)
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_PYTHON) gpu_check.py --mnist_gz $(MNIST_GZ) --out_dir gpu_check
 

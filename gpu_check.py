@@ -101,6 +101,9 @@ def mnist_bench(data_root: Path, device: str, out: Path) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     """Run the three steps, write the report and print where it is; exit status 1 when a step failed."""
+    if not torch.cuda.is_available():  # resolve_device's advice, --device cpu, is no GPU check
+        raise UsageError("the GPU check needs a CUDA device, and this machine has none (torch.cuda.is_available() "
+                         "is False); run it on a machine with a GPU")
     device = resolve_device(args.device)
     if device.type != "cuda":
         raise UsageError(f"--device {args.device}: the GPU check needs a CUDA device")

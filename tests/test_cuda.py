@@ -164,3 +164,16 @@ def test_gpu_check_reads_mnist_from_its_gz_files_and_names_a_missing_one(tmp_pat
     (gz / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(UsageError, match="no t10k-labels-idx1-ubyte.gz"):
         gpu_check.unpack_mnist(gz, tmp_path / "again")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_check_without_a_gpu_says_so_and_advises_no_cpu_run(tmp_path, capsys):
+    """Once its one line advised --device cpu, which it then refused."""
+    import gpu_check
+    from utils import run_cli
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(gpu_check.main, gpu_check.get_args_parser().parse_args(["--mnist_gz", str(tmp_path),
+                                                                        "--out_dir", str(tmp_path / "out")]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "needs a CUDA device" in lines[0], lines
+    assert "--device cpu" not in lines[0] and not (tmp_path / "out").exists()
