@@ -41,7 +41,7 @@ from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, R
                   load_dataset, normalize, read_cifar10_batches)
 from train import (RunSetup, amp_precision, build_run_model, cpu_threads, evaluate, logged_weights, prepare_run,
                    train_one_epoch, use_cudnn_benchmark, uses_channels_last)
-from utils import ArgumentParser, UsageError, resolve_device, run_cli, write_json
+from utils import ArgumentParser, UsageError, check_writable, resolve_device, run_cli, write_json
 
 MLP_FLAGS = ["--preset", "exercise1", "--num_hidden_layers", "22", "--residual_step", "0", "--seed", "0"]
 RESNET20_FLAGS = ["--preset", "resnet20", "--augment"]  # trained with pipeline.py's defaults: Adam, lr 3e-4
@@ -561,6 +561,9 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     """Run every measurement, print the table, write the JSON; return the results."""
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (pipeline.py's policy, torch's default) or positive, got {args.threads}")
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder; give the JSON file to write")
+    check_writable(Path(args.out).parent, "--out")  # before minutes of measuring, not after
     device = resolve_device(args.device)
     use_cudnn_benchmark(device)  # as pipeline.py runs, for every row
     options = Options(sizes or (QUICK if args.quick else FULL), device, Path(args.data_root), args.threads,

@@ -272,10 +272,16 @@ def test_check_targets_compares_against_each_bound():
                    "Exercise 1, all runs": False, "Exercise 1 with --jobs 2 vs --jobs 1": True}
 
 
-def test_negative_threads_is_a_usage_error(tmp_path):
-    args = bench.get_args_parser().parse_args(["--threads", "-1", "--device", "cpu", "--out", str(tmp_path / "b")])
-    with pytest.raises(UsageError, match="--threads"):
-        bench.main(args)
+@pytest.mark.parametrize("flags,message", [(["--threads", "-1"], "--threads"), (["--out", "{tmp}"], "is a folder"),
+                                           (["--out", "{tmp}/a_file/b.json"], "is not a folder")])
+def test_bad_flags_are_refused_before_anything_is_measured(tmp_path, flags, message):
+    (tmp_path / "a_file").write_text("mine")
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--out", str(tmp_path / "b.json"), "--data_root",
+                                               str(tmp_path / "no data"), "--no-download",
+                                               *[f.format(tmp=tmp_path) for f in flags]])
+    with pytest.raises(UsageError, match=message):
+        bench.main(args)  # checked before the (missing) data is read
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("flags,message", [((), "download failed.*no route to host"),
