@@ -116,8 +116,9 @@ class RunConfig:
     lr_schedule: str = setting("constant", "learning-rate schedule, stepped every batch: onecycle rises from lr/25 "
                                "to --lr over the warm-up and anneals to lr/25e4; cosine decays to 0; step divides by "
                                "10 at 50%% and 75%%", OPTIMISATION, choices=("constant", "onecycle", "cosine", "step"))
-    warmup_epochs: float | None = setting(None, "epochs of linear warm-up (default: 30%% of training for onecycle, "
-                                          "none otherwise)", OPTIMISATION, check=real(0))
+    warmup_epochs: float | None = setting(None, "epochs of warm-up: onecycle's rise, along a cosine and at least 2 "
+                                          "steps; linear for the other schedules (default: 30%% of training for "
+                                          "onecycle, none otherwise)", OPTIMISATION, check=real(0))
     label_smoothing: float = setting(0.0, "label smoothing of the training loss", OPTIMISATION,
                                      check=real(0, 1, below_high=True))
     # where and how it runs: device and threads may change when a run is resumed
