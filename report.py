@@ -287,13 +287,13 @@ def with_missing(table: str, missing: list[str]) -> str:
 
 
 def check_keep(keep: Path) -> None:
-    """Refuse a --keep folder whose ex1 or ex2 holds a checkpoint: those are a sweep's own run folders, which
-    keep_results would replace."""
+    """Refuse a --keep folder whose ex1 or ex2 holds anything but kept results (a sweep's own run folders, files of
+    the user's), which keep_results would replace."""
     check_writable(keep, "--keep")
     for target in (keep / "ex1", keep / "ex2"):
-        if target.is_file() or target.is_dir() and any(RunFiles(p).checkpoint.exists() for p in target.iterdir()):
-            raise UsageError(f"--keep {keep}: {target} holds run folders or is a file, not kept results; give "
-                             "another folder (the repository keeps them in results/)")
+        if target.is_file() or target.is_dir() and not all(RunFiles(p).is_kept_summary() for p in target.iterdir()):
+            raise UsageError(f"--keep {keep}: {target} holds more than kept results (run folders with checkpoints, "
+                             "other files) or is a file; give another folder (the repository keeps them in results/)")
 
 
 def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:

@@ -150,6 +150,12 @@ class RunFiles:
     def write_history(self, history: dict) -> None:
         write_json(self.history, history)
 
+    def is_kept_summary(self) -> bool:
+        """Whether the folder is one keep_summary wrote: a folder of config.json, history.json and grad_norms.csv
+        (those of them that exist), and nothing else."""
+        return self.run_dir.is_dir() and all(
+            p in (self.config, self.history, self.grad_norms) and p.is_file() for p in self.run_dir.iterdir())
+
     def keep_summary(self, run_dir: Path) -> None:
         """Copy into `run_dir`, byte for byte, what the results tables read: config.json, history.json and the
         header and first row (step 0) of grad_norms.csv, those of them that exist; a few kilobytes."""

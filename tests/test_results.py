@@ -62,9 +62,18 @@ def test_keep_refuses_a_sweeps_own_run_folders(tmp_path, capsys):
     three_seeds_of_four_networks(tmp_path / "ex2")
     for run_dir in (tmp_path / "ex2").iterdir():
         RunFiles(run_dir).checkpoint.write_bytes(b"weights")
-    with pytest.raises(report.UsageError, match="holds run folders"):
+    with pytest.raises(report.UsageError, match="holds more than kept results"):
         report_blocks("--ex2", str(tmp_path / "ex2"), "--keep", str(tmp_path))
     assert len(list(tmp_path.glob("ex2/*/checkpoint.pt"))) == 12
+
+
+def test_keep_refuses_a_folder_holding_files_of_the_users_beside_kept_results(tmp_path, capsys):
+    three_seeds_of_four_networks(tmp_path / "ex2")
+    report_blocks("--ex2", str(tmp_path / "ex2"), "--keep", str(tmp_path / "kept"))
+    (tmp_path / "kept" / "ex2" / "notes.txt").write_text("mine")
+    with pytest.raises(report.UsageError, match="holds more than kept results"):
+        report_blocks("--ex2", str(tmp_path / "ex2"), "--keep", str(tmp_path / "kept"))
+    assert (tmp_path / "kept" / "ex2" / "notes.txt").read_text() == "mine"
 
 
 def test_keep_where_a_file_is_is_one_line_and_keeps_the_file(tmp_path):
