@@ -286,14 +286,33 @@ def with_missing(table: str, missing: list[str]) -> str:
             f"yet): {', '.join(sorted(missing))}.")
 
 
-def check_keep(keep: Path) -> None:
+def check_keep(keep: Path, sweeps: dict[str, Path]) -> None:
     """Refuse a --keep folder whose ex1 or ex2 holds anything but kept results (a sweep's own run folders, files of
-    the user's), which keep_results would replace."""
+    the user's), which keep_results would replace, and kept results that a sweep would replace by fewer runs or by
+    runs trained otherwise (a toy make reproduce: the README's tables are made from them)."""
     check_writable(keep, "--keep")
-    for target in (keep / "ex1", keep / "ex2"):
+    for name in ("ex1", "ex2"):
+        target = keep / name
         if target.is_file() or target.is_dir() and not all(RunFiles(p).is_kept_summary() for p in target.iterdir()):
             raise UsageError(f"--keep {keep}: {target} holds more than kept results (run folders with checkpoints, "
                              "other files) or is a file; give another folder (the repository keeps them in results/)")
+        if name in sweeps and target.is_dir():
+            check_same_sweep(target, sweeps[name])
+
+
+def check_same_sweep(kept: Path, out_dir: Path) -> None:
+    """A UsageError unless the sweep in `out_dir` has every run kept in `kept`, trained with the same settings
+    (where it ran aside)."""
+    configs = {p.name: RunFiles(p).read_config() for p in kept.iterdir()}
+    for name, saved in configs.items():
+        new = RunFiles(out_dir / name).read_config()
+        differ = None if new is None or saved is None else next(
+            (f"--{k} {v}, not {getattr(saved, k)}" for k, v in dataclasses.asdict(new).items()
+             if k not in RunConfig.RESUMABLE_CHANGES and v != getattr(saved, k)), None)
+        if new is None or differ:
+            raise UsageError(f"--keep: {out_dir} would replace the {len(configs)} runs kept in {kept}, but its {name} "
+                             f"{'was trained with ' + differ if differ else 'is missing'}; to replace them all the "
+                             f"same, remove {kept} first")
 
 
 def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:
@@ -379,7 +398,7 @@ def main(args: argparse.Namespace) -> dict[str, str]:
                          "--best_checkpoint")
     texts = {path: read_readme(path) for path in map(Path, args.readme)} if args.readme is not None else None
     if args.keep is not None:
-        check_keep(Path(args.keep))
+        check_keep(Path(args.keep), {name: Path(out) for name, out in (("ex1", args.ex1), ("ex2", args.ex2)) if out})
     blocks, incomplete, sweeps = {}, 0, {}
     if args.ex1 is not None:
         out_dir = Path(args.ex1)

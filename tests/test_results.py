@@ -2,13 +2,14 @@
 (and from Exercise 3's faithfulness.json in img_show/cam)."""
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 
 import report
 from conftest import ROOT, run_config
 from runs import RunFiles
-from test_report import three_seeds_of_four_networks, write_run
+from test_report import cnn, three_seeds_of_four_networks, write_run
 from test_resume import fill_but, in_small_tmpfs
 
 
@@ -49,13 +50,24 @@ def test_kept_results_remake_the_same_tables_without_checkpoints(tmp_path, capsy
     assert "Not in this table (4 runs of the sweep" in original["ex2"]
 
 
-def test_keeping_again_replaces_what_was_kept(tmp_path, capsys):
-    sweep = tmp_path / "ex2"
+def test_keeping_again_replaces_what_was_kept_only_by_the_same_sweep_or_a_larger_one(tmp_path, capsys):
+    """A toy make reproduce (the same runs, trained otherwise) or a sweep with runs missing once replaced the
+    results that the README's tables are made from; now removing them first says so."""
+    sweep, kept = tmp_path / "ex2", tmp_path / "results" / "ex2"
     three_seeds_of_four_networks(sweep)
     report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
-    shutil.rmtree(next(sweep.iterdir()))
+    write_run(sweep, cnn(1, 0, seed=3), [2.0, 1.5], [0.5, 0.6], 0.6)  # the sweep grew: kept again, all of it
     report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
-    assert len(list((tmp_path / "results" / "ex2").iterdir())) == len(list(sweep.iterdir())) == 11
+    assert len(list(kept.iterdir())) == len(list(sweep.iterdir())) == 13
+    before = {p: p.read_bytes() for p in kept.rglob("*.json")}
+    toy = replace(cnn(1, 0, seed=3), num_epochs=3)
+    write_run(sweep, toy, [2.0], [0.5], 0.5)
+    with pytest.raises(report.UsageError, match=f"{toy.run_name} was trained with --num_epochs 3, not 1.*remove"):
+        report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
+    shutil.rmtree(sweep / toy.run_name)
+    with pytest.raises(report.UsageError, match=f"{toy.run_name} is missing; .*remove {kept} first"):
+        report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
+    assert {p: p.read_bytes() for p in kept.rglob("*.json")} == before
 
 
 def test_keep_refuses_a_sweeps_own_run_folders(tmp_path, capsys):
