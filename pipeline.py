@@ -226,6 +226,10 @@ def plan_on_every_rank(args: argparse.Namespace, configs: list[RunConfig], rank:
 def logged_grad_norms(files: RunFiles, config: RunConfig, history: dict) -> tuple[list[int], dict]:
     """A run's gradient norms for the figures; none, and a line saying why, when its grad_norms.csv is missing, cut
     or incomplete (the run's other figures are drawn all the same)."""
+    if config.grad_log_every == 0:
+        print(f"gradient figures: skipped {config.run_name}: it logged no gradient norms (--grad_log_every 0)",
+              flush=True)
+        return [], {}
     try:
         return files.read_logged_grad_norms(config, history)
     except ValueError as e:

@@ -334,18 +334,19 @@ def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.n
     columns = 3 if mlp else None
     plot_curves(loss, "training loss", f"{family} training loss", paths[0], logy=True, columns=columns)
     plot_curves(acc, "validation accuracy", f"{family} validation accuracy", paths[1], columns=columns)
-    logged = [(c, g) for c, _, g in runs if g[0]]
-    if not logged:
-        return paths
-    paths += plot_gradient_heatmaps(logged, plots_dir)
-    if mlp:
-        paths += plot_mlp_gradients(logged, plots_dir)
+    if mlp:  # from the histories alone
         paths.append(plots_dir / "mlp_trainability.png")
         points: dict[str, list[tuple[int, float]]] = {}
         for config, history, _ in runs:
             points.setdefault(shortcut_label(config), []).append(
                 (config.num_hidden_layers, history["epochs"][-1]["val_acc"]))
         plot_trainability(points, "hidden layers (--num_hidden_layers)", "MLP: which depths train", paths[-1])
+    logged = [(c, g) for c, _, g in runs if g[0]]
+    if not logged:
+        return paths
+    paths += plot_gradient_heatmaps(logged, plots_dir)
+    if mlp:
+        paths += plot_mlp_gradients(logged, plots_dir)
         init_points = init_gradient_points(runs)
         if init_points:
             paths.append(plots_dir / "mlp_init_gradient_vs_accuracy.png")

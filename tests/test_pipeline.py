@@ -196,3 +196,12 @@ def test_a_schedule_longer_than_the_run_is_refused_before_a_folder_is_made(mnist
                                                "100", "--num_epochs", "1"))
     assert status == 2 and len(lines) == 1 and "needs at least 3 training steps; this run has 2" in lines[0], lines
     assert not any(tmp_path.iterdir())
+
+
+def test_a_sweep_without_gradient_logs_says_which_figures_it_leaves_out(mnist_root, tmp_path, capsys):
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "--grad_log_every",
+                       "0"))
+    out = capsys.readouterr().out
+    assert "gradient figures: skipped mlp_mnist_h2_w8_plain_s0: it logged no gradient norms (--grad_log_every 0)" in out
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["mlp_Val_acc.png", "mlp_trainability.png",
+                                                                     "mlp_training_loss.png"]

@@ -79,9 +79,10 @@ def test_cnn_sweep_figures_are_named_by_depth_and_share_the_y_range(tmp_path, fi
                           [s[0] for s in first_conv])
 
 
-def test_a_sweep_without_gradient_logs_draws_only_the_curves(tmp_path):
+def test_a_sweep_without_gradient_logs_draws_the_figures_that_need_none(tmp_path):
     runs = [fake_run(run_config("--num_hidden_layers", "2", "--grad_log_every", "0"), np.zeros((4, 0)))]
-    assert [p.name for p in plots.plot_sweep(runs, tmp_path)] == ["mlp_training_loss.png", "mlp_Val_acc.png"]
+    assert [p.name for p in plots.plot_sweep(runs, tmp_path)] == ["mlp_training_loss.png", "mlp_Val_acc.png",
+                                                                  "mlp_trainability.png"]
 
 
 def test_curves_give_each_network_one_colour_and_each_seed_its_own_line(tmp_path, figures):
