@@ -366,6 +366,8 @@ def faithfulness_block(path: Path) -> str:
     """The table of a faithfulness.json written by cam.py --faithfulness, and what it measured; or a UsageError."""
     try:
         record = json.loads(path.read_text())
+        if not record["maps"]:
+            raise ValueError("it measured no map")
         table = faithfulness.format_table(record["maps"])
         model = Path(record["checkpoint"]).parent.name
         what = {"pred": "the predicted class", "true": "the true class"}.get(record["class"],

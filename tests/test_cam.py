@@ -264,7 +264,9 @@ def test_cli_faithfulness_writes_the_table_json_and_curves(checkpoint, cifar_roo
     assert what == f"6 CIFAR10 test images, maps of the predicted class, model {checkpoint.parent.name}."
 
 
-@pytest.mark.parametrize("content", ["not json", '{"maps": {}}', '{"checkpoint": 3, "maps": {"cam": {}}}'])
+@pytest.mark.parametrize("content", ["not json", '{"maps": {}}', '{"checkpoint": 3, "maps": {"cam": {}}}',
+                                     '{"maps": {}, "checkpoint": "a/b.pt", "class": "pred", "num_images": 5, '
+                                     '"dataset": "CIFAR10"}'])  # every field, but no map measured
 def test_report_refuses_a_file_that_is_not_a_faithfulness_json(tmp_path, content):
     path = tmp_path / "faithfulness.json"
     path.write_text(content)
