@@ -246,13 +246,13 @@ class RunConfig:
         """The config as a plain dict (for JSON and checkpoints), with its derived depth and parameter count."""
         return dict(dataclasses.asdict(self), **{name: getattr(self, name) for name in self.DERIVED})
 
-    def changed_flag(self, asked: RunConfig) -> str | None:
+    def changed_flag(self, asked: RunConfig, more_epochs: bool = True) -> str | None:
         """How `asked` differs from this (saved) config in a field a resumed run may not change, as the first such
         flag with both values ("--lr 0.0003, not 0.1"), the model before the name; None when it may continue this
-        run."""
+        run. With `more_epochs`, a constant schedule may be given another number of epochs."""
         mine, theirs = dataclasses.asdict(self), dataclasses.asdict(asked)
         changeable = set(self.RESUMABLE_CHANGES)
-        if self.lr_schedule == "constant" and asked.lr_schedule == "constant":
+        if more_epochs and self.lr_schedule == "constant" and asked.lr_schedule == "constant":
             changeable.add("num_epochs")  # a constant rate does not depend on the length of training
         changed = [k for k in mine if k not in changeable and mine[k] != theirs[k]]
         return f"--{changed[0]} {mine[changed[0]]}, not {theirs[changed[0]]}" if changed else None

@@ -306,9 +306,7 @@ def check_same_sweep(kept: Path, out_dir: Path) -> None:
     configs = {p.name: RunFiles(p).read_config() for p in kept.iterdir()}
     for name, saved in configs.items():
         new = RunFiles(out_dir / name).read_config()
-        differ = None if new is None or saved is None else next(
-            (f"--{k} {v}, not {getattr(saved, k)}" for k, v in dataclasses.asdict(new).items()
-             if k not in RunConfig.RESUMABLE_CHANGES and v != getattr(saved, k)), None)
+        differ = None if new is None or saved is None else new.changed_flag(saved, more_epochs=False)
         if new is None or differ:
             raise UsageError(f"--keep: {out_dir} would replace the {len(configs)} runs kept in {kept}, but its {name} "
                              f"{'was trained with ' + differ if differ else 'is missing'}; to replace them all the "
