@@ -561,6 +561,7 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     """Run every measurement, print the table, write the JSON; return the results."""
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (pipeline.py's policy, torch's default) or positive, got {args.threads}")
+    pipeline.check_threads(args.threads)
     if Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a folder; give the JSON file to write")
     check_writable(Path(args.out).parent, "--out")  # before minutes of measuring, not after

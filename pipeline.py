@@ -93,9 +93,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def check_threads(threads: int) -> None:
+    """--threads beyond MAX_THREADS_PER_CORE per core is a UsageError (bench.py's --threads too)."""
+    cores = os.cpu_count() or 1
+    if threads > MAX_THREADS_PER_CORE * cores:
+        raise UsageError(f"--threads {threads} is more than {MAX_THREADS_PER_CORE} per core of this machine's {cores}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject bad values of the command's own flags before anything is read or written (RunConfig checks the rest)."""
-    world, cores, project = distributed_world(), os.cpu_count() or 1, args.wandb_proj_name
+    world, project = distributed_world(), args.wandb_proj_name
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     rules = [
         (args.jobs >= 1, f"--jobs must be a positive integer, got {args.jobs}"),
@@ -104,8 +111,6 @@ def check_args(args: argparse.Namespace) -> None:
          "CUDA (torch's SyncBatchNorm does not run on the CPU); start with torchrun on CUDA"),
         (world == 1 or args.batch_size % world == 0, f"--batch_size {args.batch_size} must be a multiple of "
          f"torchrun's {world} processes: each trains on an equal share of every batch"),
-        (args.threads <= MAX_THREADS_PER_CORE * cores, f"--threads {args.threads} is more than "
-         f"{MAX_THREADS_PER_CORE} per core of this machine's {cores}"),
         (args.wandb == "disabled" or 0 < len(project) <= 128 and not any(c in project for c in "/\\#?%:"),
          f"--wandb_proj_name {project!r} is not a W&B project name (1 to 128 characters, none of / \\ # ? % :)"),
         (args.checkpoint is None or args.resume or args.overwrite or not Path(args.checkpoint).exists(),
@@ -115,6 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
     for ok, problem in rules:
         if not ok:
             raise UsageError(problem)
+    check_threads(args.threads)
     check_writable(Path(args.out_dir), "--out_dir")
     check_writable(Path(args.out_dir) / "plots" if args.plots_dir is None else Path(args.plots_dir), "--plots_dir")
 

@@ -272,7 +272,8 @@ def test_check_targets_compares_against_each_bound():
                    "Exercise 1, all runs": False, "Exercise 1 with --jobs 2 vs --jobs 1": True}
 
 
-@pytest.mark.parametrize("flags,message", [(["--threads", "-1"], "--threads"), (["--out", "{tmp}"], "is a folder"),
+@pytest.mark.parametrize("flags,message", [(["--threads", "-1"], "--threads"), (["--threads", "9999"], "per core"),
+                                           (["--out", "{tmp}"], "is a folder"),
                                            (["--out", "{tmp}/a_file/b.json"], "is not a folder")])
 def test_bad_flags_are_refused_before_anything_is_measured(tmp_path, flags, message):
     (tmp_path / "a_file").write_text("mine")
