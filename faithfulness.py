@@ -130,8 +130,8 @@ def concat(batches: list[dict[str, dict[str, torch.Tensor]]]) -> dict[str, dict[
 def summarize(results: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
     """Means over the images (AUCs with their standard error, Average Drop and Increase in Confidence in %) and the
     mean curves, per map."""
-    def mean_and_sem(values: torch.Tensor) -> tuple[float, float]:
-        sem = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    def mean_and_sem(values: torch.Tensor) -> tuple[float, float | None]:
+        sem = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else None  # undefined for one image
         return values.mean().item(), sem
 
     summary = {}
@@ -152,9 +152,12 @@ def format_table(summary: dict[str, dict]) -> str:
     """The summary as a Markdown table, one row per map."""
     lines = ["| map | deletion AUC (lower is better) | insertion AUC (higher is better) | Average Drop (lower is "
              "better) | Increase in Confidence (higher is better) |", "|---|---|---|---|---|"]
+    def with_sem(row: dict, key: str) -> str:
+        sem = row[f"{key}_sem"]
+        return f"{row[key]:.3f} ± {'n/a' if sem is None else f'{sem:.3f}'}"
+
     for row in summary.values():
-        lines.append(f"| {row['label']} | {row['deletion_auc']:.3f} ± {row['deletion_auc_sem']:.3f} | "
-                     f"{row['insertion_auc']:.3f} ± {row['insertion_auc_sem']:.3f} | "
+        lines.append(f"| {row['label']} | {with_sem(row, 'deletion_auc')} | {with_sem(row, 'insertion_auc')} | "
                      f"{row['average_drop_percent']:.1f}% | {row['increase_in_confidence_percent']:.1f}% |")
     return "\n".join(lines)
 

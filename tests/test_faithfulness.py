@@ -43,6 +43,17 @@ def test_a_map_on_the_object_beats_its_reverse():
     assert last["drop"].item() > 0.5 and not last["increase"].item()
 
 
+def test_one_image_has_no_standard_error_rather_than_zero():
+    """The standard error of a mean of one value is undefined: once printed as ± 0.000, as if exact."""
+    results = faithfulness.evaluate(brightness_model(), object_image(), torch.tensor([0]), object_maps(), 8)
+    summary = faithfulness.summarize(results)
+    assert all(row["deletion_auc_sem"] is None and row["insertion_auc_sem"] is None for row in summary.values())
+    rows = faithfulness.format_table(summary).splitlines()[2:]
+    assert len(rows) == 2 and all(row.count("± n/a") == 2 for row in rows)
+    two = faithfulness.summarize(faithfulness.concat([results, results]))
+    assert all(row["deletion_auc_sem"] == 0.0 for row in two.values())  # two equal values: an error of 0, shown
+
+
 def test_a_constant_model_gives_every_map_the_same_scores():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, 10)).eval()
