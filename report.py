@@ -115,11 +115,28 @@ def check_family(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
                          f"{wrong[0].run_name})")
 
 
+def check_one_sweep(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
+    """Refuse runs that differ in more than what the exercise's table compares (depth, shortcut and seed): a width or
+    learning rate of their own would be mixed into a row as if it were another seed."""
+    swept = ("num_hidden_layers" if flag == "--ex1" else "num_conv_per_level", "residual_step", "seed")
+
+    def unswept(config: RunConfig) -> RunConfig:
+        return dataclasses.replace(config, run_name=None, **{name: getattr(configs[0], name) for name in swept})
+
+    for config in configs[1:]:
+        changed = unswept(config).changed_flag(unswept(configs[0]), more_epochs=False)
+        if changed:
+            raise UsageError(f"{flag} {out_dir} mixes runs of several sweeps: {config.run_name} was trained with "
+                             f"{changed} as {configs[0].run_name} was; give each sweep its own --out_dir")
+
+
 def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]], list[str]]:
     """The finished runs of `out_dir` for the exercise of `flag`, after listing on stderr every run folder not used
     and every run missing from the sweep; with the names of those."""
     runs, left_out = read_runs(out_dir)
     check_family([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
+    if flag != "--best_checkpoint":  # the CAM model is the best of every residual run there
+        check_one_sweep([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
     missing = missing_runs([c for c, _ in runs] + [item.config for item in left_out if item.config])
     for item in left_out:
         print(f"{out_dir}: not used: {item.folder}: {item.reason}", file=sys.stderr)

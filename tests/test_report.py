@@ -232,3 +232,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     assert len(err) == 1 and ": error: " in err[0], err
     if readme.is_file():
         assert readme.read_text() in ("no markers\n", README_BLOCKS)
+
+
+@pytest.mark.parametrize("flag,other", [("--width", "8"), ("--lr", "0.01"), ("--num_epochs", "2")])
+def test_runs_of_several_sweeps_in_one_folder_are_refused_not_mixed_into_a_row(tmp_path, flag, other):
+    """A width (or rate, or length) of its own once entered a row's median and range as if it were another seed."""
+    for seed in (0, 1):
+        write_run(tmp_path, mlp(4, 0, seed), [2.3], [0.9], 0.9)
+    write_run(tmp_path, run_config("--num_hidden_layers", "4", "--seed", "2", "--run_name", "other", flag, other),
+              [2.3], [0.1], 0.1)
+    with pytest.raises(utils.UsageError, match=f"mixes runs of several sweeps: other was trained with {flag} {other}"):
+        report.main(report.get_args_parser().parse_args(["--ex1", str(tmp_path)]))
