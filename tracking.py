@@ -5,6 +5,7 @@ A tracker that fails to start or to log is dropped with one warning line; traini
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +204,10 @@ def start_trackers(options: TrackingOptions, run: TrackedRun) -> Trackers:
 
 def log_sweep_figures(options: TrackingOptions, folder: Path, paths: list[Path]) -> None:
     """The sweep's comparison figures, as a short run of their own (W&B job type "summary", in the sweep's group;
-    TensorBoard's Images tab) tracked in `folder`, the plots folder."""
-    trackers = start_trackers(options, TrackedRun(f"{options.group}_summary", folder, job_type="summary"))
+    TensorBoard's Images tab) tracked in `folder`, the plots folder. The W&B run's id is the folder's, so that a
+    later command (a resumed sweep) continues it with its figures instead of leaving a stale summary beside them."""
+    run_id = "summary-" + hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    trackers = start_trackers(options, TrackedRun(f"{options.group}_summary", folder, job_type="summary",
+                                                  run_id=run_id))
     trackers.log_images(paths)
     trackers.finish(True)

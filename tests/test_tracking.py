@@ -102,6 +102,8 @@ def test_wandb_offline_writes_one_run_per_training_run_and_a_resumed_run_continu
     for name in names:
         assert load_checkpoint(RunFiles(out_dir / name).checkpoint)["wandb_run_id"] == ids[name]
         assert offline_runs(out_dir / name) == [ids[name]] * 2  # `wandb sync` uploads both, in order, as one run
+    summaries = offline_runs(out_dir / "plots")  # the resumed sweep's figures continue its summary run
+    assert len(summaries) == 2 and len(set(summaries)) == 1
 
     notes = out_dir / RUN / "notes.txt"
     notes.write_text("mine")
