@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from data import DATASETS, check_split_sizes
+from data import DATASETS, check_split_sizes, num_batches
 
 MODEL, DATA, OPTIMISATION, RUN_FOLDER, TRACKING, SCALING = (
     "model", "data", "optimisation", "run folder", "tracking", "scaling")
@@ -189,10 +189,20 @@ class RunConfig:
         for ok, problem in rules:
             if not ok:
                 raise ValueError(problem)
-        check_split_sizes(info.num_train, self.val_size, self.limit_train)  # again once the files are read
+        train_images = check_split_sizes(info.num_train, self.val_size, self.limit_train)  # again once read
+        self.check_schedule_length(num_batches(train_images, self.batch_size))
         if self.num_params > MAX_PARAMS:
             raise ValueError(f"the model would have {self.num_params:,} parameters; this suite trains at most "
                              f"{MAX_PARAMS:,}: lower --width, --out_channels or the depth")
+
+    def check_schedule_length(self, steps_per_epoch: int) -> None:
+        """A ValueError when the run is too short for its schedule: OneCycleLR's rise ends at step warmup - 1 and
+        divides by its length, so it takes 2 steps, and the fall at least 1."""
+        total = self.num_epochs * steps_per_epoch
+        if self.lr_schedule == "onecycle" and total < 3:
+            raise ValueError(f"--lr_schedule onecycle needs at least 3 training steps; this run has {total} "
+                             f"({self.num_epochs} epochs of {steps_per_epoch} batches): lower --batch_size, "
+                             "train more epochs or use another --lr_schedule")
 
     @cached_property
     def network_size(self) -> tuple[int, int]:

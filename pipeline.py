@@ -15,12 +15,12 @@ import torch
 
 from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALING, TRACKING, RunConfig,
                     value_type)
-from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset, num_batches
+from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset
 from plots import plot_sweep
 from sweep import Plan, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
 from runs import CheckpointError, ResumeError, RunConflict, RunFiles, RunLocked, load_model
-from train import Runtime, amp_precision, check_schedule_length, cpu_threads, evaluate
+from train import Runtime, amp_precision, cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writable, distributed_world,
                    init_distributed, resolve_device, run_cli, setup_for_distributed)
 
@@ -231,11 +231,7 @@ def plan_on_every_rank(args: argparse.Namespace, configs: list[RunConfig], rank:
 
 def logged_grad_norms(files: RunFiles, config: RunConfig, history: dict) -> tuple[list[int], dict]:
     """A run's gradient norms for the figures; none, and a line saying why, when its grad_norms.csv is missing, cut
-    or incomplete (the run's other figures are drawn all the same)."""
-    if config.grad_log_every == 0:
-        print(f"gradient figures: skipped {config.run_name}: it logged no gradient norms (--grad_log_every 0)",
-              flush=True)
-        return [], {}
+    or incomplete, or the run logged none (the run's other figures are drawn all the same)."""
     try:
         return files.read_logged_grad_norms(config, history)
     except ValueError as e:
@@ -251,12 +247,6 @@ def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size:
         torch.distributed.barrier()  # every rank has planned before rank 0 replaces any file
     raw = load_dataset(args.dataset, args.data_root, args.download)
     check_split_sizes(len(raw.train_labels), args.val_size, args.limit_train)  # a copy may hold fewer images
-    train_images = args.limit_train or len(raw.train_labels) - args.val_size
-    try:
-        for run in sweep.runs:
-            check_schedule_length(run.config, num_batches(train_images, run.config.batch_size))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     sweep.lock_new_runs()
     threads = cpu_threads(sweep.runs[0].config, args.jobs)
     if device.type == "cpu":

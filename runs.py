@@ -219,10 +219,12 @@ class RunFiles:
 
     def read_logged_grad_norms(self, config: RunConfig, history: dict) -> tuple[list[int], dict[str, np.ndarray]]:
         """read_grad_norms, and a ValueError unless the file holds exactly the steps the run logged (a file
-        restarted on resume lacks the earlier ones)."""
+        restarted on resume lacks the earlier ones) or when the run logged none."""
+        if config.grad_log_every == 0:
+            raise ValueError("it logged no gradient norms (--grad_log_every 0)")
         steps, norms = self.read_grad_norms()
         trained = history["epochs"][-1]["steps"] if history["epochs"] else 0
-        logged = list(range(0, trained, config.grad_log_every)) if config.grad_log_every else []
+        logged = list(range(0, trained, config.grad_log_every))
         if steps != logged:
             raise ValueError(f"{self.grad_norms} holds {len(steps)} rows, not the {len(logged)} logged steps")
         return steps, norms

@@ -92,23 +92,13 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
     return torch.optim.Adam(groups, lr=config.lr, fused=True)
 
 
-def check_schedule_length(config: RunConfig, steps_per_epoch: int) -> None:
-    """A ValueError when the run is too short for its schedule: OneCycleLR's rise ends at step warmup - 1 and
-    divides by its length, so it takes 2 steps, and the fall at least 1."""
-    total = config.num_epochs * steps_per_epoch
-    if config.lr_schedule == "onecycle" and total < 3:
-        raise ValueError(f"--lr_schedule onecycle needs at least 3 training steps; this run has {total} "
-                         f"({config.num_epochs} epochs of {steps_per_epoch} batches): lower --batch_size, "
-                         "train more epochs or use another --lr_schedule")
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule, stepped after every batch: a linear warm-up of `warmup_epochs`, then constant,
     cosine to zero, or divided by 10 at 50% and 75% of training; `onecycle` is OneCycleLR rising along a cosine for
     `warmup_epochs` (at least 2 steps) from lr/25 and annealing to lr/25e4."""
     from torch.optim import lr_scheduler
-    check_schedule_length(config, steps_per_epoch)
+    config.check_schedule_length(steps_per_epoch)  # a copy of the data may hold fewer images than the config
     total = config.num_epochs * steps_per_epoch
     warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
     if config.lr_schedule == "onecycle":

@@ -189,9 +189,9 @@ def test_existing_run_is_not_overwritten(mnist_root, tmp_path, capsys, finished_
     assert (RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").checkpoint).read_bytes() == before
 
 
-def test_a_schedule_longer_than_the_run_is_refused_before_a_folder_is_made(mnist_root, tmp_path, capsys):
+def test_a_schedule_longer_than_the_run_is_refused_before_anything_is_read(mnist_root, tmp_path, capsys):
     """Two batches of 50 images cannot hold onecycle's rise and fall: once the run's folder was made and the run
-    reported failed (exit 1); the data's size is known only once it is read, before any folder is made."""
+    reported failed (exit 1); now it is refused with the other impossible combinations, before anything is read."""
     status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--lr_schedule", "onecycle", "--limit_train",
                                                "100", "--num_epochs", "1"))
     assert status == 2 and len(lines) == 1 and "needs at least 3 training steps; this run has 2" in lines[0], lines
