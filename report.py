@@ -123,8 +123,11 @@ def check_one_sweep(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
     def unswept(config: RunConfig) -> RunConfig:
         return dataclasses.replace(config, run_name=None, **{name: getattr(configs[0], name) for name in swept})
 
+    if len(configs) < 2:  # nothing to mix (no runs at all is refused where they are counted)
+        return
+    reference = unswept(configs[0])
     for config in configs[1:]:
-        changed = unswept(config).changed_flag(unswept(configs[0]), more_epochs=False)
+        changed = unswept(config).changed_flag(reference, more_epochs=False)
         if changed:
             raise UsageError(f"{flag} {out_dir} mixes runs of several sweeps: {config.run_name} was trained with "
                              f"{changed} as {configs[0].run_name} was; give each sweep its own --out_dir")
