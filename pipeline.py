@@ -18,7 +18,7 @@ from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALI
 from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset
 from plots import plot_sweep
 from sweep import Plan, execute, expand, plan, with_prefix
-from tracking import DEFAULT_PROJECT, TrackingOptions, log_sweep_figures
+from tracking import DEFAULT_PROJECT, TrackingOptions, checked_online, log_sweep_figures
 from runs import CheckpointError, ResumeError, RunConflict, RunFiles, RunLocked, load_model
 from train import Runtime, amp_precision, cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writable, distributed_world,
@@ -82,7 +82,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_flag(groups[TRACKING], "--wandb", choices=["disabled", "offline", "online"], nargs="?", const="online",
              default="disabled", help="track every run in Weights & Biases, grouped by --out_dir's name: offline "
              "writes <run folder>/wandb to upload later with wandb sync; online uploads as it trains (after wandb "
-             "login); a bare --wandb, as in the original lab, means online")
+             "login; offline instead, with a warning, when the server does not answer); a bare --wandb, as in the "
+             "original lab, means online")
     add_flag(groups[TRACKING], "--wandb_proj_name", default=DEFAULT_PROJECT, help="W&B project (ignored without "
              "--wandb)")
     add_flag(groups[TRACKING], "--tensorboard", action=argparse.BooleanOptionalAction, default=False,
@@ -255,6 +256,8 @@ def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size:
     if device.type == "cuda" and device.index is None:
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     tracking = TrackingOptions(args.wandb, args.wandb_proj_name, args.tensorboard, out_dir.resolve().name)
+    if rank == 0:  # the one process that tracks
+        tracking = checked_online(tracking)
     result = execute(sweep, raw, Runtime(rank, world_size, args.jobs, devices, threads, tracking))
     if world_size > 1:
         torch.distributed.destroy_process_group()

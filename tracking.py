@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -188,6 +188,27 @@ class Trackers:
     def finish(self, success: bool) -> None:
         self.call("finish", success)
         self.active = []
+
+
+def checked_online(options: TrackingOptions) -> TrackingOptions:
+    """`options`, with --wandb online checked once for the whole command rather than by each run's wandb.init (which
+    waits 90 s for a server it cannot reach, then goes on untracked): without credentials the server accepts (none,
+    rejected, or no answer within WANDB_HTTP_TIMEOUT, 10 s), one warning and W&B offline instead, whose runs `wandb
+    sync` uploads later. On a terminal, W&B asks for a key it lacks, once, as wandb.init would for every run."""
+    if options.wandb != "online":
+        return options
+    try:
+        import wandb
+    except ImportError:
+        return options  # each run's tracker says so
+    try:
+        if wandb.login(verify=True, prompt=sys.stdin.isatty()):
+            return options
+        reason = "no W&B API key (run wandb login, or set WANDB_API_KEY)"
+    except Exception as e:  # noqa: BLE001 -- tracking must never stop training
+        reason = first_line(e)
+    print(f"warning: --wandb online: {reason}; the runs are tracked offline instead", file=sys.stderr, flush=True)
+    return replace(options, wandb="offline")
 
 
 def start_trackers(options: TrackingOptions, run: TrackedRun) -> Trackers:

@@ -182,9 +182,9 @@ def test_wandb_offline_run_holds_the_config_every_epoch_every_logged_gradient_no
         f"figures/{p.stem}/sha256": hashlib.sha256(p.read_bytes()).hexdigest() for p in written}
 
 
-class FailingToLogWandb(types.ModuleType):
-    """Stands in for the wandb package at its API: its runs start, and fail to log (a log that fails mid-run cannot
-    be provoked in the real W&B offline)."""
+class FailingWandb(types.ModuleType):
+    """Stands in for the wandb package at its API: its runs fail to start, or start and fail to log (neither can be
+    provoked in the real W&B offline, where nothing goes away)."""
 
     class Run:
         def __init__(self, run_id: str):
@@ -199,12 +199,14 @@ class FailingToLogWandb(types.ModuleType):
         def finish(self, exit_code: int | None = None) -> None:
             self.exit_code = exit_code
 
-    def __init__(self):
+    def __init__(self, fail_to_start: bool):
         super().__init__("wandb")
-        self.runs: list[FailingToLogWandb.Run] = []
+        self.fail_to_start, self.runs = fail_to_start, []
         self.Settings = dict
 
     def init(self, **kwargs) -> Run:
+        if self.fail_to_start:
+            raise ConnectionError("W&B is down")
         self.runs.append(self.Run(kwargs["id"] or f"run{len(self.runs)}"))
         return self.runs[-1]
 
@@ -220,17 +222,11 @@ def untracked_run(mnist_root, tmp_path_factory):
 @pytest.mark.parametrize("fail", ["start", "log"])
 def test_a_failing_tracker_is_one_warning_and_training_goes_on(mnist_root, tmp_path, monkeypatch, capsys, wandb_home,
                                                                untracked_run, fail):
-    if fail == "start":  # the real W&B, online with no API key anywhere: it refuses to start
-        monkeypatch.delenv("WANDB_API_KEY", raising=False)
-        monkeypatch.setenv("HOME", str(tmp_path / "home"))
-        monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
-        mode, reason = "online", "start: No API key configured"
-    else:
-        wandb = FailingToLogWandb()
-        monkeypatch.setitem(sys.modules, "wandb", wandb)
-        mode, reason = "offline", "log_epoch: W&B went away"
+    wandb = FailingWandb(fail_to_start=fail == "start")
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    reason = "start: W&B is down" if fail == "start" else "log_epoch: W&B went away"
     capsys.readouterr()
-    run_main(*args_for(mnist_root, tmp_path / "tracked", "--num_epochs", "2", "--wandb", mode, "--tensorboard"))
+    run_main(*args_for(mnist_root, tmp_path / "tracked", "--num_epochs", "2", "--wandb", "offline", "--tensorboard"))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "W&B" in line]
     assert warnings[0].startswith(f"warning: {RUN}: W&B tracking stopped, the run goes on without it ({reason}")
     assert len(warnings) == 2  # the run's and the sweep summary's, once each
@@ -244,6 +240,38 @@ def test_a_failing_tracker_is_one_warning_and_training_goes_on(mnist_root, tmp_p
         assert checkpoint["wandb_run_id"] is None
     else:  # the failed run was closed, marked failed; its id still resumes it
         assert wandb.runs[0].exit_code == 1 and checkpoint["wandb_run_id"] == wandb.runs[0].id
+
+
+@pytest.mark.parametrize("server", ["no key", "unreachable"])
+def test_wandb_online_without_a_server_that_answers_is_one_warning_and_tracks_offline(mnist_root, tmp_path, capsys,
+                                                                                      monkeypatch, wandb_home, server):
+    """The real W&B, asked once per command: with no API key anywhere, or a key and no server that answers (here a
+    closed local port, within a 2 s timeout), one line says so and every run, and the summary, is kept offline."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    if server == "unreachable":
+        monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+        monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "2")
+    capsys.readouterr()
+    run_main(*args_for(mnist_root, tmp_path / "tracked", "--num_hidden_layers", "2", "4", "--num_epochs", "1",
+                       "--wandb", "online"))
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if "W&B" in line or "wandb" in line.lower()]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --wandb online: "), warnings
+    assert ("no W&B API key" in warnings[0]) == (server == "no key")
+    for folder in ("mlp_mnist_h2_w8_plain_s0", "mlp_mnist_h4_w8_plain_s0", "plots"):
+        assert len(list((tmp_path / "tracked" / folder / "wandb").glob("offline-run-*"))) == 1, folder
+    assert "upload them with: wandb sync" in out
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_without_tracking_neither_package_is_imported(mnist_root, tmp_path):
