@@ -36,6 +36,14 @@ MAX_DISPLAY_SCALE = 16  # a 32 x 32 test image shown 512 x 512; 2000 would ask f
 RANDOM_MAP_SEED = 0  # of the random baseline maps of --faithfulness
 KINDS = ("orig", "actv_map", "mix")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# what each mode explains, and the flags that choose what it explains or how it draws it; the others (the data, the
+# device, the batch size, the output folder) apply to every mode
+MODES = {"faithfulness": ("--faithfulness measures the maps of the first N test images", {"faithfulness", "target"}),
+         "image": ("--image explains one photo", {"image", "label", "target", "alpha"}),
+         "indices": ("--indices explains these test images", {"indices", "target", "alpha", "display_scale"}),
+         "num_images_to_save": ("without --image, --indices or --faithfulness, cam.py explains the first "
+                                "--num_images_to_save test images", {"num_images_to_save", "target", "alpha",
+                                                                     "display_scale"})}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -86,13 +94,14 @@ def check_args(args: argparse.Namespace) -> None:
                          f"{32 * MAX_DISPLAY_SCALE} x {32 * MAX_DISPLAY_SCALE} pixels), got {args.display_scale}")
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha must be between 0 and 1, got {args.alpha}")
-    if args.image is not None and args.indices is not None:
-        raise UsageError("--image and --indices choose different inputs; give one of them")
-    if args.faithfulness is not None:
-        if args.faithfulness <= 0:
-            raise UsageError(f"--faithfulness must be a positive number of test images, got {args.faithfulness}")
-        if args.image is not None or args.indices is not None:
-            raise UsageError("--faithfulness measures the first N test images; it takes no --image or --indices")
+    if args.faithfulness is not None and args.faithfulness <= 0:
+        raise UsageError(f"--faithfulness must be a positive number of test images, got {args.faithfulness}")
+    mode = next((name for name in MODES if getattr(args, name) is not None), "num_images_to_save")
+    what, reads = MODES[mode]
+    ignored = get_args_parser().changed_flags(args, set().union(*(flags for _, flags in MODES.values())) - reads)
+    if ignored:
+        raise UsageError(f"{what}: it does not use {', '.join(ignored)}; leave {'it' if len(ignored) == 1 else 'them'}"
+                         " out")
     count = len(args.indices) if args.indices is not None else args.num_images_to_save
     if args.image is None and count > MAX_IMAGES:
         raise UsageError(f"at most {MAX_IMAGES} test images per run (the grid has a row per image), got {count}")

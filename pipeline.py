@@ -140,9 +140,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     """--no-train: evaluate a saved model on its dataset's test set, with the settings it was trained with."""
     if args.checkpoint is None:
         raise UsageError("--no-train needs --checkpoint PATH (a checkpoint.pt written by a training run)")
-    defaults = vars(get_args_parser().parse_args([]))
-    ignored = [f"--{name}" for name, value in vars(args).items()
-               if name not in EVALUATION_FLAGS and value != defaults[name]]
+    ignored = get_args_parser().changed_flags(args, vars(args).keys() - EVALUATION_FLAGS)
     if ignored:  # a --dataset or --batch_size that seemed to apply would be silently replaced by the checkpoint's
         raise UsageError(f"--no-train evaluates --checkpoint with the settings it was trained with; leave out "
                          f"{', '.join(ignored)}")

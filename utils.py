@@ -11,7 +11,7 @@ import random
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def changed_flags(self, args: argparse.Namespace, dests: Collection[str]) -> list[str]:
+        """Those of `dests` that `args` holds away from their defaults, as their flags (--class for dest target)."""
+        return [action.option_strings[0] for action in self._actions
+                if action.dest in dests and getattr(args, action.dest, action.default) != action.default]
 
 
 def add_flag(container: argparse._ActionsContainer, name: str, *aliases: str, **kwargs) -> argparse.Action:

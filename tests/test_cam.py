@@ -365,14 +365,23 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
         "display_scale 0": ([*ckpt, "--display_scale", "0"], "--display_scale must be between 1 and 16"),
         "faithfulness 0": ([*ckpt, "--faithfulness", "0"], "--faithfulness must be a positive number"),
         "faithfulness beyond the test set": ([*ckpt, "--faithfulness", "101"], "test set has 100 images"),
-        "faithfulness of a photo": ([*ckpt, "--faithfulness", "5", "--image", str(photo)], "takes no --image"),
+        "faithfulness of a photo": ([*ckpt, "--faithfulness", "5", "--image", str(photo)], "does not use --image;"),
+        # a flag of another mode would be silently ignored
+        "faithfulness with an overlay": ([*ckpt, "--faithfulness", "5", "--alpha", "0.3"], "does not use --alpha;"),
+        "photo enlarged": ([*ckpt, "--image", str(photo), "--display_scale", "4"], "does not use --display_scale;"),
+        "photo and indices": ([*ckpt, "--image", str(photo), "--indices", "1"], "does not use --indices;"),
+        "indices and a count": ([*ckpt, "--indices", "1", "--num_images_to_save", "3"],
+                                "does not use --num_images_to_save;"),
+        "test images with a label": ([*ckpt, "--label", "cat", "--class", "true"], "does not use --label;"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "MLP", "config without lr", "empty image",
                                   "not an image", "truncated image", "index", "class name", "alpha",
                                   "out_dir is a file", "display_scale huge", "display_scale 0", "faithfulness 0",
-                                  "faithfulness beyond the test set", "faithfulness of a photo"])
+                                  "faithfulness beyond the test set", "faithfulness of a photo",
+                                  "faithfulness with an overlay", "photo enlarged", "photo and indices",
+                                  "indices and a count", "test images with a label"])
 def test_errors_exit_2_with_one_line(capsys, tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root,
                                      case):
     args, message = error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr, cifar_root)[case]
