@@ -202,7 +202,7 @@ def checked_online(options: TrackingOptions) -> TrackingOptions:
     except ImportError:
         return options  # each run's tracker says so
     try:
-        if wandb.login(verify=True, prompt=sys.stdin.isatty()):
+        if wandb.login(verify=True, prompt=sys.stdin is not None and sys.stdin.isatty()):
             return options
         reason = "no W&B API key (run wandb login, or set WANDB_API_KEY)"
     except Exception as e:  # noqa: BLE001 -- tracking must never stop training
