@@ -107,8 +107,13 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, exist
 
 def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) -> PlannedRun:
     """What to do with one run folder (see plan); a process that `writes` repairs what it can."""
-    if files.checkpoint.parent != files.run_dir and files.checkpoint.exists():
-        check_checkpoint_owner(files.checkpoint, config)
+    if files.checkpoint.resolve() != (files.run_dir / "checkpoint.pt").resolve():  # an explicit --checkpoint
+        others = [files.config, files.history, files.grad_norms, files.lock_file]
+        if files.checkpoint.resolve() in {p.resolve() for p in others}:
+            raise RunConflict(f"--checkpoint {files.checkpoint} is where the run keeps its {files.checkpoint.name}; "
+                              "choose another path")
+        if files.checkpoint.exists():
+            check_checkpoint_owner(files.checkpoint, config)
     if not files.exist():
         return PlannedRun(config, files, "new")
     if existing == "overwrite":
@@ -128,6 +133,11 @@ def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) ->
                               "away") from None
         check_checkpoint_resumable(checkpoint, config, files.checkpoint)
         return PlannedRun(config, files, "resume")
+    history = files.read_history()
+    if history is not None and history["epochs"]:  # epochs trained, and nothing to continue them from
+        raise ResumeError(f"{files.run_dir} holds {len(history['epochs'])} trained epochs but no checkpoint at "
+                          f"{files.checkpoint} to continue from; pass --checkpoint with the path it was saved to, "
+                          "--overwrite to train it again from the start, or move its folder away")
     return PlannedRun(config, files, "replace")  # files of a run that saved no epoch: nothing to continue
 
 

@@ -185,23 +185,39 @@ def test_resume_and_overwrite_together_are_refused(mnist_root, tmp_path, capsys,
 
 
 @pytest.mark.parametrize("existing", ["--overwrite", "--resume"])
-@pytest.mark.parametrize("owner", ["the user", "another run"])
+@pytest.mark.parametrize("owner", ["the user", "another run", "the user, in the run's folder"])
 def test_a_checkpoint_path_holding_something_else_is_refused_and_kept(mnist_root, tmp_path, capsys, finished_run,
                                                                       owner, existing):
     """--checkpoint naming a file that is not this run's checkpoint (the user's, or another run's model) is refused
-    in one line whatever --resume or --overwrite say: the file stays as it was and no run folder is made."""
-    target = tmp_path / "notes.txt"
-    if owner == "the user":
-        target.write_text("my notes")
-    else:
+    in one line whatever --resume or --overwrite say, wherever it is: the file stays as it was and nothing is made."""
+    run_dir = tmp_path / "out" / "mlp_mnist_h2_w8_plain_s0"
+    target = run_dir / "notes.txt" if owner.endswith("folder") else tmp_path / "notes.txt"
+    if owner == "another run":
         shutil.copytree(finished_run, tmp_path / "other" / RUN)
         target = RunFiles(tmp_path / "other" / RUN).checkpoint
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("my notes")
     before = target.read_bytes()
     status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path / "out", "--num_hidden_layers", "2",
                                                "--num_epochs", "1", "--checkpoint", str(target), existing))
     assert status == 2 and len(lines) == 1 and "choose another --checkpoint path" in lines[0], lines
     assert (RUN in lines[0]) == (owner == "another run")
-    assert target.read_bytes() == before and not (tmp_path / "out").exists()
+    assert target.read_bytes() == before
+    assert not run_dir.exists() or {p.name for p in run_dir.iterdir()} - {".lock"} == {"notes.txt"}
+    assert not (tmp_path / "out" / "plots").exists()
+
+
+@pytest.mark.parametrize("name", ["history.json", "config.json", "grad_norms.csv", "a_folder/"])
+def test_a_checkpoint_path_the_run_keeps_another_file_at_is_refused(mnist_root, tmp_path, capsys, name):
+    """Saving the checkpoint over the run's history (or into a folder path, as a file named like the folder) would
+    leave a run that reads as finished, or a file where the user meant a folder."""
+    run_dir = tmp_path / RUN
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "1", "--checkpoint",
+                                               f"{run_dir}/{name}"))
+    assert status == 2 and len(lines) == 1 and "--checkpoint" in lines[0], lines
+    assert ("is a folder" if name.endswith("/") else f"where the run keeps its {name}") in lines[0]
+    assert not run_dir.exists()
 
 
 def test_a_checkpoint_kept_outside_its_run_folder_continues_or_is_replaced(mnist_root, tmp_path, capsys,
@@ -595,6 +611,22 @@ def test_a_finished_run_whose_checkpoint_is_lost_is_skipped_with_a_warning(mnist
     assert "already finished with these settings, skipped" in out
     assert f"warning: {RUN} has finished but its model is lost (--checkpoint {checkpoint}" in err
     assert run_files(tmp_path / RUN) == before
+
+
+@pytest.mark.parametrize("state", ["finished", "interrupted"])
+def test_trained_epochs_without_their_checkpoint_are_never_deleted_by_resume(mnist_root, tmp_path, capsys,
+                                                                             finished_run, state):
+    """--resume asking for more epochs of a run whose checkpoint is gone (deleted, or saved elsewhere with
+    --checkpoint) cannot continue it: refused, where it was 'trains from the start' and the results were deleted."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    RunFiles(tmp_path / RUN).checkpoint.unlink()
+    if state == "interrupted":
+        history = json.loads((tmp_path / RUN / "history.json").read_text())
+        (tmp_path / RUN / "history.json").write_text(json.dumps({"epochs": history["epochs"][:1]}))
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "3", "--resume"))
+    assert status == 2 and len(lines) == 1 and "trained epochs but no checkpoint" in lines[0], lines
+    assert "--overwrite" in lines[0] and run_files(tmp_path / RUN) == before
 
 
 def test_a_file_where_the_run_folder_or_the_plots_folder_belongs_is_refused_before_training(mnist_root, tmp_path,
