@@ -322,15 +322,23 @@ def check_keep(keep: Path, sweeps: dict[str, Path]) -> None:
 
 def check_same_sweep(kept: Path, out_dir: Path) -> None:
     """A UsageError unless the sweep in `out_dir` has every run kept in `kept`, trained with the same settings
-    (where it ran aside)."""
-    configs = {p.name: RunFiles(p).read_config() for p in kept.iterdir()}
-    for name, saved in configs.items():
-        new = RunFiles(out_dir / name).read_config()
-        differ = None if new is None or saved is None else new.changed_flag(saved, more_epochs=False)
-        if new is None or differ:
-            raise UsageError(f"--keep: {out_dir} would replace the {len(configs)} runs kept in {kept}, but its {name} "
-                             f"{'was trained with ' + differ if differ else 'is missing'}; to replace them all the "
-                             f"same, remove {kept} first")
+    (where it ran aside), and finished where the kept one had."""
+    names = [p.name for p in kept.iterdir()]
+    for name in names:
+        old, new = RunFiles(kept / name), RunFiles(out_dir / name)
+        saved, config = old.read_config(), new.read_config()
+        differ = None if config is None or saved is None else config.changed_flag(saved, more_epochs=False)
+        problem = "is missing" if config is None else f"was trained with {differ}" if differ else (
+            "has not finished" if finished(old) and not finished(new) else None)
+        if problem:
+            raise UsageError(f"--keep: {out_dir} would replace the {len(names)} runs kept in {kept}, but its {name} "
+                             f"{problem}; to replace them all the same, remove {kept} first")
+
+
+def finished(files: RunFiles) -> bool:
+    """Whether the run's history holds its test result."""
+    history = files.read_history()
+    return history is not None and "test" in history
 
 
 def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:

@@ -64,6 +64,9 @@ def test_keeping_again_replaces_what_was_kept_only_by_the_same_sweep_or_a_larger
     write_run(sweep, toy, [2.0], [0.5], 0.5)
     with pytest.raises(report.UsageError, match=f"{toy.run_name} was trained with --num_epochs 3, not 1.*remove"):
         report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
+    write_run(sweep, cnn(1, 0, seed=3), [2.0], [0.5], 0.5, finished=False)  # interrupted while trained again
+    with pytest.raises(report.UsageError, match=f"{toy.run_name} has not finished; .*remove {kept} first"):
+        report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
     shutil.rmtree(sweep / toy.run_name)
     with pytest.raises(report.UsageError, match=f"{toy.run_name} is missing; .*remove {kept} first"):
         report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
