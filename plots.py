@@ -316,7 +316,8 @@ def grad_range(series: list[np.ndarray]) -> tuple[float, float]:
 def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.ndarray]]]],
                plots_dir: Path) -> list[Path]:
     """The lab's comparison figures over every run of a sweep, from (config, history, gradient norms) per run;
-    return the files written."""
+    return the files written. A gradient figure of these runs that cannot be drawn now (their norms are missing) is
+    removed rather than left from an earlier command."""
     mlp = runs[0][0].model_name == "MLP"
     loss: dict[str, dict[str, list[list[float]]]] = {}
     acc: dict[str, dict[str, list[list[float]]]] = {}
@@ -342,18 +343,36 @@ def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.n
                 (config.num_hidden_layers, history["epochs"][-1]["val_acc"]))
         plot_trainability(points, "hidden layers (--num_hidden_layers)", "MLP: which depths train", paths[-1])
     logged = [(c, g) for c, _, g in runs if g[0]]
-    if not logged:
-        return paths
-    paths += plot_gradient_heatmaps(logged, plots_dir)
-    if mlp:
+    if logged:
+        paths += plot_gradient_heatmaps(logged, plots_dir)
+    if logged and mlp:
         paths += plot_mlp_gradients(logged, plots_dir)
         init_points = init_gradient_points(runs)
         if init_points:
             paths.append(plots_dir / "mlp_init_gradient_vs_accuracy.png")
             plot_init_gradients(init_points, paths[-1])
-    else:
+    elif logged:
         paths += plot_cnn_gradients(logged, plots_dir)
+    for stale in gradient_figures([c for c, _, _ in runs], plots_dir) - set(paths):
+        stale.unlink(missing_ok=True)  # drawn earlier, from runs these may have replaced: never shown as theirs
     return paths
+
+
+def mlp_gradients_name(config: RunConfig, several_widths: bool) -> str:
+    """The name of the figure of this MLP's first layers' gradient norms, shared with its other seeds."""
+    return (f"gradients_mlp_d{config.num_hidden_layers}" + (f"_res{config.residual_step}" if config.residual_step
+                                                            else "") + (f"_w{config.width}" if several_widths else ""))
+
+
+def gradient_figures(configs: list[RunConfig], plots_dir: Path) -> set[Path]:
+    """Every gradient figure that runs of these configs draw when all of them logged gradient norms."""
+    several_widths = len({c.width for c in configs}) > 1
+    names = [f"gradient_heatmap_{c.run_name}" for c in configs]
+    if configs[0].model_name == "MLP":
+        names += [mlp_gradients_name(c, several_widths) for c in configs] + ["mlp_init_gradient_vs_accuracy"]
+    else:
+        names += [f"Conv_gradients_d{c.depth}" for c in configs]
+    return {plots_dir / f"{name}.png" for name in names}
 
 
 def plot_mlp_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np.ndarray]]]],
@@ -363,10 +382,7 @@ def plot_mlp_gradients(runs: list[tuple[RunConfig, tuple[list[int], dict[str, np
     groups: dict[str, list[tuple[RunConfig, tuple]]] = {}
     widths = {c.width for c, _ in runs}
     for config, grads in runs:
-        name = f"gradients_mlp_d{config.num_hidden_layers}" + (
-            f"_res{config.residual_step}" if config.residual_step else "") + (
-            f"_w{config.width}" if len(widths) > 1 else "")
-        groups.setdefault(name, []).append((config, grads))
+        groups.setdefault(mlp_gradients_name(config, len(widths) > 1), []).append((config, grads))
     first = [{n: norms for n, norms in list(g[1].items())[:GRAD_PLOT_LAYERS]} for _, g in runs]
     ylim = grad_range([s for layers in first for s in layers.values()])
     paths = []

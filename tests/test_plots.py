@@ -79,10 +79,22 @@ def test_cnn_sweep_figures_are_named_by_depth_and_share_the_y_range(tmp_path, fi
                           [s[0] for s in first_conv])
 
 
-def test_a_sweep_without_gradient_logs_draws_the_figures_that_need_none(tmp_path):
-    runs = [fake_run(run_config("--num_hidden_layers", "2", "--grad_log_every", "0"), np.zeros((4, 0)))]
-    assert [p.name for p in plots.plot_sweep(runs, tmp_path)] == ["mlp_training_loss.png", "mlp_Val_acc.png",
-                                                                  "mlp_trainability.png"]
+@pytest.mark.parametrize("family", ["MLP", "ResNet"])
+def test_a_sweep_without_gradient_logs_draws_the_figures_that_need_none_and_removes_its_old_ones(tmp_path, family):
+    """The same runs replaced by runs that log no gradient norms (--overwrite --grad_log_every 0): the gradient
+    figures drawn from the old runs go, and nothing else in the folder does."""
+    flags = ("--num_hidden_layers", "2") if family == "MLP" else ("--model_name", "ResNet", "--out_channels", "4",
+                                                                   "--num_levels", "1", "--num_conv_per_level", "1")
+    drawn = plots.plot_sweep([fake_run(run_config(*flags), np.ones((3, 4)))], tmp_path)
+    assert any(p.name.startswith("gradient_heatmap_") for p in drawn)
+    (tmp_path / "gradient_heatmap_of_another_sweep.png").write_bytes(b"mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    runs = [fake_run(run_config(*flags, "--grad_log_every", "0"), np.zeros((4, 0)))]
+    curves = ["mlp_training_loss.png", "mlp_Val_acc.png", "mlp_trainability.png"] if family == "MLP" else [
+        "Conv_train_loss.png", "Conv_val_accuracy.png"]
+    assert [p.name for p in plots.plot_sweep(runs, tmp_path)] == curves
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(curves + ["gradient_heatmap_of_another_sweep.png",
+                                                                          "notes.txt"])
 
 
 def test_curves_give_each_network_one_colour_and_each_seed_its_own_line(tmp_path, figures):
