@@ -85,6 +85,10 @@ def read_runs(out_dir: Path) -> tuple[list[tuple[RunConfig, dict]], list[LeftOut
         config, history = files.read_config(), files.read_history()
         if config is None:
             left_out.append(LeftOut(run_dir.name, f"no readable config.json{RESTORE}"))
+        elif config.run_name != run_dir.name:  # a copy or a renamed folder: one run must not count twice
+            left_out.append(LeftOut(run_dir.name, f"its config.json is run {config.run_name}'s: a copy or a renamed "
+                                    f"folder, which pipeline.py would not resume either (rename it back or move it "
+                                    "away)"))
         elif history is None:
             left_out.append(LeftOut(run_dir.name, f"no readable history.json (none yet, or damaged){RESTORE}",
                                     config))

@@ -1,4 +1,6 @@
 """report.py: the README's tables and checks from run folders, the CAM checkpoint, and the README rewrite."""
+import shutil
+
 import pytest
 import torch
 
@@ -181,6 +183,23 @@ def test_every_run_folder_not_used_and_every_missing_run_is_listed_with_why(tmp_
         f"{tmp_path}: missing: {mlp(4, 0, 1).run_name} (no run folder; the other networks have this seed)"]
     assert "| 4 | 0/1 | 11.0% | 1/1 | 90.0% |" in out
     assert "Not in this table (3 runs of the sweep, unfinished, unreadable or not trained yet): broken, " in out
+
+
+def test_a_copied_or_renamed_run_folder_is_not_counted_as_its_run(tmp_path, capsys):
+    """A backup copy beside its run counted it twice; a renamed folder was read as the run of its old name, and
+    --best_checkpoint then pointed to a folder that does not exist."""
+    write_run(tmp_path, mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    write_run(tmp_path, mlp(4, 2, 0), [0.3], [0.9], 0.9)
+    shutil.copytree(tmp_path / mlp(4, 2, 0).run_name, tmp_path / "backup")
+    assert report_cli("--ex1", str(tmp_path)) == 0
+    out, err = capsys.readouterr()
+    assert "| 4 | 0/1 | 11.0% | 1/1 | 90.0% |" in out
+    assert err.splitlines() == [f"{tmp_path}: not used: backup: its config.json is run {mlp(4, 2, 0).run_name}'s: "
+                                "a copy or a renamed folder, which pipeline.py would not resume either (rename it "
+                                "back or move it away)"]
+    shutil.rmtree(tmp_path / mlp(4, 2, 0).run_name)
+    with pytest.raises(report.UsageError, match="holds no finished residual run"):
+        report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path)
 
 
 def test_readme_is_not_rewritten_with_runs_left_out_unless_allowed(tmp_path, capsys):
