@@ -30,7 +30,11 @@ class UsageError(CLIError):
     exit_status = 2
 
 
-class NoSpaceError(OSError):
+class OutputError(OSError):
+    """A file could not be written where it belongs; whatever was there is kept. A CLI says it in one line."""
+
+
+class NoSpaceError(OutputError):
     """The disk filled up while a file was written; the file keeps what it held before."""
 
     def __init__(self, path: str | Path):
@@ -80,7 +84,7 @@ def run_cli(main: Callable, args) -> None:
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
-    except NoSpaceError as e:
+    except OutputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
@@ -180,7 +184,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the mode a plain open() would
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError:
+            raise OutputError(f"{path} is a folder where a file is written; move it away and run the command "
+                              "again") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

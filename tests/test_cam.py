@@ -390,6 +390,19 @@ def test_errors_exit_2_with_one_line(capsys, tmp_path, checkpoint, mlp_checkpoin
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("output", ["cam_grid.png", "faithfulness.json"])
+def test_a_folder_where_an_output_file_belongs_is_one_line(capsys, tmp_path, checkpoint, cifar_root, output):
+    """It was an IsADirectoryError traceback, after the maps were computed."""
+    (tmp_path / "out" / output).mkdir(parents=True)
+    mode = ["--faithfulness", "2"] if output == "faithfulness.json" else ["--indices", "0"]
+    status, err = run_cli_in_process(capsys, "--checkpoint", str(checkpoint), "--data_root", str(cifar_root),
+                                     "--no-download", "--device", "cpu", "--out_dir", str(tmp_path / "out"), *mode)
+    assert status == 2 and err.count("\n") == 1 and err.endswith(
+        f"error: {tmp_path / 'out' / output} is a folder where a file is written; move it away and run the command "
+        "again\n"), err
+    assert (tmp_path / "out" / output).is_dir()
+
+
 def test_cli_subprocess_refuses_an_mlp(tmp_path, mlp_checkpoint):
     result = subprocess.run([sys.executable, "cam.py", "--checkpoint", str(mlp_checkpoint), "--out_dir",
                              str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -704,6 +704,21 @@ def test_a_full_disk_while_drawing_figures_is_one_line_and_keeps_the_old_ones(mn
     assert not [p for p in (kept / "plots").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_folder_where_a_figure_belongs_is_one_line_and_keeps_the_trained_run(mnist_root, tmp_path, capsys,
+                                                                               finished_run):
+    """It was an IsADirectoryError traceback after training."""
+    shutil.copytree(finished_run.parent, tmp_path / "runs")
+    folder = tmp_path / "runs" / "plots" / "mlp_Val_acc.png"
+    folder.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mine.txt").write_text("mine")
+    before = run_files(tmp_path / "runs" / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path / "runs", "--num_epochs", "1", "--resume"))
+    assert status == 2 and len(lines) == 1 and lines[0].endswith(
+        f"error: {folder} is a folder where a file is written; move it away and run the command again"), lines
+    assert (folder / "mine.txt").read_text() == "mine" and run_files(tmp_path / "runs" / RUN) == before
+
+
 def figure_of(values: list[float]):
     from matplotlib.figure import Figure
     fig = Figure()
