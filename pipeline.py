@@ -84,8 +84,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
              "writes <run folder>/wandb to upload later with wandb sync; online uploads as it trains (after wandb "
              "login; offline instead, with a warning, when the server does not answer); a bare --wandb, as in the "
              "original lab, means online")
-    add_flag(groups[TRACKING], "--wandb_proj_name", default=DEFAULT_PROJECT, help="W&B project (ignored without "
-             "--wandb)")
+    add_flag(groups[TRACKING], "--wandb_proj_name", default=DEFAULT_PROJECT, help="W&B project (with --wandb)")
     add_flag(groups[TRACKING], "--tensorboard", action=argparse.BooleanOptionalAction, default=False,
              help="write TensorBoard event files to <run folder>/tensorboard (tensorboard --logdir <out_dir>)")
     add_flag(groups[SCALING], "--jobs", type=int, default=1,
@@ -112,6 +111,8 @@ def check_args(args: argparse.Namespace) -> None:
          "CUDA (torch's SyncBatchNorm does not run on the CPU); start with torchrun on CUDA"),
         (world == 1 or args.batch_size % world == 0, f"--batch_size {args.batch_size} must be a multiple of "
          f"torchrun's {world} processes: each trains on an equal share of every batch"),
+        (args.wandb != "disabled" or project == DEFAULT_PROJECT, "--wandb_proj_name names the W&B project of "
+         "--wandb; give --wandb offline or online with it, or leave it out"),
         (args.wandb == "disabled" or 0 < len(project) <= 128 and not any(c in project for c in "/\\#?%:"),
          f"--wandb_proj_name {project!r} is not a W&B project name (1 to 128 characters, none of / \\ # ? % :)"),
         (args.checkpoint is None or not args.checkpoint.endswith(("/", os.sep)) and not Path(args.checkpoint).is_dir(),
@@ -135,7 +136,10 @@ def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfi
         return with_prefix(expand(dict({name: getattr(args, name) for name in FLAGS}, device=str(device),
                                        precision=precision)), args.run_name)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        preset = PRESETS.get(args.preset, {})
+        named = [f"--{name}" for name, value in preset.items()
+                 if f"--{name} " in f"{e} " and getattr(args, name) == value]  # not given again on the line
+        raise UsageError(f"{e}" + (f" (set by --preset {args.preset}: {', '.join(named)})" if named else "")) from None
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:

@@ -8,7 +8,7 @@ import queue
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -21,18 +21,27 @@ from runs import (CheckpointError, ResumeError, RunConflict, RunFiles, RunLock, 
 from train import Runtime, train_run
 from utils import CLIError, first_line, setup_for_distributed
 
+RUN_CONFIG_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+
 
 def expand(values: dict) -> list[RunConfig]:
     """The configs of a sweep: `values` holds every flag of RunConfig, a list of values for each sweepable one;
     every combination of the swept values of the model's family is a run, in the order of RunConfig's fields.
-
-    A swept flag that does not apply to the model may have one value (ignored) but not several."""
+    A flag that no run of the sweep would use (the other model family's, SGD's momentum for Adam, a shortcut kind
+    without shortcuts) is a ValueError unless it has its default value."""
     model = values["model_name"]
     swept = [name for name, flag in FLAGS.items() if flag.sweep]
     applies = [name for name in swept if FLAGS[name].family in (None, model)]
-    for name in swept:
-        if name not in applies and len(set(values[name])) > 1:
-            raise ValueError(f"--{name} does not apply to the {model}; give it one value or leave it out")
+    unused = {name: f"{'an' if FLAGS[name].family == 'MLP' else 'a'} {FLAGS[name].family} setting" for name in FLAGS
+              if FLAGS[name].family not in (None, model)}
+    if values["optimizer"] != "sgd":
+        unused["momentum"] = "SGD's (Adam has none)"
+    if not any(values["residual_step"]):
+        unused["shortcut"] = "the kind of residual shortcut and every run is plain (--residual_step 0)"
+    for name, what in unused.items():
+        default = RUN_CONFIG_DEFAULTS[name]
+        if values[name] != ([default] if FLAGS[name].sweep else default):
+            raise ValueError(f"--{name} is {what}: no run of this {model} sweep uses it; leave it out")
     base = {**values, **{name: values[name][0] for name in swept}}
     return [RunConfig(**dict(base, **dict(zip(applies, combination))))
             for combination in itertools.product(*(list(dict.fromkeys(values[name])) for name in applies))]

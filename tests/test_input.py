@@ -43,8 +43,8 @@ def cnn_checkpoint(cifar_root, tmp_path_factory):
 @pytest.mark.parametrize("flags,message", [
     (["--weight_decay", "nan"], "--weight_decay"),
     (["--weight_decay", "inf"], "--weight_decay"),
-    (["--momentum", "nan"], "--momentum"),
-    (["--momentum", "-inf"], "--momentum"),
+    (["--optimizer", "sgd", "--momentum", "nan"], "--momentum must be"),
+    (["--optimizer", "sgd", "--momentum=-inf"], "--momentum must be"),
     (["--lr", "inf"], "--lr"),
     (["--seed", "-1"], "--seed"),
     (["--seed", "0", str(2 ** 40)], "--seed"),
@@ -58,6 +58,26 @@ def cnn_checkpoint(cifar_root, tmp_path_factory):
 ])
 def test_bad_values_are_refused_before_anything_is_read(mnist_root, tmp_path, capsys, flags, message):
     status, lines = pipeline_exit(capsys, *mlp_flags(tmp_path / "no data here", tmp_path / "runs", *flags))  # unread
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+
+CNN = ("--model_name", "ResNet", "--dataset", "CIFAR10")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--stem", "imagenet"], "--stem is a ResNet setting: no run of this MLP sweep uses it; leave it out"),
+    ([*CNN, "--num_hidden_layers", "30"], "--num_hidden_layers is an MLP setting"),
+    (["--momentum", "0.5"], "--momentum is SGD's (Adam has none)"),
+    ([*CNN, "--shortcut", "projection"], "every run is plain"),
+    (["--wandb_proj_name", "mine"], "--wandb_proj_name names the W&B project of --wandb"),
+    (["--preset", "exercise1", "--model_name", "ResNet"], "(set by --preset exercise1: --num_hidden_layers)"),
+    (["--preset", "exercise2", "--optimizer", "adam"], "(set by --preset exercise2: --momentum, --nesterov)"),
+])
+def test_flags_no_run_would_use_are_refused(tmp_path, capsys, flags, message):
+    """Once silently ignored, and recorded in config.json (a resume with another --momentum was then refused)."""
+    status, lines = pipeline_exit(capsys, "--data_root", str(tmp_path / "no data here"), "--device", "cpu",
+                                  "--out_dir", str(tmp_path / "runs"), *flags)
     assert status == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "runs").exists()
 

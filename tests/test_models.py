@@ -8,6 +8,7 @@ from conftest import run_config
 from config import RunConfig
 from models import MLP, ResNet, block_sizes, build_model
 from runs import load_model, save_checkpoint
+from utils import UsageError
 
 
 @pytest.mark.parametrize("hidden,step,width", [(0, 0, 8), (1, 0, 16), (4, 2, 16), (6, 3, 5), (34, 2, 16)])
@@ -141,7 +142,9 @@ def test_shortcut_flag_defaults_by_stem_and_names_projection_runs():
     assert run_config(*cnn, "--stem", "imagenet").shortcut == "projection"
     projection = run_config(*cnn, "--shortcut", "projection")
     assert projection.shortcut == "projection" and projection.run_name.endswith("_res2proj_s0")
-    assert run_config(*cnn[:-1], "0", "--shortcut", "projection").shortcut is None  # plain: no shortcut at all
+    assert run_config(*cnn[:-1], "0").shortcut is None  # plain: no shortcut at all, so none to choose
+    with pytest.raises(UsageError, match="--shortcut is the kind of residual shortcut and every run is plain"):
+        run_config(*cnn[:-1], "0", "--shortcut", "projection")
     assert run_config("--residual_step", "2").shortcut is None
 
 

@@ -248,7 +248,7 @@ def test_thread_policy(monkeypatch):
                                           (("--model_name", "ResNet", "--out_channels", "8"), False),
                                           ((), False)])
 def test_channels_last_policy(flags, on_cpu):
-    config = run_config(*flags, "--num_levels", "1", "--num_conv_per_level", "1")
+    config = run_config(*flags, *("--num_levels", "1", "--num_conv_per_level", "1") * bool(flags))
     assert uses_channels_last(config) == on_cpu
     assert uses_channels_last(replace(config, device="cuda")) == (config.model_name == "ResNet")
 
