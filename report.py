@@ -421,6 +421,15 @@ def read_readme(path: Path) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, str]:
     """Print (and with --readme, write) the tables; return them by block name."""
+    others = get_args_parser().changed_flags(args, vars(args).keys() - {"best_checkpoint"})
+    if args.best_checkpoint is not None and others:
+        raise UsageError(f"--best_checkpoint prints one path and nothing else; give {', '.join(others)} in another "
+                         "command")
+    if args.allow_missing and args.readme is None:
+        raise UsageError("--allow_missing lets --readme write tables that lack runs; give --readme too, or leave "
+                         "--allow_missing out")
+    if args.keep is not None and args.ex1 is None and args.ex2 is None:
+        raise UsageError("--keep copies the runs of --ex1 and --ex2; give one of them too, or leave --keep out")
     if args.best_checkpoint is not None:
         out_dir = Path(args.best_checkpoint)
         print(best_checkpoint(finished_runs(out_dir, "--best_checkpoint")[0], out_dir))

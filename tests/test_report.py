@@ -246,11 +246,27 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     elif case != "readme missing":
         readme.write_text("no markers\n" if case == "no block" else README_BLOCKS)
     flag = {"MLP runs to --ex2": "--ex2", "MLP runs to --best_checkpoint": "--best_checkpoint"}.get(case, "--ex1")
-    assert report_cli(flag, str(out_dir), "--readme", str(readme)) == 2
+    readme_flags = [] if flag == "--best_checkpoint" else ["--readme", str(readme)]
+    assert report_cli(flag, str(out_dir), *readme_flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ": error: " in err[0], err
     if readme.is_file():
         assert readme.read_text() in ("no markers\n", README_BLOCKS)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--best_checkpoint", "{runs}", "--ex1", "{runs}", "--keep", "{kept}"], "give --ex1, --keep in another command"),
+    (["--ex1", "{runs}", "--allow_missing"], "give --readme too"),
+    (["--faithfulness", "{runs}/f.json", "--keep", "{kept}"], "--keep copies the runs of --ex1 and --ex2"),
+])
+def test_flags_that_would_do_nothing_are_refused(tmp_path, capsys, flags, message):
+    """Each was accepted and did nothing: the README not rewritten, nothing kept, and nothing said."""
+    write_run(tmp_path / "runs", mlp(4, 2, 0), [2.3], [0.9], 0.9)
+    given = [f.format(runs=tmp_path / "runs", kept=tmp_path / "kept") for f in flags]
+    assert report_cli(*given) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "kept").exists()
 
 
 @pytest.mark.parametrize("flag,other", [("--width", "8"), ("--lr", "0.01"), ("--num_epochs", "2")])
