@@ -468,7 +468,8 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         for name, content in blocks.items():
             texts = replace_block(texts, name, content)
         for path, text in texts.items():
-            atomic_write(path, lambda tmp, text=text: tmp.write_text(text))
+            # through a symbolic link (a README kept elsewhere): the link stays, the file it names is rewritten
+            atomic_write(path.resolve(), lambda tmp, text=text: tmp.write_text(text))
         print(f"rewrote {len(blocks)} tables in {' and '.join(args.readme)}")
     if args.keep is not None:
         keep_results(Path(args.keep), sweeps)

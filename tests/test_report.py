@@ -115,14 +115,21 @@ def test_best_checkpoint_is_the_residual_run_with_the_best_final_validation_accu
     assert report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path) == best
 
 
-def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys):
+@pytest.mark.parametrize("linked", [False, True])
+def test_readme_blocks_are_rewritten_and_nothing_else(tmp_path, capsys, linked):
+    """A README that is a symbolic link (to a docs checkout, say) stays one: the file it points to is rewritten."""
     write_run(tmp_path / "ex1", mlp(4, 0, 0), [2.3], [0.11], 0.11)
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- report:ex1 -->\nold table\n<!-- /report:ex1 -->\n"
+    target = tmp_path / "docs" / "real.md" if linked else readme
+    target.parent.mkdir(exist_ok=True)
+    target.write_text("intro\n<!-- report:ex1 -->\nold table\n<!-- /report:ex1 -->\n"
                       "<!-- report:ex1-init -->\nold check\n<!-- /report:ex1-init -->\nend\n")
+    if linked:
+        readme.symlink_to(target)
     args = report.get_args_parser().parse_args(["--ex1", str(tmp_path / "ex1"), "--readme", str(readme)])
     blocks = report.main(args)
-    text = readme.read_text()
+    assert readme.is_symlink() == linked
+    text = target.read_text()
     assert text.startswith("intro\n<!-- report:ex1 -->\n| hidden layers |")
     assert text.endswith("<!-- /report:ex1-init -->\nend\n")
     assert "old table" not in text and "old check" not in text and blocks["ex1"] in text
