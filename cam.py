@@ -37,7 +37,7 @@ RANDOM_MAP_SEED = 0  # of the random baseline maps of --faithfulness
 KINDS = ("orig", "actv_map", "mix")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # what each mode explains, and the flags that choose what it explains or how it draws it; the others (the data, the
-# device, the batch size, the output folder) apply to every mode
+# device, the batch size, the output folder) are accepted in every mode, so that one set serves all three commands
 MODES = {"faithfulness": ("--faithfulness measures the maps of the first N test images", {"faithfulness", "target"}),
          "image": ("--image explains one photo", {"image", "label", "target", "alpha"}),
          "indices": ("--indices explains these test images", {"indices", "target", "alpha", "display_scale"}),
