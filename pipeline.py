@@ -116,7 +116,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.wandb == "disabled" or 0 < len(project) <= 128 and not any(c in project for c in "/\\#?%:"),
          f"--wandb_proj_name {project!r} is not a W&B project name (1 to 128 characters, none of / \\ # ? % :)"),
         (args.checkpoint is None or not args.checkpoint.endswith(("/", os.sep)) and not Path(args.checkpoint).is_dir(),
-         f"--checkpoint {args.checkpoint} is a folder; name the file to save the checkpoint in"),
+         f"--checkpoint {args.checkpoint} is a folder; name the checkpoint file"),
         (args.checkpoint is None or args.resume or args.overwrite or not Path(args.checkpoint).exists(),
          f"--checkpoint {args.checkpoint} already exists; if it is this run's, pass --resume to continue it or "
          "--overwrite to replace it, else choose another path"),
