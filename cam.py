@@ -98,7 +98,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--faithfulness must be a positive number of test images, got {args.faithfulness}")
     mode = next((name for name in MODES if getattr(args, name) is not None), "num_images_to_save")
     what, reads = MODES[mode]
-    ignored = get_args_parser().changed_flags(args, set().union(*(flags for _, flags in MODES.values())) - reads)
+    ignored = get_args_parser().given_flags(args, set().union(*(flags for _, flags in MODES.values())) - reads)
     if ignored:
         raise UsageError(f"{what}: it does not use {', '.join(ignored)}; leave {'it' if len(ignored) == 1 else 'them'}"
                          " out")

@@ -111,7 +111,7 @@ def check_args(args: argparse.Namespace) -> None:
          "CUDA (torch's SyncBatchNorm does not run on the CPU); start with torchrun on CUDA"),
         (world == 1 or args.batch_size % world == 0, f"--batch_size {args.batch_size} must be a multiple of "
          f"torchrun's {world} processes: each trains on an equal share of every batch"),
-        (args.wandb != "disabled" or project == DEFAULT_PROJECT, "--wandb_proj_name names the W&B project of "
+        (args.wandb != "disabled" or "wandb_proj_name" not in args.given, "--wandb_proj_name names the W&B project of "
          "--wandb; give --wandb offline or online with it, or leave it out"),
         (args.wandb == "disabled" or 0 < len(project) <= 128 and not any(c in project for c in "/\\#?%:"),
          f"--wandb_proj_name {project!r} is not a W&B project name (1 to 128 characters, none of / \\ # ? % :)"),
@@ -134,7 +134,7 @@ def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfi
     try:
         precision = amp_precision(device) if args.amp else "float32"
         return with_prefix(expand(dict({name: getattr(args, name) for name in FLAGS}, device=str(device),
-                                       precision=precision)), args.run_name)
+                                       precision=precision), args.given), args.run_name)
     except ValueError as e:
         preset = PRESETS.get(args.preset, {})
         named = [f"--{name}" for name, value in preset.items()
@@ -146,7 +146,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     """--no-train: evaluate a saved model on its dataset's test set, with the settings it was trained with."""
     if args.checkpoint is None:
         raise UsageError("--no-train needs --checkpoint PATH (a checkpoint.pt written by a training run)")
-    ignored = get_args_parser().changed_flags(args, vars(args).keys() - EVALUATION_FLAGS)
+    ignored = get_args_parser().given_flags(args, vars(args).keys() - EVALUATION_FLAGS)
     if ignored:  # a --dataset or --batch_size that seemed to apply would be silently replaced by the checkpoint's
         raise UsageError(f"--no-train evaluates --checkpoint with the settings it was trained with; leave out "
                          f"{', '.join(ignored)}")

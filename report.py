@@ -421,7 +421,7 @@ def read_readme(path: Path) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, str]:
     """Print (and with --readme, write) the tables; return them by block name."""
-    others = get_args_parser().changed_flags(args, vars(args).keys() - {"best_checkpoint"})
+    others = get_args_parser().given_flags(args, vars(args).keys() - {"best_checkpoint"})
     if args.best_checkpoint is not None and others:
         raise UsageError(f"--best_checkpoint prints one path and nothing else; give {', '.join(others)} in another "
                          "command")

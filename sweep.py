@@ -8,6 +8,7 @@ import queue
 import signal
 import sys
 import traceback
+from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -24,11 +25,11 @@ from utils import CLIError, first_line, setup_for_distributed
 RUN_CONFIG_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 
 
-def expand(values: dict) -> list[RunConfig]:
+def expand(values: dict, given: Collection[str] = ()) -> list[RunConfig]:
     """The configs of a sweep: `values` holds every flag of RunConfig, a list of values for each sweepable one;
     every combination of the swept values of the model's family is a run, in the order of RunConfig's fields.
     A flag that no run of the sweep would use (the other model family's, SGD's momentum for Adam, a shortcut kind
-    without shortcuts) is a ValueError unless it has its default value."""
+    without shortcuts) is a ValueError when it is among the flags `given` or away from its default (a preset's)."""
     model = values["model_name"]
     swept = [name for name, flag in FLAGS.items() if flag.sweep]
     applies = [name for name in swept if FLAGS[name].family in (None, model)]
@@ -40,7 +41,7 @@ def expand(values: dict) -> list[RunConfig]:
         unused["shortcut"] = "the kind of residual shortcut and every run is plain (--residual_step 0)"
     for name, what in unused.items():
         default = RUN_CONFIG_DEFAULTS[name]
-        if values[name] != ([default] if FLAGS[name].sweep else default):
+        if name in given or values[name] != ([default] if FLAGS[name].sweep else default):
             raise ValueError(f"--{name} is {what}: no run of this {model} sweep uses it; leave it out")
     base = {**values, **{name: values[name][0] for name in swept}}
     return [RunConfig(**dict(base, **dict(zip(applies, combination))))

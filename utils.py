@@ -62,10 +62,19 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
-    def changed_flags(self, args: argparse.Namespace, dests: Collection[str]) -> list[str]:
-        """Those of `dests` that `args` holds away from their defaults, as their flags (--class for dest target)."""
-        return [action.option_strings[0] for action in self._actions
-                if action.dest in dests and getattr(args, action.dest, action.default) != action.default]
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parse; the namespace's `given` also holds the dests that the command line set, whatever their
+        value (a flag given its default value is given all the same)."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        unset = object()
+        probe = argparse.Namespace(**{action.dest: unset for action in self._actions})
+        super().parse_known_args(args, probe)
+        parsed.given = frozenset(dest for dest, value in vars(probe).items() if value is not unset)
+        return parsed, extras
+
+    def given_flags(self, args: argparse.Namespace, dests: Collection[str]) -> list[str]:
+        """Those of `dests` that the command line gave, as their flags (--class for dest target)."""
+        return [action.option_strings[0] for action in self._actions if action.dest in dests & args.given]
 
 
 def add_flag(container: argparse._ActionsContainer, name: str, *aliases: str, **kwargs) -> argparse.Action:

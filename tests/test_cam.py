@@ -368,7 +368,7 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
         "faithfulness of a photo": ([*ckpt, "--faithfulness", "5", "--image", str(photo)], "does not use --image;"),
         # a flag of another mode would be silently ignored
         "faithfulness with an overlay": ([*ckpt, "--faithfulness", "5", "--alpha", "0.3"], "does not use --alpha;"),
-        "photo enlarged": ([*ckpt, "--image", str(photo), "--display_scale", "4"], "does not use --display_scale;"),
+        "photo enlarged": ([*ckpt, "--image", str(photo), "--display_scale", "8"], "does not use --display_scale;"),
         "photo and indices": ([*ckpt, "--image", str(photo), "--indices", "1"], "does not use --indices;"),
         "indices and a count": ([*ckpt, "--indices", "1", "--num_images_to_save", "3"],
                                 "does not use --num_images_to_save;"),

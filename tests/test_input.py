@@ -68,16 +68,18 @@ CNN = ("--model_name", "ResNet", "--dataset", "CIFAR10")
 @pytest.mark.parametrize("flags,message", [
     (["--stem", "imagenet"], "--stem is a ResNet setting: no run of this MLP sweep uses it; leave it out"),
     ([*CNN, "--num_hidden_layers", "30"], "--num_hidden_layers is an MLP setting"),
+    ([*CNN, "--num_hidden_layers", "4"], "--num_hidden_layers is an MLP setting"),  # its default value, given
     (["--momentum", "0.5"], "--momentum is SGD's (Adam has none)"),
     ([*CNN, "--shortcut", "projection"], "every run is plain"),
     (["--wandb_proj_name", "mine"], "--wandb_proj_name names the W&B project of --wandb"),
+    (["--wandb_proj_name", "depth-residual-convolutions"], "--wandb_proj_name names the W&B project of --wandb"),
     (["--preset", "exercise1", "--model_name", "ResNet"], "(set by --preset exercise1: --num_hidden_layers)"),
     (["--preset", "exercise2", "--optimizer", "adam"], "(set by --preset exercise2: --momentum, --nesterov)"),
 ])
 def test_flags_no_run_would_use_are_refused(tmp_path, capsys, flags, message):
     """Once silently ignored, and recorded in config.json (a resume with another --momentum was then refused)."""
-    status, lines = pipeline_exit(capsys, "--data_root", str(tmp_path / "no data here"), "--device", "cpu",
-                                  "--out_dir", str(tmp_path / "runs"), *flags)
+    status, lines = pipeline_exit(capsys, "--data_root", str(tmp_path / "no data here"), "--no-download", "--device",
+                                  "cpu", "--out_dir", str(tmp_path / "runs"), *flags)
     assert status == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "runs").exists()
 

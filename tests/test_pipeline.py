@@ -61,12 +61,14 @@ def test_cli_evaluates_a_checkpoint(mnist_root, capsys, finished_run):
     assert f"accuracy {history['test']['acc']:.2%}" in out and "200 images" in out
 
 
-def test_no_train_refuses_the_flags_it_would_ignore(mnist_root, capsys, finished_run):
+@pytest.mark.parametrize("dataset", ["CIFAR10", "MNIST"])
+def test_no_train_refuses_the_flags_it_would_ignore(mnist_root, capsys, finished_run, dataset):
     """--no-train takes the model and its dataset from the checkpoint: a --dataset or --batch_size beside it once
-    went unnoticed, and the MNIST model was evaluated on MNIST all the same."""
+    went unnoticed, and the MNIST model was evaluated on MNIST all the same; so did flags given their default value
+    (--dataset MNIST beside a CIFAR-10 model would be as wrong)."""
     status, lines = cli_exit(capsys, "--no-train", "--checkpoint", str(RunFiles(finished_run).checkpoint),
                              "--data_root", str(mnist_root), "--no-download", "--device", "cpu", "--dataset",
-                             "CIFAR10", "--batch_size", "0")
+                             dataset, "--batch_size", "0" if dataset == "CIFAR10" else "128")
     assert status == 2 and len(lines) == 1 and lines[0].endswith("leave out --dataset, --batch_size"), lines
 
 
