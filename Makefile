@@ -77,13 +77,16 @@ reproduce-ex2: install
 
 # Exercise 3: class activation maps of Exercise 2's residual network with the best validation accuracy, for the
 # first 8 test images and the lab's photo (img_show/cat2.jpg), and how faithful they are on FAITHFULNESS test images
-# (deletion, insertion, Average Drop: docs/cam.md).
+# (deletion, insertion, Average Drop: docs/cam.md). $(RUNS)/ex3 is made afresh, so that no map of an earlier best model
+# stays beside the new ones; the earlier folder is put back when a cam.py command fails.
 reproduce-ex3: install
-	best=$$($(PY) report.py --best_checkpoint $(RUNS)/ex2) && rm -rf $(RUNS)/ex3 && \
+	best=$$($(PY) report.py --best_checkpoint $(RUNS)/ex2) && rm -rf $(RUNS)/.ex3.old && \
+	{ [ ! -e $(RUNS)/ex3 ] || mv $(RUNS)/ex3 $(RUNS)/.ex3.old; } && { \
 	$(PY) cam.py --checkpoint $$best --data_root $(DATA_ROOT) --faithfulness $(FAITHFULNESS) --out_dir $(RUNS)/ex3 && \
 	$(PY) cam.py --checkpoint $$best --data_root $(DATA_ROOT) --num_images_to_save 8 --out_dir $(RUNS)/ex3 && \
-	$(PY) cam.py --checkpoint $$best --image img_show/cat2.jpg --label cat --out_dir $(RUNS)/ex3
-	rm -rf $(IMG_SHOW)/cam && mkdir -p $(IMG_SHOW) && cp -r $(RUNS)/ex3 $(IMG_SHOW)/cam
+	$(PY) cam.py --checkpoint $$best --image img_show/cat2.jpg --label cat --out_dir $(RUNS)/ex3 || { \
+	rm -rf $(RUNS)/ex3; [ ! -e $(RUNS)/.ex3.old ] || mv $(RUNS)/.ex3.old $(RUNS)/ex3; exit 1; }; }
+	rm -rf $(RUNS)/.ex3.old $(IMG_SHOW)/cam && mkdir -p $(IMG_SHOW) && cp -r $(RUNS)/ex3 $(IMG_SHOW)/cam
 
 # Keep the reproduce runs' small files (config, history, step-0 gradient row; 0.7 MB) in results/ and rewrite the
 # tables of README.md and docs/analysis.md from them and from Exercise 3's faithfulness.json: tests/test_results.py

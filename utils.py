@@ -69,12 +69,13 @@ class ArgumentParser(argparse.ArgumentParser):
         unset = object()
         probe = argparse.Namespace(**{action.dest: unset for action in self._actions})
         super().parse_known_args(args, probe)
-        parsed.given = frozenset(dest for dest, value in vars(probe).items() if value is not unset)
+        parsed.given = tuple(sorted(dest for dest, value in vars(probe).items() if value is not unset))
         return parsed, extras
 
     def given_flags(self, args: argparse.Namespace, dests: Collection[str]) -> list[str]:
         """Those of `dests` that the command line gave, as their flags (--class for dest target)."""
-        return [action.option_strings[0] for action in self._actions if action.dest in dests & args.given]
+        return [action.option_strings[0] for action in self._actions if action.dest in dests and
+                action.dest in args.given]
 
 
 def add_flag(container: argparse._ActionsContainer, name: str, *aliases: str, **kwargs) -> argparse.Action:

@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from conftest import ROOT, write_cifar10, write_mnist
+from runs import RunFiles
+from test_report import cnn, write_run
 
 # 5 batches an epoch: OneCycleLR divides by zero when its 30% warm-up rounds to a single step (4 batches or fewer)
 TOY = {"EPOCHS": "1", "IMAGES": "640", "VAL_SIZE": "100", "JOBS": "1",
@@ -53,3 +55,22 @@ def test_make_reproduce_at_toy_size_puts_figures_cam_files_and_tables_where_the_
     assert re.search(r"^\| 4 \| [01]/1 \|", done.stdout, re.M)  # the tables of both exercises, printed
     assert "| depth 8, residual (step 2, identity shortcuts) |" in done.stdout
     assert folder_digest(ROOT / "img_show") == before  # the repository's figures are never touched by a test
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_reproduce_ex3_puts_the_earlier_maps_back_when_a_step_fails(tmp_path):
+    """It removed runs/.../ex3 first, so a cam.py that then failed (here on the best run's damaged checkpoint) left
+    nothing of the earlier maps and faithfulness results."""
+    runs = tmp_path / "runs"
+    write_run(runs / "ex2", cnn(1, 1), [2.0], [0.5], 0.5)
+    RunFiles(runs / "ex2" / cnn(1, 1).run_name).checkpoint.write_bytes(b"not a checkpoint")
+    (runs / "ex3").mkdir()
+    (runs / "ex3" / "faithfulness.json").write_text("the earlier results")
+    done = subprocess.run(["make", "-o", ".venv/.installed", "reproduce-ex3", f"PY={sys.executable}", f"RUNS={runs}",
+                           f"IMG_SHOW={tmp_path / 'img_show'}", f"DATA_ROOT={tmp_path / 'data'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "not a loadable checkpoint" in done.stderr, done.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["ex2", "ex3"]
+    assert [p.name for p in (runs / "ex3").iterdir()] == ["faithfulness.json"]
+    assert (runs / "ex3" / "faithfulness.json").read_text() == "the earlier results"
+    assert not (tmp_path / "img_show").exists()
