@@ -295,7 +295,8 @@ def explain_test_images(args: argparse.Namespace, model: nn.Module, info: Datase
             save_png(written[-1], image)
         titles.append([f"#{i} true: {true}\npred: {pred} ({probabilities[row]:.0%})", f"map of {shown}", "overlay"])
         print(f"test image {i}: true {true}, predicted {pred} ({probabilities[row]:.1%}), map of {shown}")
-    written.append(out_dir / "cam_grid.png")
+    grid = "" if target == "pred" else f"_map_{target if target == 'true' else class_name(target, info)}"
+    written.append(out_dir / f"cam_grid{grid}.png")  # a grid of other maps never replaces the predictions' grid
     plot_cam_grid(list(zip(display, heatmaps, mixes)), titles, written[-1])
     return written
 

@@ -332,11 +332,15 @@ def test_a_map_of_another_class_never_shares_a_file_with_the_prediction_s(checkp
     other = DATASETS["CIFAR10"].classes[(predicted + 1) % 10]
     common = ["--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download", "--indices", "0",
               "--device", "cpu", "--out_dir", str(tmp_path)]
-    lab = {p.name for p in run_main(*common)} - {"cam_grid.png"}
-    mapped = {p.name for p in run_main(*common, "--class", other)} - {"cam_grid.png"}
-    assert len(lab) == len(mapped) == 3 and all(name.endswith("_0.png") for name in lab)
-    assert all(name.endswith(f"_0_map_{other}.png") for name in mapped)
-    assert lab | mapped <= {p.name for p in tmp_path.iterdir()}
+    lab = {p.name for p in run_main(*common)}
+    grid = (tmp_path / "cam_grid.png").read_bytes()
+    mapped = {p.name for p in run_main(*common, "--class", other)}
+    true = {p.name for p in run_main(*common, "--class", "true")}
+    assert len(lab) == len(mapped) == 4 and all(name.endswith("_0.png") for name in lab - {"cam_grid.png"})
+    assert all(name.endswith(f"_map_{other}.png") for name in mapped) and f"cam_grid_map_{other}.png" in mapped
+    assert "cam_grid_map_true.png" in true
+    assert lab | mapped | true <= {p.name for p in tmp_path.iterdir()}
+    assert (tmp_path / "cam_grid.png").read_bytes() == grid  # the predictions' grid, as the first command drew it
 
 
 def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
