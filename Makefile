@@ -27,6 +27,11 @@ EX2_FLAGS := $(if $(EX2_CONVS), --num_conv_per_level $(EX2_CONVS))$(if $(EX2_SEE
 SIZE := $(if $(EPOCHS), --num_epochs $(EPOCHS))$(if $(VAL_SIZE), --val_size $(VAL_SIZE))$(if $(IMAGES), \
 	--limit_train $(IMAGES))
 
+# Copy the gradient figures $(2) from the plots folder $(1) into IMG_SHOW; one the sweep did not draw (EX1_DEPTHS or
+# EX2_CONVS left its depth out) is named, not copied.
+copy_gradient_figures = for f in $(2); do if [ -f $(1)/$$f ]; then cp $(1)/$$f $(IMG_SHOW)/; \
+	else echo "not copied: $(1)/$$f (this sweep did not draw it; set EX1_GRADIENT_FIGURES or EX2_GRADIENT_FIGURES)"; fi; done
+
 .PHONY: install test fuzz demo bench gpu-check clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3 readme
 
 install: $(VENV)/.installed
@@ -60,8 +65,8 @@ reproduce-ex1: install
 	$(PY) pipeline.py --preset exercise1$(EX1_FLAGS)$(SIZE) \
 		--data_root $(DATA_ROOT) --jobs $(JOBS) --out_dir $(RUNS)/ex1 --resume
 	mkdir -p $(IMG_SHOW)
-	cp $(addprefix $(RUNS)/ex1/plots/,mlp_training_loss.png mlp_Val_acc.png mlp_trainability.png \
-		$(EX1_GRADIENT_FIGURES)) $(IMG_SHOW)/
+	cp $(addprefix $(RUNS)/ex1/plots/,mlp_training_loss.png mlp_Val_acc.png mlp_trainability.png) $(IMG_SHOW)/
+	$(call copy_gradient_figures,$(RUNS)/ex1/plots,$(EX1_GRADIENT_FIGURES))
 	$(PY) report.py --ex1 $(RUNS)/ex1
 
 # Exercise 2: He et al.'s CIFAR family at depths 8, 20 and 38, plain and residual (option A shortcuts), seeds 0 to 2,
@@ -72,7 +77,8 @@ reproduce-ex2: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) pipeline.py --preset exercise2$(EX2_FLAGS)$(SIZE) \
 		--data_root $(DATA_ROOT) --out_dir $(RUNS)/ex2 --resume
 	mkdir -p $(IMG_SHOW)
-	cp $(addprefix $(RUNS)/ex2/plots/,Conv_train_loss.png Conv_val_accuracy.png $(EX2_GRADIENT_FIGURES)) $(IMG_SHOW)/
+	cp $(addprefix $(RUNS)/ex2/plots/,Conv_train_loss.png Conv_val_accuracy.png) $(IMG_SHOW)/
+	$(call copy_gradient_figures,$(RUNS)/ex2/plots,$(EX2_GRADIENT_FIGURES))
 	$(PY) report.py --ex2 $(RUNS)/ex2
 
 # Exercise 3: class activation maps of Exercise 2's residual network with the best validation accuracy, for the
