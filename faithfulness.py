@@ -148,6 +148,36 @@ def summarize(results: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
     return summary
 
 
+def record_problem(record) -> str | None:
+    """What makes `record` not a faithfulness.json that cam.py --faithfulness writes (the fields report.py reads, each
+    of its type and in its range), or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [key for key in ("checkpoint", "dataset", "class", "num_images", "maps") if key not in record]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if not (isinstance(record["num_images"], int) and record["num_images"] > 0):
+        return f"num_images {record['num_images']!r} is not a positive integer"
+    if not all(isinstance(record[key], str) for key in ("checkpoint", "dataset", "class")):
+        return "checkpoint, dataset and class are not strings"
+    if not isinstance(record["maps"], dict) or not record["maps"]:
+        return "it measured no map"
+    ranges = {"deletion_auc": 1, "insertion_auc": 1, "average_drop_percent": 100, "increase_in_confidence_percent": 100}
+    for name, row in record["maps"].items():
+        if not isinstance(row, dict) or not isinstance(row.get("label"), str):
+            return f"map {name!r} is not an object with a label"
+        for key, high in {**ranges, "deletion_auc_sem": 1, "insertion_auc_sem": 1}.items():
+            value = row.get(key)
+            if key.endswith("_sem") and value is None and key in row:
+                continue  # the standard error of a single image
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+                return f"map {name!r}: {key} {value!r} is not a number from 0 to {high}"
+    labels = [row["label"] for row in record["maps"].values()]
+    if len(set(labels)) < len(labels):
+        return "two maps share a label"
+    return None
+
+
 def format_table(summary: dict[str, dict]) -> str:
     """The summary as a Markdown table, one row per map."""
     lines = ["| map | deletion AUC (lower is better) | insertion AUC (higher is better) | Average Drop (lower is "

@@ -395,18 +395,21 @@ def stall_study(out_dir: Path, runs: list[tuple[RunConfig, dict]]
 def faithfulness_block(path: Path) -> str:
     """The table of a faithfulness.json written by cam.py --faithfulness, and what it measured; or a UsageError."""
     try:
-        record = json.loads(path.read_text())
-        if not record["maps"]:
-            raise ValueError("it measured no map")
-        table = faithfulness.format_table(record["maps"])
-        model = Path(record["checkpoint"]).parent.name
-        what = {"pred": "the predicted class", "true": "the true class"}.get(record["class"],
-                                                                             f"class {record['class']}")
-        count, dataset = int(record["num_images"]), record["dataset"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--faithfulness {path} is not a faithfulness.json of cam.py --faithfulness "
-                         f"({first_line(e)})") from None
-    return f"{table}\n\n{count:,} {dataset} test images, maps of {what}, model {model}."
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"--faithfulness {path}: {e.strerror or e}") from None
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        problem = f"not JSON: {first_line(e)}"
+    else:
+        problem = faithfulness.record_problem(record)
+    if problem:
+        raise UsageError(f"--faithfulness {path} is not a faithfulness.json of cam.py --faithfulness ({problem})")
+    table = faithfulness.format_table(record["maps"])
+    what = {"pred": "the predicted class", "true": "the true class"}.get(record["class"], f"class {record['class']}")
+    return (f"{table}\n\n{record['num_images']:,} {record['dataset']} test images, maps of {what}, model "
+            f"{Path(record['checkpoint']).parent.name}.")
 
 
 def read_readme(path: Path) -> str:

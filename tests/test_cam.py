@@ -264,14 +264,36 @@ def test_cli_faithfulness_writes_the_table_json_and_curves(checkpoint, cifar_roo
     assert what == f"6 CIFAR10 test images, maps of the predicted class, model {checkpoint.parent.name}."
 
 
-@pytest.mark.parametrize("content", ["not json", '{"maps": {}}', '{"checkpoint": 3, "maps": {"cam": {}}}',
-                                     '{"maps": {}, "checkpoint": "a/b.pt", "class": "pred", "num_images": 5, '
-                                     '"dataset": "CIFAR10"}'])  # every field, but no map measured
-def test_report_refuses_a_file_that_is_not_a_faithfulness_json(tmp_path, content):
+GOOD_ROW = {"label": "CAM", "deletion_auc": 0.2, "deletion_auc_sem": 0.01, "insertion_auc": 0.7,
+            "insertion_auc_sem": None, "average_drop_percent": 30.0, "increase_in_confidence_percent": 5.0}
+GOOD_RECORD = {"checkpoint": "a/b.pt", "dataset": "CIFAR10", "class": "pred", "num_images": 5,
+               "maps": {"cam": GOOD_ROW, "random": dict(GOOD_ROW, label="random")}}
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("not json", "not JSON"), ('{"maps": {}}', "no checkpoint, dataset, class, num_images"),
+    (dict(GOOD_RECORD, checkpoint=3), "not strings"), (dict(GOOD_RECORD, maps={}), "it measured no map"),
+    # impossible values once went into the README's table: nan, inf%, -5 test images, a map twice
+    (dict(GOOD_RECORD, maps={"cam": dict(GOOD_ROW, deletion_auc=float("nan"))}), "deletion_auc nan is not a number"),
+    (dict(GOOD_RECORD, maps={"cam": dict(GOOD_ROW, average_drop_percent=float("inf"))}), "average_drop_percent inf"),
+    (dict(GOOD_RECORD, num_images=-5), "num_images -5 is not a positive integer"),
+    (dict(GOOD_RECORD, maps={"cam": GOOD_ROW, "cam2": GOOD_ROW}), "two maps share a label"),
+])
+def test_report_refuses_a_file_that_is_not_a_faithfulness_json(tmp_path, content, problem):
     path = tmp_path / "faithfulness.json"
-    path.write_text(content)
-    with pytest.raises(utils.UsageError, match="is not a faithfulness.json of cam.py --faithfulness"):
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(utils.UsageError, match="is not a faithfulness.json of cam.py --faithfulness") as refused:
         report.main(report.get_args_parser().parse_args(["--faithfulness", str(path)]))
+    assert problem in str(refused.value)
+
+
+def test_report_reads_a_well_formed_faithfulness_json_and_says_when_there_is_none(tmp_path):
+    path = tmp_path / "faithfulness.json"
+    path.write_text(json.dumps(GOOD_RECORD))
+    block = report.main(report.get_args_parser().parse_args(["--faithfulness", str(path)]))["ex3-faithfulness"]
+    assert "| CAM | 0.200 ± 0.010 | 0.700 ± n/a | 30.0% | 5.0% |" in block and block.endswith("model a.")
+    with pytest.raises(utils.UsageError, match="missing.json: No such file or directory$"):
+        report.main(report.get_args_parser().parse_args(["--faithfulness", str(tmp_path / "missing.json")]))
 
 
 def test_cli_photo_honours_the_exif_orientation(checkpoint, tmp_path):
