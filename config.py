@@ -39,7 +39,7 @@ def real(low: float, high: float = math.inf, below_high: bool = False) -> Check:
                  f"a finite number of at least {low:g}" + (f" and below {high:g}" if high < math.inf else ""))
 
 
-FOLDER_NAME = "one folder name (not empty, . or .., no / or \\)"
+FOLDER_NAME = "one folder name (not empty, . or .., no / or \\, at most 255 bytes)"
 
 
 def folder_name(name: str) -> bool:

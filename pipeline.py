@@ -126,7 +126,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(problem)
     check_threads(args.threads)
     check_writable(Path(args.out_dir), "--out_dir")
-    check_writable(Path(args.out_dir) / "plots" if args.plots_dir is None else Path(args.plots_dir), "--plots_dir")
+    check_writable(plots_folder(args), "--plots_dir")
+
+
+def plots_folder(args: argparse.Namespace) -> Path:
+    """Where the sweep's figures go: --plots_dir, or <out_dir>/plots."""
+    return Path(args.out_dir) / "plots" if args.plots_dir is None else Path(args.plots_dir)
 
 
 def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfig]:
@@ -202,6 +207,11 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
         device = torch.device(device_name)
     setup_for_distributed(rank == 0)
     configs = run_configs(args, device)
+    plots_dir = plots_folder(args)
+    shared = [c.run_name for c in configs if (Path(args.out_dir) / c.run_name).resolve() == plots_dir.resolve()]
+    if shared:
+        raise UsageError(f"run {shared[0]}'s folder would be the figures' folder {plots_dir}; choose another "
+                         "--run_name or --plots_dir")
     if args.amp and configs[0].precision == "float32":
         print("warning: --amp: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX); training in float32",
               file=sys.stderr)
@@ -266,7 +276,7 @@ def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size:
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if rank == 0 and result.runs:
-        plots_dir = Path(args.plots_dir) if args.plots_dir else out_dir / "plots"
+        plots_dir = plots_folder(args)
         files = {run.config.run_name: run.files for run in sweep.runs}
         figures = [(config, history, logged_grad_norms(files[config.run_name], config, history))
                    for config, history in result.runs]

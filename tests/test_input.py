@@ -53,6 +53,8 @@ def cnn_checkpoint(cifar_root, tmp_path_factory):
     (["--run_name", ".."], "--run_name"),
     (["--run_name", "../../x"], "--run_name"),
     (["--run_name", "a/b"], "--run_name"),
+    (["--run_name", "a" * 300], "at most 255 bytes"),
+    (["--run_name", "plots"], "folder would be the figures' folder"),
     (["--num_hidden_layers", "100000"], "--num_hidden_layers"),
     (["--width", "4096", "--num_hidden_layers", "1000"], "parameters"),
 ])
