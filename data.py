@@ -99,6 +99,13 @@ def read_cifar10_batches(folder: Path, files: tuple[str, ...]) -> tuple[torch.Te
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
+def download_failure(error: Exception) -> str:
+    """Why a download failed, in one line: torchvision's message names the file on its first line and the cause
+    (no network, a refused connection) on its last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"[:300]
+
+
 def check_labels(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, source: Path) -> None:
     """One label per image, each a class of the dataset, or a DatasetError naming the file."""
     redo = "; delete it and run again with --download to fetch a fresh copy"
@@ -138,7 +145,7 @@ def load_cifar10(root: Path, download: bool) -> RawData:
             download_into(root, lambda: download_and_extract_archive(cifar.url, str(root), filename=cifar.filename,
                                                                      md5=cifar.tgz_md5))
         except Exception as e:  # urllib, http and archive errors all mean the same thing to the user
-            raise DatasetError(f"{hint}, and the download failed ({first_line(e)}); download {cifar.url} and "
+            raise DatasetError(f"{hint}, and the download failed ({download_failure(e)}); download {cifar.url} and "
                              f"unpack it into {root}") from None
     return RawData(*read_cifar10_batches(folder, CIFAR10_TRAIN_FILES),
                    *read_cifar10_batches(folder, CIFAR10_TEST_FILES))
@@ -180,7 +187,7 @@ def load_mnist(root: Path, download: bool) -> RawData:
             download_into(raw, lambda: [torchvision.datasets.MNIST(str(root), train=train, download=True)
                                         for train in (True, False)])
         except Exception as e:  # torchvision raises RuntimeError, URLError or OSError, all meaning "no data"
-            raise DatasetError(f"{hint}, and the download failed ({first_line(e)}); "
+            raise DatasetError(f"{hint}, and the download failed ({download_failure(e)}); "
                              f"copy the four files there by hand") from None
     train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
     for images, labels, path in ((train_images, train_labels, paths[1]), (test_images, test_labels, paths[3])):

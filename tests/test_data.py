@@ -54,9 +54,10 @@ def test_a_failed_download_is_one_line_and_leaves_no_folder_behind(tmp_path, mon
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     (tmp_path / "mine").mkdir()
-    with pytest.raises(DatasetError, match="and the download failed"):
+    with pytest.raises(DatasetError, match="and the download failed") as failed:
         load_dataset(name, tmp_path / "mine" / "data", download=True)
     assert not list((tmp_path / "mine").iterdir())
+    assert "refused" in str(failed.value)  # the cause, which MNIST's message gives on its last line, not its first
 
 
 def test_truncated_idx_file_is_a_usage_error(tmp_path):
