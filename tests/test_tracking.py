@@ -5,6 +5,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -114,6 +115,22 @@ def test_wandb_offline_writes_one_run_per_training_run_and_a_resumed_run_continu
 
 
 def wandb_records(run_dir) -> list:
+    """The records of the one offline W&B run in `run_dir`/wandb, once its log holds the run's exit record: W&B's
+    core process may still be writing it just after run.finish() has returned (seen twice when the whole suite ran
+    in two workers; the file was whole a moment later), so it is read again until it is, for up to 30 s."""
+    from google.protobuf.message import DecodeError
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            records = read_wandb_log(run_dir)
+        except DecodeError:  # a record half written
+            records = []
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def read_wandb_log(run_dir) -> list:
     """The records of the one offline W&B run in `run_dir`/wandb, read from its binary log (the run-<id>.wandb file
     that `wandb sync` uploads): LevelDB-log framing (32 KiB blocks of records with a 7-byte header of checksum,
     length and type; types 2 to 4 are the first, middle and last pieces of a record that spans blocks) around
