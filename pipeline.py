@@ -19,7 +19,7 @@ from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset
 from plots import plot_sweep
 from sweep import Plan, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, checked_online, log_sweep_figures
-from runs import CheckpointError, ResumeError, RunConflict, RunFiles, RunLocked, load_model
+from runs import CheckpointError, ResumeError, RunConflict, RunFiles, RunLocked, load_checkpoint, model_of
 from train import Runtime, amp_precision, cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writable, distributed_world,
                    init_distributed, resolve_device, run_cli, setup_for_distributed)
@@ -155,13 +155,16 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     if ignored:  # a --dataset or --batch_size that seemed to apply would be silently replaced by the checkpoint's
         raise UsageError(f"--no-train evaluates --checkpoint with the settings it was trained with; leave out "
                          f"{', '.join(ignored)}")
-    config, model = load_model(args.checkpoint)
+    checkpoint = load_checkpoint(args.checkpoint)
+    config, model = model_of(checkpoint, args.checkpoint)
     model.to(device)
     info = DATASETS[config.dataset]
     raw = load_dataset(config.dataset, args.data_root, args.download)
     test = Split(raw.test_images, raw.test_labels).normalized(info, device)
     test_loss, test_acc = evaluate(model, test)
-    print(f"{config.run_name} ({config.model_name}, depth {config.depth}) on the {config.dataset} "
+    epochs = checkpoint.get("epoch", config.num_epochs)
+    unfinished = f", unfinished: {epochs} of {config.num_epochs} epochs" if epochs < config.num_epochs else ""
+    print(f"{config.run_name} ({config.model_name}, depth {config.depth}{unfinished}) on the {config.dataset} "
           f"test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}")
 
 

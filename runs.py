@@ -328,7 +328,12 @@ def saved_config(checkpoint: dict, path: Path) -> RunConfig:
 def load_model(path: str | Path) -> tuple[RunConfig, nn.Module]:
     """The config of a saved run and its model with the saved weights, on the CPU; a mismatch is a
     CheckpointError."""
-    checkpoint = load_checkpoint(path)
+    return model_of(load_checkpoint(path), path)
+
+
+def model_of(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
+    """The config and the model with its weights of a loaded checkpoint (read from `path`); a CheckpointError when
+    they do not fit together."""
     config = saved_config(checkpoint, Path(path))
     try:
         model = build_model(config)

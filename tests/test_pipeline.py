@@ -10,7 +10,7 @@ import torch
 import pipeline
 import utils
 from conftest import ROOT, args_for, cli_exit, run_main
-from runs import RunFiles, load_checkpoint
+from runs import RunFiles, load_checkpoint, save_checkpoint
 
 
 def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -58,7 +58,18 @@ def test_cli_evaluates_a_checkpoint(mnist_root, capsys, finished_run):
     run_main("--no-train", "--load_model_as", str(checkpoint), "--data_root", str(mnist_root), "--no-download",
              "--device", "cpu")
     out = capsys.readouterr().out
-    assert f"accuracy {history['test']['acc']:.2%}" in out and "200 images" in out
+    assert f"accuracy {history['test']['acc']:.2%}" in out and "200 images" in out and "unfinished" not in out
+
+
+def test_cli_says_when_the_checkpoint_it_evaluates_is_of_an_unfinished_run(mnist_root, tmp_path, capsys,
+                                                                           finished_run):
+    """An interrupted run's model scored like a finished one, with nothing to tell them apart."""
+    checkpoint = load_checkpoint(RunFiles(finished_run).checkpoint)
+    checkpoint["config"]["num_epochs"] = 5  # as a 5-epoch run saves it after its first epochs
+    save_checkpoint(tmp_path / "cut.pt", checkpoint)
+    run_main("--no-train", "--checkpoint", str(tmp_path / "cut.pt"), "--data_root", str(mnist_root),
+             "--no-download", "--device", "cpu")
+    assert f"unfinished: {checkpoint['epoch']} of 5 epochs) on the MNIST test set" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dataset", ["CIFAR10", "MNIST"])
