@@ -26,7 +26,7 @@ import faithfulness
 from data import DATASETS, DatasetError, DatasetInfo, load_dataset, normalize
 from models import MLP
 from plots import savefig
-from runs import CheckpointError, load_model
+from runs import CheckpointError, load_checkpoint, model_of, unfinished
 from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, resolve_device, run_cli,
                    write_json)
 
@@ -382,8 +382,12 @@ def explain(args: argparse.Namespace) -> list[Path]:
     """main() without the translation of library errors into CLI messages."""
     check_args(args)
     device = resolve_device(args.device)
-    config, model = load_model(args.checkpoint)
+    checkpoint = load_checkpoint(args.checkpoint)
+    config, model = model_of(checkpoint, args.checkpoint)
     check_cam_model(model, args.checkpoint)
+    state = unfinished(checkpoint, config)
+    if state:
+        print(f"note: {args.checkpoint} is the model of {config.run_name}, {state}")
     model.to(device).eval()
     info = DATASETS[config.dataset]
     target = parse_target(args.target, info, model.fc.out_features)

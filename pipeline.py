@@ -19,7 +19,8 @@ from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset
 from plots import plot_sweep
 from sweep import Plan, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, checked_online, log_sweep_figures
-from runs import CheckpointError, ResumeError, RunConflict, RunFiles, RunLocked, load_checkpoint, model_of
+from runs import (CheckpointError, ResumeError, RunConflict, RunFiles, RunLocked, load_checkpoint, model_of,
+                  unfinished)
 from train import Runtime, amp_precision, cpu_threads, evaluate
 from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writable, distributed_world,
                    init_distributed, resolve_device, run_cli, setup_for_distributed)
@@ -162,10 +163,9 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     raw = load_dataset(config.dataset, args.data_root, args.download)
     test = Split(raw.test_images, raw.test_labels).normalized(info, device)
     test_loss, test_acc = evaluate(model, test)
-    epochs = checkpoint.get("epoch", config.num_epochs)
-    unfinished = f", unfinished: {epochs} of {config.num_epochs} epochs" if epochs < config.num_epochs else ""
-    print(f"{config.run_name} ({config.model_name}, depth {config.depth}{unfinished}) on the {config.dataset} "
-          f"test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}")
+    state = unfinished(checkpoint, config)
+    print(f"{config.run_name} ({config.model_name}, depth {config.depth}{f', {state}' if state else ''}) on the "
+          f"{config.dataset} test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}")
 
 
 def tracking_hints(tracking: TrackingOptions, out_dir: Path, plots_dir: Path) -> list[str]:

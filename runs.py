@@ -331,6 +331,12 @@ def load_model(path: str | Path) -> tuple[RunConfig, nn.Module]:
     return model_of(load_checkpoint(path), path)
 
 
+def unfinished(checkpoint: dict, config: RunConfig) -> str | None:
+    """"unfinished: 2 of 10 epochs" for the checkpoint of a run saved before its last epoch, else None."""
+    epochs = checkpoint.get("epoch", config.num_epochs)
+    return f"unfinished: {epochs} of {config.num_epochs} epochs" if epochs < config.num_epochs else None
+
+
 def model_of(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
     """The config and the model with its weights of a loaded checkpoint (read from `path`); a CheckpointError when
     they do not fit together."""

@@ -436,3 +436,15 @@ def test_cli_subprocess_refuses_an_mlp(tmp_path, mlp_checkpoint):
     assert result.stderr == ("cam.py: error: CAM needs a convolutional network ending in global average pooling and "
                              f"one linear layer; {mlp_checkpoint} holds an MLP\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_of_an_unfinished_run_is_named_as_such(checkpoint, tmp_path, capsys):
+    saved = load_checkpoint(checkpoint)
+    saved["config"]["num_epochs"] = saved["epoch"] + 4  # as a longer run saves it before its last epoch
+    save_checkpoint(tmp_path / "cut.pt", saved)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), "red").save(photo)
+    run_main("--checkpoint", str(tmp_path / "cut.pt"), "--image", str(photo), "--device", "cpu", "--out_dir",
+             str(tmp_path / "out"))
+    out = capsys.readouterr().out
+    assert f"is the model of tiny, unfinished: {saved['epoch']} of {saved['epoch'] + 4} epochs" in out
