@@ -29,8 +29,9 @@ SIZE := $(if $(EPOCHS), --num_epochs $(EPOCHS))$(if $(VAL_SIZE), --val_size $(VA
 
 # Copy the gradient figures $(2) from the plots folder $(1) into IMG_SHOW; one the sweep did not draw (EX1_DEPTHS or
 # EX2_CONVS left its depth out) is named, not copied.
-copy_gradient_figures = for f in $(2); do if [ -f $(1)/$$f ]; then cp $(1)/$$f $(IMG_SHOW)/; \
-	else echo "not copied: $(1)/$$f (this sweep did not draw it; set EX1_GRADIENT_FIGURES or EX2_GRADIENT_FIGURES)"; fi; done
+copy_gradient_figures = for f in $(2); do if [ -f $(1)/$$f ]; then cp $(1)/$$f $(IMG_SHOW)/; else \
+	echo "not copied: $(1)/$$f (this sweep did not draw it; set EX1_GRADIENT_FIGURES or EX2_GRADIENT_FIGURES)"; \
+	fi; done
 
 .PHONY: install test fuzz demo bench gpu-check clean reproduce reproduce-ex1 reproduce-ex2 reproduce-ex3 readme
 
