@@ -90,12 +90,22 @@ def read_cifar10_batches(folder: Path, files: tuple[str, ...]) -> tuple[torch.Te
         try:
             with open(folder / name, "rb") as f:
                 batch = _ArrayUnpickler(f, encoding="bytes").load()
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            data, batch_labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+        except (OSError, EOFError, pickle.UnpicklingError, TypeError, ValueError) as e:
             raise DatasetError(f"cannot read CIFAR-10 batch {folder / name} ({first_line(e)}); delete the folder "
-                             "and run again with --download to fetch a fresh copy") from None
-        check_labels(torch.from_numpy(images[-1]), torch.from_numpy(labels[-1]), DATASETS["CIFAR10"], folder / name)
+                               "and run again with --download to fetch a fresh copy") from None
+        except KeyError as e:
+            raise DatasetError(f"CIFAR-10 batch {folder / name} has no {e} entry; delete the folder and run again "
+                               "with --download to fetch a fresh copy") from None
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DatasetError(f"CIFAR-10 batch {folder / name}: data of shape {data.shape} and type {data.dtype}, "
+                               "not N x 3072 bytes; delete the folder and run again with --download")
+        if batch_labels.dtype.kind not in "iu":
+            raise DatasetError(f"CIFAR-10 batch {folder / name}: labels of type {batch_labels.dtype}, not integers; "
+                               "delete the folder and run again with --download")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels.astype(np.int64))
+        check_split(torch.from_numpy(images[-1]), torch.from_numpy(labels[-1]), DATASETS["CIFAR10"], folder / name)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -106,9 +116,16 @@ def download_failure(error: Exception) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"[:300]
 
 
-def check_labels(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, source: Path) -> None:
-    """One label per image, each a class of the dataset, or a DatasetError naming the file."""
+def check_split(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, source: Path) -> None:
+    """Images (N, C, H, W) of the dataset's shape, N > 0, with one integer label each, a class of the dataset; or a
+    DatasetError naming the file."""
     redo = "; delete it and run again with --download to fetch a fresh copy"
+    shape = (info.in_channels, info.input_size, info.input_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape or not len(images):
+        raise DatasetError(f"{source}: images of shape {tuple(images.shape)}, not N x {' x '.join(map(str, shape))} "
+                           f"with N > 0{redo}")
+    if labels.ndim != 1:
+        raise DatasetError(f"{source}: labels of shape {tuple(labels.shape)}, not one per image{redo}")
     if len(labels) != len(images):
         raise DatasetError(f"{source}: {len(images)} images but {len(labels)} labels{redo}")
     outside = labels[(labels < 0) | (labels >= len(info.classes))]
@@ -190,9 +207,11 @@ def load_mnist(root: Path, download: bool) -> RawData:
             raise DatasetError(f"{hint}, and the download failed ({download_failure(e)}); "
                              f"copy the four files there by hand") from None
     train_images, train_labels, test_images, test_labels = (read_idx(p) for p in paths)
-    for images, labels, path in ((train_images, train_labels, paths[1]), (test_images, test_labels, paths[3])):
-        check_labels(images, labels, DATASETS["MNIST"], path)
-    return RawData(train_images.unsqueeze(1), train_labels.long(), test_images.unsqueeze(1), test_labels.long())
+    data = RawData(train_images.unsqueeze(1), train_labels.long(), test_images.unsqueeze(1), test_labels.long())
+    for images, labels, (image_file, label_file) in ((data.train_images, data.train_labels, paths[:2]),
+                                                     (data.test_images, data.test_labels, paths[2:])):
+        check_split(images, labels, DATASETS["MNIST"], raw / f"{{{image_file.name},{label_file.name}}}")
+    return data
 
 
 def load_dataset(name: str, root: str | Path, download: bool) -> RawData:

@@ -1,7 +1,9 @@
 """Hostile input refused up front with one line and exit status 2: flag values, run names, checkpoints that name the
 wrong thing, and dataset files that are cut or inconsistent."""
+import re
 import struct
 
+import numpy as np
 import pytest
 
 import cam
@@ -152,6 +154,47 @@ def test_mnist_labels_out_of_range_or_fewer_than_images_are_refused(mnist_root, 
         load_dataset("MNIST", root, download=False)
     status, lines = pipeline_exit(capsys, *mlp_flags(root, tmp_path / "runs", "--val_size", "5"))
     assert status == 2 and len(lines) == 1 and "15 labels" in lines[0]
+
+
+def idx(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes holding `array`."""
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+@pytest.mark.parametrize("file,array,message", [
+    ("train-images-idx3-ubyte", np.zeros((20, 32, 32), np.uint8), "images of shape (20, 1, 32, 32)"),
+    ("train-images-idx3-ubyte", np.zeros((20, 784), np.uint8), "images of shape (20, 1, 784)"),
+    ("train-labels-idx1-ubyte", np.zeros((20, 1), np.uint8), "labels of shape (20, 1), not one per image"),
+    ("train-labels-idx1-ubyte", np.zeros((), np.uint8), "labels of shape (), not one per image"),
+    ("t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), "images of shape (0, 1, 28, 28)"),
+])
+def test_mnist_files_of_another_shape_are_refused_before_training(tmp_path, capsys, file, array, message):
+    """Each trained and then failed (a shape mismatch, 'len() of a 0-d tensor', 'float division by zero' after a
+    whole epoch), leaving a run folder behind."""
+    root = write_mnist(tmp_path / "bad", n_train=20, n_test=10)
+    (root / "MNIST" / "raw" / file).write_bytes(idx(array))
+    status, lines = pipeline_exit(capsys, *mlp_flags(root, tmp_path / "runs", "--val_size", "5"))
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ({b"data": np.zeros((4, 32, 32, 3), np.uint8)}, "data of shape (4, 32, 32, 3)"),  # height-width-channel
+    ({b"data": np.zeros((4, 3072), np.float32)}, "type float32, not N x 3072 bytes"),  # would become black
+    ({b"labels": [0.5, 3.5, 1.0, 2.0]}, "labels of type float64, not integers"),  # would be truncated
+    ({b"labels": [[0], [1], [2], [3]]}, "labels of shape (4, 1), not one per image"),
+])
+def test_cifar_batches_of_another_shape_or_type_are_refused(tmp_path, damage, message):
+    import pickle
+    root = write_cifar10(tmp_path, n_per_batch=4, n_test=4)
+    path = root / "cifar-10-batches-py" / "data_batch_2"
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    path.write_bytes(pickle.dumps({**batch, **damage}, protocol=2))
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_dataset("CIFAR10", root, download=False)
+    path.write_bytes(pickle.dumps({k.decode(): v for k, v in batch.items() if k != b"data"}, protocol=2))
+    with pytest.raises(DatasetError, match="has no b'data' entry"):  # a batch with str keys, or none
+        load_dataset("CIFAR10", root, download=False)
 
 
 def test_cifar_labels_out_of_range_are_refused(tmp_path):
