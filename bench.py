@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import itertools
+import json
 import math
 import os
 import platform
@@ -557,13 +558,25 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def is_bench_json(path: Path) -> bool:
+    """Whether the file holds results bench.py wrote (which a new run may replace)."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and {"meta", "mlp", "targets"} <= results.keys()
+
+
 def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
     """Run every measurement, print the table, write the JSON; return the results."""
     if args.threads < 0:
         raise UsageError(f"--threads must be 0 (pipeline.py's policy, torch's default) or positive, got {args.threads}")
     pipeline.check_threads(args.threads)
-    if Path(args.out).is_dir():
+    if Path(args.out).is_dir() or args.out.endswith(("/", os.sep)):
         raise UsageError(f"--out {args.out} is a folder; give the JSON file to write")
+    if Path(args.out).is_file() and not is_bench_json(Path(args.out)):
+        raise UsageError(f"--out {args.out} holds something else than bench.py's results; it is left as it is: "
+                         "choose another --out")
     check_writable(Path(args.out).parent, "--out")  # before minutes of measuring, not after
     device = resolve_device(args.device)
     use_cudnn_benchmark(device)  # as pipeline.py runs, for every row
@@ -575,6 +588,10 @@ def main(args: argparse.Namespace, sizes: Sizes | None = None) -> dict:
         cifar = None if args.mnist_only else load_dataset("CIFAR10", args.data_root, args.download)
     except DatasetError as e:
         raise UsageError(str(e)) from None
+    for name, raw in (("MNIST", mnist), ("CIFAR-10", cifar)):
+        if raw is not None and len(raw.train_labels) <= options.sizes.val_size:
+            raise UsageError(f"{args.data_root}: {name} has {len(raw.train_labels):,} training images; bench.py holds "
+                             f"out {options.sizes.val_size:,} of them, as the exercises do: give it the whole dataset")
     results = {"meta": {"torch": torch.__version__, "numpy": np.__version__, "device": str(device),
                         "threads": args.threads, "default_threads": torch.get_num_threads(),
                         "cpu_count": os.cpu_count(), "cpu": cpu_description(), "amp_precision": amp_precision(device),

@@ -274,6 +274,8 @@ def test_check_targets_compares_against_each_bound():
 
 @pytest.mark.parametrize("flags,message", [(["--threads", "-1"], "--threads"), (["--threads", "9999"], "per core"),
                                            (["--out", "{tmp}"], "is a folder"),
+                                           (["--out", "{tmp}/new_folder/"], "is a folder"),
+                                           (["--out", "{tmp}/a_file"], "holds something else than bench.py's"),
                                            (["--out", "{tmp}/a_file/b.json"], "is not a folder")])
 def test_bad_flags_are_refused_before_anything_is_measured(tmp_path, flags, message):
     (tmp_path / "a_file").write_text("mine")
@@ -283,6 +285,15 @@ def test_bad_flags_are_refused_before_anything_is_measured(tmp_path, flags, mess
     with pytest.raises(UsageError, match=message):
         bench.main(args)  # checked before the (missing) data is read
     assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_dataset_smaller_than_the_held_out_images_is_refused(tmp_path):
+    """A copy of MNIST with 600 training images was a DatasetError traceback naming --val_size, no flag of bench.py."""
+    args = bench.get_args_parser().parse_args(["--data_root", str(write_mnist(tmp_path)), "--no-download", "--device",
+                                               "cpu", "--quick", "--mnist_only", "--out", str(tmp_path / "b.json")])
+    with pytest.raises(UsageError, match="MNIST has 600 training images; bench.py holds out 5,000"):
+        bench.main(args)
+    assert not (tmp_path / "b.json").exists()
 
 
 @pytest.mark.parametrize("flags,message", [((), "download failed.*no route to host"),
