@@ -25,7 +25,7 @@ import bench
 import pipeline
 from data import MNIST_FILES
 from train import amp_precision
-from utils import ArgumentParser, CLIError, UsageError, first_line, resolve_device, run_cli, write_json
+from utils import ArgumentParser, CLIError, UsageError, check_writable, first_line, resolve_device, run_cli, write_json
 
 SWEEP = ["--model_name", "MLP", "--dataset", "MNIST", "--num_hidden_layers", "2", "10", "18", "--residual_step", "0",
          "2", "--num_epochs", "3"]
@@ -43,14 +43,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def unpack_mnist(gz_folder: Path, raw: Path) -> None:
-    """MNIST's .gz files uncompressed into `raw` (torchvision's MNIST/raw), as the loader reads them."""
+    """MNIST's .gz files uncompressed into `raw` (torchvision's MNIST/raw), as the loader reads them; a missing or
+    damaged one is a UsageError."""
+    names = [n for pair in MNIST_FILES.values() for n in pair]
+    missing = [f"{name}.gz" for name in names if not (gz_folder / f"{name}.gz").is_file()]
+    if missing:
+        raise UsageError(f"--mnist_gz {gz_folder}: no {missing[0]}; it must hold MNIST's four .gz files")
     raw.mkdir(parents=True, exist_ok=True)
-    for name in (n for pair in MNIST_FILES.values() for n in pair):
-        source = gz_folder / f"{name}.gz"
-        if not source.is_file():
-            raise UsageError(f"--mnist_gz {gz_folder}: no {source.name}; it must hold MNIST's four .gz files")
-        with gzip.open(source) as f, open(raw / name, "wb") as out:
-            shutil.copyfileobj(f, out)
+    for name in names:
+        try:
+            with gzip.open(gz_folder / f"{name}.gz") as f, open(raw / name, "wb") as out:
+                shutil.copyfileobj(f, out)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise UsageError(f"--mnist_gz {gz_folder}: cannot unpack {name}.gz ({first_line(e)}); fetch MNIST's "
+                             "four .gz files again") from None
 
 
 def timed(step: Callable[[], dict]) -> dict:
@@ -108,6 +114,7 @@ def main(args: argparse.Namespace) -> dict:
     if device.type != "cuda":
         raise UsageError(f"--device {args.device}: the GPU check needs a CUDA device")
     out_dir = Path(args.out_dir)
+    check_writable(out_dir, "--out_dir")
     data_root = out_dir / "data"
     unpack_mnist(Path(args.mnist_gz), data_root / "MNIST" / "raw")
     report = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(device),

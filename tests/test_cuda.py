@@ -161,9 +161,13 @@ def test_gpu_check_reads_mnist_from_its_gz_files_and_names_a_missing_one(tmp_pat
         (gz / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes()))
     gpu_check.unpack_mnist(gz, tmp_path / "data" / "MNIST" / "raw")
     assert all((tmp_path / "data" / "MNIST" / "raw" / p.name).read_bytes() == p.read_bytes() for p in raw.iterdir())
+    (gz / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip")  # was a BadGzipFile traceback
+    with pytest.raises(UsageError, match="cannot unpack t10k-labels-idx1-ubyte.gz"):
+        gpu_check.unpack_mnist(gz, tmp_path / "again")
     (gz / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(UsageError, match="no t10k-labels-idx1-ubyte.gz"):
-        gpu_check.unpack_mnist(gz, tmp_path / "again")
+        gpu_check.unpack_mnist(gz, tmp_path / "once more")
+    assert not (tmp_path / "once more").exists()  # checked before any folder is made
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -177,3 +181,17 @@ def test_gpu_check_without_a_gpu_says_so_and_advises_no_cpu_run(tmp_path, capsys
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and "needs a CUDA device" in lines[0], lines
     assert "--device cpu" not in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_gpu_check_refuses_an_out_dir_it_cannot_write_before_unpacking(tmp_path, capsys, monkeypatch):
+    """--out_dir naming a file was a NotADirectoryError traceback (seen with CUDA reported present, as here)."""
+    import gpu_check
+    from utils import run_cli
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what is checked here needs no GPU
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(gpu_check.main, gpu_check.get_args_parser().parse_args(["--mnist_gz", str(tmp_path / "gz"),
+                                                                        "--out_dir", str(tmp_path / "a_file")]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "--out_dir" in lines[0], lines
+    assert (tmp_path / "a_file").read_text() == "mine"
