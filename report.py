@@ -92,9 +92,10 @@ def read_runs(out_dir: Path) -> tuple[list[tuple[RunConfig, dict]], list[LeftOut
         elif history is None:
             left_out.append(LeftOut(run_dir.name, f"no readable history.json (none yet, or damaged){RESTORE}",
                                     config))
-        elif "test" not in history:
+        elif "test" not in history or len(history["epochs"]) != config.num_epochs:
+            tested = "a test result all the same" if "test" in history else "no test result"
             left_out.append(LeftOut(run_dir.name, f"unfinished: {len(history['epochs'])} of {config.num_epochs} "
-                                    "epochs, no test result", config))
+                                    f"epochs, {tested}", config))
         else:
             runs.append((config, history))
     return runs, left_out

@@ -236,14 +236,16 @@ def is_number(value: object) -> bool:
 
 
 def well_formed_history(history: object) -> bool:
-    """Whether parsed JSON is a history as train_run writes it: epoch records with every number train_epoch puts in
-    them (whole numbers for epoch and steps) and, once the run has finished, a test loss and accuracy."""
+    """Whether parsed JSON is a history as train_run writes it: epoch records 1, 2, ... with every number train_epoch
+    puts in them (whole steps, seconds >= 0, accuracies from 0 to 1) and, once the run has finished, a test loss and
+    accuracy."""
     def has_numbers(record: object, keys: tuple[str, ...]) -> bool:
         return isinstance(record, dict) and all(is_number(record.get(key)) for key in keys)
     return (isinstance(history, dict) and isinstance(history.get("epochs"), list)
-            and all(has_numbers(e, EPOCH_RECORD) and isinstance(e["epoch"], int) and isinstance(e["steps"], int)
-                    for e in history["epochs"])
-            and ("test" not in history or has_numbers(history["test"], ("loss", "acc"))))
+            and all(has_numbers(e, EPOCH_RECORD) and e["epoch"] == i + 1 and isinstance(e["steps"], int)
+                    and e["seconds"] >= 0 and 0 <= e["val_acc"] <= 1 for i, e in enumerate(history["epochs"]))
+            and ("test" not in history or has_numbers(history["test"], ("loss", "acc"))
+                 and 0 <= history["test"]["acc"] <= 1))
 
 
 def parse_row(line: str, columns: int) -> list[float] | None:

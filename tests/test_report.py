@@ -1,4 +1,6 @@
 """report.py: the README's tables and checks from run folders, the CAM checkpoint, and the README rewrite."""
+import dataclasses
+import json
 import shutil
 
 import pytest
@@ -13,6 +15,8 @@ from runs import RunFiles
 def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True, first_grad_norm=None) -> None:
     """A run folder as train_run leaves it: config.json and history.json (test result only when finished), and
     with `first_grad_norm`, a grad_norms.csv of two steps whose first weight had this norm at step 0."""
+    if finished:  # a finished run's history holds every epoch its config asks for
+        config = dataclasses.replace(config, num_epochs=len(train_losses))
     files = RunFiles(out_dir / config.run_name)
     if first_grad_norm is not None:
         files.start_grad_norms(["input.1.weight", "head.weight"])
@@ -209,6 +213,19 @@ def test_a_copied_or_renamed_run_folder_is_not_counted_as_its_run(tmp_path, caps
         report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path)
 
 
+def test_a_test_result_before_the_last_epoch_is_not_a_finished_run(tmp_path, capsys):
+    """A history with a test result after 1 of its config's 3 epochs (a run being trained for more epochs when it
+    was cut) was counted as a finished 3-epoch run."""
+    write_run(tmp_path, mlp(4, 0, 0), [2.3, 2.2, 2.1], [0.1, 0.1, 0.11], 0.11)
+    write_run(tmp_path, mlp(4, 2, 0), [0.3, 0.2, 0.1], [0.8, 0.85, 0.9], 0.9)
+    files = RunFiles(tmp_path / mlp(4, 2, 0).run_name)
+    history = json.loads(files.history.read_text())
+    files.history.write_text(json.dumps(dict(history, epochs=history["epochs"][:1])))
+    assert report_cli("--ex1", str(tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert f"not used: {mlp(4, 2, 0).run_name}: unfinished: 1 of 3 epochs, a test result all the same" in err
+
+
 def test_readme_is_not_rewritten_with_runs_left_out_unless_allowed(tmp_path, capsys):
     one_sweep_with_a_run_of_each_kind_left_out(tmp_path / "ex1")
     readme = tmp_path / "README.md"
@@ -222,7 +239,10 @@ def test_readme_is_not_rewritten_with_runs_left_out_unless_allowed(tmp_path, cap
 
 
 @pytest.mark.parametrize("damage", [('"acc"', '"accuracy"'), ('"seconds": 10.0', '"seconds": "10"'),
-                                    ('"steps": 10', '"steps": 10.5')])
+                                    ('"steps": 10', '"steps": 10.5'),
+                                    # impossible values printed as 100000000000.0%, -1.7 min, epoch 2 of 1
+                                    ('"acc": 0.11', '"acc": 1000000000.0'), ('"seconds": 10.0', '"seconds": -10.0'),
+                                    ('"epoch": 1', '"epoch": 2')])
 def test_a_damaged_history_is_listed_with_how_to_restore_it_and_the_readme_kept(tmp_path, capsys, damage):
     """A history.json that parses but lacks a number the tables read (a test accuracy, an epoch's seconds) is not
     used, and says how the checkpoint restores it; --readme then writes nothing."""
@@ -281,7 +301,8 @@ def test_runs_of_several_sweeps_in_one_folder_are_refused_not_mixed_into_a_row(t
     """A width (or rate, or length) of its own once entered a row's median and range as if it were another seed."""
     for seed in (0, 1):
         write_run(tmp_path, mlp(4, 0, seed), [2.3], [0.9], 0.9)
+    epochs = int(other) if flag == "--num_epochs" else 1
     write_run(tmp_path, run_config("--num_hidden_layers", "4", "--seed", "2", "--run_name", "other", flag, other),
-              [2.3], [0.1], 0.1)
+              [2.3] * epochs, [0.1] * epochs, 0.1)
     with pytest.raises(utils.UsageError, match=f"mixes runs of several sweeps: other was trained with {flag} {other}"):
         report.main(report.get_args_parser().parse_args(["--ex1", str(tmp_path)]))

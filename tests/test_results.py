@@ -40,7 +40,7 @@ def test_kept_results_remake_the_same_tables_without_checkpoints(tmp_path, capsy
         RunFiles(run_dir).checkpoint.write_bytes(b"weights")
     write_run(sweep, run_config("--model_name", "ResNet", "--dataset", "CIFAR10", "--out_channels", "4",
                                 "--num_levels", "1", "--num_conv_per_level", "1", "--residual_step", "0", "--seed",
-                                "3"), [2.0], [0.5], 0.5, finished=False)
+                                "3", "--num_epochs", "2"), [2.0], [0.5], 0.5, finished=False)
     original = report_blocks("--ex1", str(mlps), "--ex2", str(sweep), "--keep", str(tmp_path / "results"))
     kept = tmp_path / "results"
     assert sorted(p.name for p in (kept / "ex2").iterdir()) == sorted(p.name for p in sweep.iterdir())
@@ -61,10 +61,10 @@ def test_keeping_again_replaces_what_was_kept_only_by_the_same_sweep_or_a_larger
     assert len(list(kept.iterdir())) == len(list(sweep.iterdir())) == 13
     before = {p: p.read_bytes() for p in kept.rglob("*.json")}
     toy = replace(cnn(1, 0, seed=3), num_epochs=3)
-    write_run(sweep, toy, [2.0], [0.5], 0.5)
-    with pytest.raises(report.UsageError, match=f"{toy.run_name} was trained with --num_epochs 3, not 1.*remove"):
+    write_run(sweep, toy, [2.0, 1.9, 1.8], [0.5, 0.5, 0.5], 0.5)
+    with pytest.raises(report.UsageError, match=f"{toy.run_name} was trained with --num_epochs 3, not 2.*remove"):
         report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
-    write_run(sweep, cnn(1, 0, seed=3), [2.0], [0.5], 0.5, finished=False)  # interrupted while trained again
+    write_run(sweep, replace(cnn(1, 0, seed=3), num_epochs=2), [2.0], [0.5], 0.5, finished=False)  # interrupted
     with pytest.raises(report.UsageError, match=f"{toy.run_name} has not finished; .*remove {kept} first"):
         report_blocks("--ex2", str(sweep), "--keep", str(tmp_path / "results"))
     shutil.rmtree(sweep / toy.run_name)
