@@ -215,7 +215,7 @@ def load_photo(path: str | Path, in_channels: int, max_pixels: int = MAX_PIXELS)
     """Read a JPEG/PNG upright as RGB (in_channels 3) or L (1): transparency on white, 16-bit scaled to 8."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--image {path}: no such file")
+        raise UsageError(f"--image {path}: {'a folder, not an image file' if path.is_dir() else 'no such file'}")
     too_big = UsageError(f"--image {path} has more than {max_pixels:,} pixels; shrink it first")
     try:
         with warnings.catch_warnings():

@@ -381,6 +381,7 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
         "MLP": (["--checkpoint", str(mlp_checkpoint), *data], "holds an MLP"),
         "config without lr": (["--checkpoint", str(checkpoint_without_lr), *data], "missing lr"),
         "empty image": ([*ckpt, "--image", str(tmp_path / "empty.png")], "cannot read it as an image"),
+        "image is a folder": ([*ckpt, "--image", str(tmp_path)], "a folder, not an image file"),  # said "no such file"
         "not an image": ([*ckpt, "--image", str(tmp_path / "notes.txt")], "cannot read it as an image"),
         "truncated image": ([*ckpt, "--image", str(tmp_path / "cut.png")], "cannot read it as an image"),
         "index": ([*ckpt, "--indices", "3", "100"], "test set has images 0 to 99"),
@@ -403,6 +404,7 @@ def error_cases(tmp_path, checkpoint, mlp_checkpoint, checkpoint_without_lr,
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "MLP", "config without lr", "empty image",
+                                  "image is a folder",
                                   "not an image", "truncated image", "index", "class name", "alpha",
                                   "out_dir is a file", "display_scale huge", "display_scale 0", "faithfulness 0",
                                   "faithfulness beyond the test set", "faithfulness of a photo",

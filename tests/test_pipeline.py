@@ -159,6 +159,7 @@ def test_help_states_defaults_and_both_spellings(pipeline_help):
     (["--augment"], "--augment"),
     (["--device", "cuda:7"], "--device"),
     (["--device", "tpu"], "--device"),
+    (["--device", "cpu:7"], "--device 'cpu:7' is not supported"),  # once accepted, as if it were a CPU to choose
     (["--out_dir", "{file}/runs"], "--out_dir"),
     (["--data_root", "{tmp}/nowhere"], "MNIST"),
     (["--model_name", "VGG"], "--model_name"),
