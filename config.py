@@ -201,7 +201,7 @@ class RunConfig:
         total = self.num_epochs * steps_per_epoch
         if self.lr_schedule == "onecycle" and total < 3:
             raise ValueError(f"--lr_schedule onecycle needs at least 3 training steps; this run has {total} "
-                             f"({self.num_epochs} epochs of {steps_per_epoch} batches): lower --batch_size, "
+                             f"({self.num_epochs} epoch(s) of {steps_per_epoch} batch(es)): lower --batch_size, "
                              "train more epochs or use another --lr_schedule")
 
     @cached_property

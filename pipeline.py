@@ -15,7 +15,7 @@ import torch
 
 from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALING, TRACKING, RunConfig,
                     value_type)
-from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset
+from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset, num_batches
 from plots import plot_sweep
 from sweep import Plan, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, checked_online, log_sweep_figures
@@ -264,7 +264,12 @@ def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size:
     if world_size > 1:
         torch.distributed.barrier()  # every rank has planned before rank 0 replaces any file
     raw = load_dataset(args.dataset, args.data_root, args.download)
-    check_split_sizes(len(raw.train_labels), args.val_size, args.limit_train)  # a copy may hold fewer images
+    train_images = check_split_sizes(len(raw.train_labels), args.val_size, args.limit_train)  # a copy may be smaller
+    try:
+        for run in sweep.runs:
+            run.config.check_schedule_length(num_batches(train_images, run.config.batch_size))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     sweep.lock_new_runs()
     threads = cpu_threads(sweep.runs[0].config, args.jobs)
     if device.type == "cpu":

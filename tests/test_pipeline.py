@@ -212,6 +212,15 @@ def test_a_schedule_longer_than_the_run_is_refused_before_anything_is_read(mnist
     assert not any(tmp_path.iterdir())
 
 
+def test_a_schedule_longer_than_a_small_copy_of_the_data_is_refused_before_training(mnist_root, tmp_path, capsys):
+    """The config allows it on the official 60,000 images; this copy's 500 make 2 batches of 400: the run folder
+    was made and the run failed (exit 1) after the data was read."""
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--lr_schedule", "onecycle", "--batch_size",
+                                               "400", "--num_epochs", "1"))
+    assert status == 2 and len(lines) == 1 and "this run has 2 (1 epoch(s) of 2 batch(es))" in lines[0], lines
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_sweep_without_gradient_logs_says_which_figures_it_leaves_out(mnist_root, tmp_path, capsys):
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1", "--num_hidden_layers", "2", "--grad_log_every",
                        "0"))
