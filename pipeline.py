@@ -116,18 +116,25 @@ def check_args(args: argparse.Namespace) -> None:
          "--wandb; give --wandb offline or online with it, or leave it out"),
         (args.wandb == "disabled" or 0 < len(project) <= 128 and not any(c in project for c in "/\\#?%:"),
          f"--wandb_proj_name {project!r} is not a W&B project name (1 to 128 characters, none of / \\ # ? % :)"),
-        (args.checkpoint is None or not args.checkpoint.endswith(("/", os.sep)) and not Path(args.checkpoint).is_dir(),
-         f"--checkpoint {args.checkpoint} is a folder; name the checkpoint file"),
-        (args.checkpoint is None or args.resume or args.overwrite or not Path(args.checkpoint).exists(),
-         f"--checkpoint {args.checkpoint} already exists; if it is this run's, pass --resume to continue it or "
-         "--overwrite to replace it, else choose another path"),
     ]
     for ok, problem in rules:
         if not ok:
             raise UsageError(problem)
+    if args.checkpoint is not None:
+        check_checkpoint_path(args.checkpoint, args.resume or args.overwrite)
     check_threads(args.threads)
     check_writable(Path(args.out_dir), "--out_dir")
     check_writable(plots_folder(args), "--plots_dir")
+
+
+def check_checkpoint_path(checkpoint: str, existing_allowed: bool) -> None:
+    """--checkpoint names a file, and one that exists only with --resume or --overwrite (whose owner the plan checks);
+    otherwise a UsageError."""
+    if checkpoint.endswith(("/", os.sep)) or Path(checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {checkpoint} is a folder; name the checkpoint file")
+    if not existing_allowed and Path(checkpoint).exists():
+        raise UsageError(f"--checkpoint {checkpoint} already exists; if it is this run's, pass --resume to continue it "
+                         "or --overwrite to replace it, else choose another path")
 
 
 def plots_folder(args: argparse.Namespace) -> Path:
