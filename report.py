@@ -92,7 +92,7 @@ def read_runs(out_dir: Path) -> tuple[list[tuple[RunConfig, dict]], list[LeftOut
         elif history is None:
             left_out.append(LeftOut(run_dir.name, f"no readable history.json (none yet, or damaged){RESTORE}",
                                     config))
-        elif "test" not in history or len(history["epochs"]) != config.num_epochs:
+        elif not finished(config, history):
             tested = "a test result all the same" if "test" in history else "no test result"
             left_out.append(LeftOut(run_dir.name, f"unfinished: {len(history['epochs'])} of {config.num_epochs} "
                                     f"epochs, {tested}", config))
@@ -333,17 +333,21 @@ def check_same_sweep(kept: Path, out_dir: Path) -> None:
         old, new = RunFiles(kept / name), RunFiles(out_dir / name)
         saved, config = old.read_config(), new.read_config()
         differ = None if config is None or saved is None else config.changed_flag(saved, more_epochs=False)
-        problem = "is missing" if config is None else f"was trained with {differ}" if differ else (
-            "has not finished" if finished(old) and not finished(new) else None)
+        if config is None:
+            problem = "is missing"
+        elif differ:
+            problem = f"was trained with {differ}"
+        else:
+            lost = saved is not None and finished(saved, old.read_history()) and not finished(config, new.read_history())
+            problem = "has not finished" if lost else None
         if problem:
             raise UsageError(f"--keep: {out_dir} would replace the {len(names)} runs kept in {kept}, but its {name} "
                              f"{problem}; to replace them all the same, remove {kept} first")
 
 
-def finished(files: RunFiles) -> bool:
-    """Whether the run's history holds its test result."""
-    history = files.read_history()
-    return history is not None and "test" in history
+def finished(config: RunConfig, history: dict | None) -> bool:
+    """Whether a run's history holds its test result after every epoch its config asks for."""
+    return history is not None and "test" in history and len(history["epochs"]) == config.num_epochs
 
 
 def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:

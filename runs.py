@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from train import RunSetup
 
 # what train.train_epoch records of every epoch in history.json
+CHECKPOINT = "checkpoint.pt"  # a run's checkpoint, in its folder unless --checkpoint puts it elsewhere
 EPOCH_RECORD = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds", "steps")
 # 1: the checkpoints of before this version stamp (no "format" key); 2: stamped, otherwise the same keys
 CHECKPOINT_FORMAT = 2
@@ -88,9 +89,20 @@ class RunFiles:
         self.config = run_dir / "config.json"
         self.history = run_dir / "history.json"
         self.grad_norms = run_dir / "grad_norms.csv"
-        self.checkpoint = checkpoint or run_dir / "checkpoint.pt"
+        self.checkpoint = checkpoint or run_dir / CHECKPOINT
         self.lock_file = run_dir / ".lock"
         self.tracking = [run_dir / "tensorboard", run_dir / "wandb"]  # what --tensorboard and --wandb write
+
+    def checkpoint_clash(self) -> str | None:
+        """Why a --checkpoint path may not hold this run's checkpoint: it is where the run keeps another of its files
+        (which would then overwrite each other); None for the default path or any other."""
+        own = [self.config, self.history, self.grad_norms, self.lock_file]
+        return (f"--checkpoint {self.checkpoint} is where the run keeps its {self.checkpoint.name}; choose another "
+                "path") if self.checkpoint.resolve() in {p.resolve() for p in own} else None
+
+    def checkpoint_elsewhere(self) -> bool:
+        """Whether --checkpoint put the checkpoint somewhere other than the run folder's checkpoint.pt."""
+        return self.checkpoint.resolve() != (self.run_dir / CHECKPOINT).resolve()
 
     def ours(self) -> list[Path]:
         """The files a run writes, the one that marks it finished first."""

@@ -117,13 +117,10 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, exist
 
 def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) -> PlannedRun:
     """What to do with one run folder (see plan); a process that `writes` repairs what it can."""
-    if files.checkpoint.resolve() != (files.run_dir / "checkpoint.pt").resolve():  # an explicit --checkpoint
-        others = [files.config, files.history, files.grad_norms, files.lock_file]
-        if files.checkpoint.resolve() in {p.resolve() for p in others}:
-            raise RunConflict(f"--checkpoint {files.checkpoint} is where the run keeps its {files.checkpoint.name}; "
-                              "choose another path")
-        if files.checkpoint.exists():
-            check_checkpoint_owner(files.checkpoint, config)
+    if clash := files.checkpoint_clash():
+        raise RunConflict(clash)
+    if files.checkpoint_elsewhere() and files.checkpoint.exists():
+        check_checkpoint_owner(files.checkpoint, config)
     if not files.exist():
         return PlannedRun(config, files, "new")
     if existing == "overwrite":
