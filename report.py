@@ -338,8 +338,8 @@ def check_same_sweep(kept: Path, out_dir: Path) -> None:
         elif differ:
             problem = f"was trained with {differ}"
         else:
-            lost = saved is not None and finished(saved, old.read_history()) and not finished(config, new.read_history())
-            problem = "has not finished" if lost else None
+            was_finished = saved is not None and finished(saved, old.read_history())
+            problem = "has not finished" if was_finished and not finished(config, new.read_history()) else None
         if problem:
             raise UsageError(f"--keep: {out_dir} would replace the {len(names)} runs kept in {kept}, but its {name} "
                              f"{problem}; to replace them all the same, remove {kept} first")
