@@ -269,6 +269,7 @@ class RunConfig:
 
 
 FLAGS = {f.name: f.metadata["flag"] for f in dataclasses.fields(RunConfig) if "flag" in f.metadata}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
 FAMILY_FIELDS = {family: tuple(name for name, flag in FLAGS.items() if flag.family == family)
                  for family in ("MLP", "ResNet")}
 FIELD_TYPES = typing.get_type_hints(RunConfig)

@@ -9,21 +9,18 @@ import signal
 import sys
 import traceback
 from collections.abc import Collection
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from config import FLAGS, RunConfig
+from config import DEFAULTS, FLAGS, RunConfig
 from data import RawData
 from runs import (CheckpointError, ResumeError, RunConflict, RunFiles, RunLock, check_checkpoint_resumable,
                   check_resumable, load_checkpoint, load_model, saved_config)
 from train import Runtime, train_run
 from utils import CLIError, first_line, setup_for_distributed
-
-RUN_CONFIG_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
-
 
 def expand(values: dict, given: Collection[str] = ()) -> list[RunConfig]:
     """The configs of a sweep: `values` holds every flag of RunConfig, a list of values for each sweepable one;
@@ -40,7 +37,7 @@ def expand(values: dict, given: Collection[str] = ()) -> list[RunConfig]:
     if not any(values["residual_step"]):
         unused["shortcut"] = "the kind of residual shortcut and every run is plain (--residual_step 0)"
     for name, what in unused.items():
-        default = RUN_CONFIG_DEFAULTS[name]
+        default = DEFAULTS[name]
         if name in given or values[name] != ([default] if FLAGS[name].sweep else default):
             raise ValueError(f"--{name} is {what}: no run of this {model} sweep uses it; leave it out")
     base = {**values, **{name: values[name][0] for name in swept}}

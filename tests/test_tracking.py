@@ -199,9 +199,9 @@ def test_wandb_offline_run_holds_the_config_every_epoch_every_logged_gradient_no
         f"figures/{p.stem}/sha256": hashlib.sha256(p.read_bytes()).hexdigest() for p in written}
 
 
-class FailingWandb(types.ModuleType):
-    """Stands in for the wandb package at its API: its runs fail to start, or start and fail to log (neither can be
-    provoked in the real W&B offline, where nothing goes away)."""
+class FailingToLogWandb(types.ModuleType):
+    """Stands in for the wandb package at its API: its runs start, and fail to log (a log that fails mid-run cannot
+    be provoked in the real W&B offline, where nothing goes away)."""
 
     class Run:
         def __init__(self, run_id: str):
@@ -216,14 +216,12 @@ class FailingWandb(types.ModuleType):
         def finish(self, exit_code: int | None = None) -> None:
             self.exit_code = exit_code
 
-    def __init__(self, fail_to_start: bool):
+    def __init__(self):
         super().__init__("wandb")
-        self.fail_to_start, self.runs = fail_to_start, []
+        self.runs: list[FailingToLogWandb.Run] = []
         self.Settings = dict
 
     def init(self, **kwargs) -> Run:
-        if self.fail_to_start:
-            raise ConnectionError("W&B is down")
         self.runs.append(self.Run(kwargs["id"] or f"run{len(self.runs)}"))
         return self.runs[-1]
 
@@ -239,14 +237,19 @@ def untracked_run(mnist_root, tmp_path_factory):
 @pytest.mark.parametrize("fail", ["start", "log"])
 def test_a_failing_tracker_is_one_warning_and_training_goes_on(mnist_root, tmp_path, monkeypatch, capsys, wandb_home,
                                                                untracked_run, fail):
-    wandb = FailingWandb(fail_to_start=fail == "start")
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
-    reason = "start: W&B is down" if fail == "start" else "log_epoch: W&B went away"
+    if fail == "start":  # the real W&B offline, whose folder in the run's folder is a file: it cannot start there
+        (tmp_path / "tracked" / RUN).mkdir(parents=True)
+        (tmp_path / "tracked" / RUN / "wandb").write_text("in the way")
+        reason = "start: [Errno 20] Not a directory"
+    else:
+        wandb = FailingToLogWandb()
+        monkeypatch.setitem(sys.modules, "wandb", wandb)
+        reason = "log_epoch: W&B went away"
     capsys.readouterr()
     run_main(*args_for(mnist_root, tmp_path / "tracked", "--num_epochs", "2", "--wandb", "offline", "--tensorboard"))
     warnings = [line for line in capsys.readouterr().err.splitlines() if "W&B" in line]
     assert warnings[0].startswith(f"warning: {RUN}: W&B tracking stopped, the run goes on without it ({reason}")
-    assert len(warnings) == 2  # the run's and the sweep summary's, once each
+    assert len(warnings) == (1 if fail == "start" else 2)  # the run's, and the sweep summary's where it fails too
     untracked, _, _ = read_run(untracked_run)
     tracked, _, _ = read_run(tmp_path / "tracked" / RUN)
     assert [e["train_loss"] for e in tracked["epochs"]] == [e["train_loss"] for e in untracked["epochs"]]
