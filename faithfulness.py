@@ -162,13 +162,14 @@ def record_problem(record) -> str | None:
         return "checkpoint, dataset and class are not strings"
     if not isinstance(record["maps"], dict) or not record["maps"]:
         return "it measured no map"
-    ranges = {"deletion_auc": 1, "insertion_auc": 1, "average_drop_percent": 100, "increase_in_confidence_percent": 100}
+    bounds = {"deletion_auc": 1, "deletion_auc_sem": 1, "insertion_auc": 1, "insertion_auc_sem": 1,
+              "average_drop_percent": 100, "increase_in_confidence_percent": 100}
     for name, row in record["maps"].items():
         if not isinstance(row, dict) or not isinstance(row.get("label"), str):
             return f"map {name!r} is not an object with a label"
-        for key, high in {**ranges, "deletion_auc_sem": 1, "insertion_auc_sem": 1}.items():
+        for key, high in bounds.items():
             value = row.get(key)
-            if key.endswith("_sem") and value is None and key in row:
+            if value is None and key.endswith("_sem") and key in row:
                 continue  # the standard error of a single image
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
                 return f"map {name!r}: {key} {value!r} is not a number from 0 to {high}"
