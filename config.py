@@ -97,7 +97,9 @@ class RunConfig:
                                      check=POSITIVE)
     # the data
     dataset: str = setting("MNIST", "dataset", DATA, choices=tuple(DATASETS))
-    val_size: int = setting(5000, "validation images held out of the training set", DATA, check=POSITIVE)
+    val_size: int = setting(5000, "validation images held out of the training set; 0 = train on every image (as "
+                            "He et al. did for their tables): no validation exists, and each epoch is scored on the "
+                            "test set instead, recorded as such", DATA, check=integer(0, 1_000_000_000))
     limit_train: int | None = setting(None, "train on the first N images of the training split only (default: all)",
                                       DATA, check=POSITIVE)
     augment: bool = setting(False, "random 4-pixel-padded crops and horizontal flips (CIFAR-10 only)", DATA)
@@ -121,6 +123,13 @@ class RunConfig:
                                           "onecycle, none otherwise)", OPTIMISATION, check=real(0))
     label_smoothing: float = setting(0.0, "label smoothing of the training loss", OPTIMISATION,
                                      check=real(0, 1, below_high=True))
+    ema: float = setting(0.0, "exponential moving average of the weights and batch-norm statistics, updated every "
+                         "step with this decay (0 = off); validation, test, --no-train and cam.py use the averaged "
+                         "weights, and the test accuracy of the trained weights is recorded beside theirs",
+                         OPTIMISATION, check=real(0, 1, below_high=True))
+    tta: str = setting("none", "test-time augmentation of the final test: flip = each image scored by the mean of "
+                       "its and its mirror image's softmax (needs --augment); the plain test accuracy is recorded "
+                       "too", OPTIMISATION, choices=("none", "flip"))
     # where and how it runs: device and threads may change when a run is resumed
     device: str = setting("cpu", "auto (cuda when available), cpu, cuda or cuda:N", SCALING, cli_default="auto")
     threads: int = setting(0, "CPU threads; 0 = 1 for the MLP (its tiny matmuls only lose to a second thread), "
@@ -173,6 +182,8 @@ class RunConfig:
             (self.num_classes >= len(info.classes),
              f"--num_classes {self.num_classes} is smaller than {self.dataset}'s {len(info.classes)}"),
             (not self.augment or self.dataset == "CIFAR10", "--augment (crops and flips) is for CIFAR10 only"),
+            (self.tta == "none" or self.augment, "--tta flip needs --augment: a model trained without mirror images "
+             "has not learned that they are the same class"),
             (self.precision in ("float32", "bfloat16", "float16"), f"unknown precision {self.precision!r}"),
             (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
              "--nesterov needs --optimizer sgd and a positive --momentum"),
@@ -318,10 +329,10 @@ PRESETS = {  # akamaster's resnet8(), resnet20(), resnet38(): He et al.'s CIFAR 
 def upgrade(values: dict) -> dict:
     """A config written by an earlier version of the suite, in today's fields: before --shortcut existed every
     residual CNN used projection shortcuts where the shape changes; before the precision was recorded, --amp meant
-    bfloat16."""
+    bfloat16; before --ema and --tta, runs used neither."""
     if "shortcut" not in values and "model_name" in values:
         residual_cnn = values["model_name"] == "ResNet" and values.get("residual_step")
         values = dict(values, shortcut="projection" if residual_cnn else None)
     if "precision" not in values and "amp" in values:
         values = dict(values, precision="bfloat16" if values["amp"] else "float32")
-    return values
+    return {"ema": 0.0, "tta": "none", **values}  # before --ema and --tta: neither

@@ -236,8 +236,8 @@ def normalize(images: torch.Tensor, info: DatasetInfo, device: torch.device | st
 def check_split_sizes(n: int, val_size: int, limit_train: int | None) -> int:
     """The number of training images left for training by a validation split and a training limit that fit a
     training set of `n` images; a DatasetError when they do not fit."""
-    if not 0 < val_size < n:
-        raise DatasetError(f"--val_size {val_size} must be between 1 and {n - 1} (the training set has {n} images)")
+    if not 0 <= val_size < n:
+        raise DatasetError(f"--val_size {val_size} must be between 0 and {n - 1} (the training set has {n} images)")
     if limit_train is not None and limit_train > n - val_size:
         raise DatasetError(f"--limit_train {limit_train} is larger than the training split "
                          f"({n - val_size} images after --val_size {val_size})")

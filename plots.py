@@ -11,6 +11,7 @@ import numpy as np
 from dataclasses import dataclass
 
 from config import RunConfig
+from runs import HELD_OUT, held_out_accuracies, held_out_key
 from utils import atomic_write
 
 GRAD_PLOT_LAYERS = 5  # the first weights of an MLP shown in its gradient figure
@@ -266,7 +267,7 @@ def init_gradient_points(runs: list[tuple[RunConfig, dict, tuple[list[int], dict
                          ) -> list[tuple[int, float, float]]:
     """(hidden layers, first layer's gradient norm at step 0, final validation accuracy) of every run of the stall
     study whose step 0 was logged."""
-    return [(c.num_hidden_layers, float(next(iter(norms.values()))[0]), h["epochs"][-1]["val_acc"])
+    return [(c.num_hidden_layers, float(next(iter(norms.values()))[0]), held_out_accuracies(h)[-1])
             for c, h, (steps, norms) in runs if in_stall_study(c) and steps and steps[0] == 0]
 
 
@@ -328,19 +329,20 @@ def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.n
         panel, curve = (depth_label(config), shortcut_label(config)) if mlp else (shortcut_label(config),
                                                                                  depth_label(config))
         loss.setdefault(panel, {}).setdefault(curve, []).append([e["train_loss"] for e in history["epochs"]])
-        acc.setdefault(panel, {}).setdefault(curve, []).append([e["val_acc"] for e in history["epochs"]])
+        acc.setdefault(panel, {}).setdefault(curve, []).append(held_out_accuracies(history))
     family = "MLP" if mlp else "CNN"
+    scored_on = HELD_OUT[held_out_key(runs[0][1])]  # one --val_size for every run of a sweep
     paths = [plots_dir / ("mlp_training_loss.png" if mlp else "Conv_train_loss.png"),
              plots_dir / ("mlp_Val_acc.png" if mlp else "Conv_val_accuracy.png")]
     columns = 3 if mlp else None
     plot_curves(loss, "training loss", f"{family} training loss", paths[0], logy=True, columns=columns)
-    plot_curves(acc, "validation accuracy", f"{family} validation accuracy", paths[1], columns=columns)
+    plot_curves(acc, f"{scored_on} accuracy", f"{family} {scored_on} accuracy", paths[1], columns=columns)
     if mlp:  # from the histories alone
         paths.append(plots_dir / "mlp_trainability.png")
         points: dict[str, list[tuple[int, float]]] = {}
         for config, history, _ in runs:
             points.setdefault(shortcut_label(config), []).append(
-                (config.num_hidden_layers, history["epochs"][-1]["val_acc"]))
+                (config.num_hidden_layers, held_out_accuracies(history)[-1]))
         plot_trainability(points, "hidden layers (--num_hidden_layers)", "MLP: which depths train", paths[-1])
     logged = [(c, g) for c, _, g in runs if g[0]]
     if logged:

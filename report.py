@@ -291,9 +291,9 @@ def exercise2_checks(runs: list[tuple[RunConfig, dict]]) -> str:
 def best_checkpoint(runs: list[tuple[RunConfig, dict]], out_dir: Path) -> Path:
     """The checkpoint of the residual run with the best final validation accuracy over every network and seed
     (its checkpoint holds the final weights; never chosen on the test set)."""
-    residual = [(h["epochs"][-1]["val_acc"], c.run_name) for c, h in runs if c.residual_step]
+    residual = [(h["epochs"][-1]["val_acc"], c.run_name) for c, h in runs if c.residual_step and c.val_size]
     if not residual:
-        raise UsageError(f"{out_dir} holds no finished residual run")
+        raise UsageError(f"{out_dir} holds no finished residual run with a validation split to choose by")
     val_acc, name = max(residual)
     checkpoint = RunFiles(out_dir / name).checkpoint
     if not checkpoint.is_file():

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # what train.train_epoch records of every epoch in history.json
 CHECKPOINT = "checkpoint.pt"  # a run's checkpoint, in its folder unless --checkpoint puts it elsewhere
-EPOCH_RECORD = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds", "steps")
+EPOCH_RECORD = ("epoch", "train_loss", "lr", "seconds", "steps")  # and a held-out score: val_ or test_ loss and acc
 # 1: the checkpoints of before this version stamp (no "format" key); 2: stamped, otherwise the same keys
 CHECKPOINT_FORMAT = 2
 
@@ -249,15 +249,36 @@ def is_number(value: object) -> bool:
 
 def well_formed_history(history: object) -> bool:
     """Whether parsed JSON is a history as train_run writes it: epoch records 1, 2, ... with every number train_epoch
-    puts in them (whole steps, seconds >= 0, accuracies from 0 to 1) and, once the run has finished, a test loss and
-    accuracy."""
+    puts in them (whole steps, seconds >= 0, the validation or, without one, the test loss and accuracy from 0 to 1,
+    the same for every epoch) and, once the run has finished, test losses and accuracies."""
     def has_numbers(record: object, keys: tuple[str, ...]) -> bool:
         return isinstance(record, dict) and all(is_number(record.get(key)) for key in keys)
-    return (isinstance(history, dict) and isinstance(history.get("epochs"), list)
-            and all(has_numbers(e, EPOCH_RECORD) and e["epoch"] == i + 1 and isinstance(e["steps"], int)
-                    and e["seconds"] >= 0 and 0 <= e["val_acc"] <= 1 for i, e in enumerate(history["epochs"]))
-            and ("test" not in history or has_numbers(history["test"], ("loss", "acc"))
-                 and 0 <= history["test"]["acc"] <= 1))
+    epochs = history.get("epochs") if isinstance(history, dict) else None
+    if not isinstance(epochs, list):
+        return False
+    held_out = held_out_key(history) or "val"
+    test = history.get("test", {"loss": 0, "acc": 0})
+    return (all(has_numbers(e, (*EPOCH_RECORD, f"{held_out}_loss", f"{held_out}_acc")) and e["epoch"] == i + 1
+                and isinstance(e["steps"], int) and e["seconds"] >= 0 and 0 <= e[f"{held_out}_acc"] <= 1
+                for i, e in enumerate(epochs))
+            and isinstance(test, dict) and has_numbers(test, ("loss", "acc", *test))
+            and all(0 <= value <= 1 for key, value in test.items() if key.startswith("acc")))
+
+
+HELD_OUT = {"val": "validation", "test": "test"}  # what a history's epochs are scored on: its key, its name
+
+
+def held_out_key(history: dict) -> str | None:
+    """What a history's epochs are scored on: "val", or "test" for a run without validation (--val_size 0); None
+    before its first epoch."""
+    epochs = history.get("epochs")
+    first = epochs[0] if isinstance(epochs, list) and epochs and isinstance(epochs[0], dict) else {}
+    return "val" if "val_acc" in first else "test" if "test_acc" in first else None
+
+
+def held_out_accuracies(history: dict) -> list[float]:
+    """The accuracy of every epoch of a well-formed history on what it was scored on (held_out_key)."""
+    return [e[f"{held_out_key(history)}_acc"] for e in history["epochs"]]
 
 
 def parse_row(line: str, columns: int) -> list[float] | None:
@@ -277,7 +298,8 @@ def build_checkpoint(run: RunSetup, history: dict, wandb_run_id: str | None) -> 
     return {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "lr_scheduler": run.scheduler.state_dict(), "grad_scaler": run.scaler.state_dict(),
             "epoch": len(history["epochs"]), "config": run.config.to_dict(), "history": history,
-            "rng": dict(rng_state(), data=run.train.state_dict()), "wandb_run_id": wandb_run_id}
+            "rng": dict(rng_state(), data=run.train.state_dict()), "wandb_run_id": wandb_run_id,
+            **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -360,12 +382,21 @@ def model_of(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
     try:
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, RuntimeError) as e:  # torch's first line only says that there are errors; the next names one
+        model.load_state_dict(scored_weights(checkpoint, config))
+    except (TypeError, RuntimeError, KeyError) as e:  # torch's first line only says that there are errors; the next names one
         detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [first_line(e)]
         raise CheckpointError(f"checkpoint {path}: its weights do not fit the {config.model_name} its config "
                               f"describes ({detail[0][:200]})") from None
     return config, model
+
+
+def scored_weights(checkpoint: dict, config: RunConfig) -> dict:
+    """The weights a saved run is scored and explained with: the moving average's with --ema, else the trained ones."""
+    if not config.ema:
+        return checkpoint["model"]
+    if not isinstance(checkpoint.get("ema"), dict):
+        raise KeyError("its config has --ema but it holds no averaged weights")
+    return {name.removeprefix("module."): value for name, value in checkpoint["ema"].items() if name != "n_averaged"}
 
 
 def check_resumable(saved: RunConfig, epochs: int, asked: RunConfig, where: Path) -> None:
@@ -402,6 +433,8 @@ def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
         run.train.load_state_dict(checkpoint["rng"]["data"])
         if checkpoint.get("grad_scaler"):  # a float16 run's loss scale; empty or absent otherwise
             run.scaler.load_state_dict(checkpoint["grad_scaler"])
+        if run.ema is not None:
+            run.ema.load_state_dict(checkpoint["ema"])
         history = {"epochs": list(checkpoint["history"]["epochs"])}
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None

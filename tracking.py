@@ -16,7 +16,8 @@ import torch
 from utils import first_line
 
 DEFAULT_PROJECT = "depth-residual-convolutions"
-EPOCH_SCALARS = ("train_loss", "val_loss", "val_acc", "lr")  # from each epoch record, plotted against "epoch"
+# from each epoch record that has them (test_: --val_size 0 scores every epoch on the test set), against "epoch"
+EPOCH_SCALARS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
 GRAD_NORM = "grad_norm/"  # prefix of each logged weight's gradient norm, plotted against the training step
 STEP = "train/step"  # W&B's x-axis of the gradient norms (TensorBoard uses its own global step)
 
@@ -96,7 +97,7 @@ class WandbTracker:
         keys = [GRAD_NORM + name for name in names]
         for step, row in zip(grad_steps, grad_norms.tolist()):
             self.run.log({STEP: step, **dict(zip(keys, row))})
-        self.run.log({"epoch": record["epoch"], **{key: record[key] for key in EPOCH_SCALARS}})
+        self.run.log({"epoch": record["epoch"], **epoch_scalars(record)})
 
     def log_summary(self, values: dict[str, float], epoch: int) -> None:
         self.run.summary.update(values)
@@ -107,6 +108,11 @@ class WandbTracker:
 
     def finish(self, success: bool) -> None:
         self.run.finish(exit_code=0 if success else 1)
+
+
+def epoch_scalars(record: dict) -> dict[str, float]:
+    """The EPOCH_SCALARS an epoch record holds."""
+    return {key: record[key] for key in EPOCH_SCALARS if key in record}
 
 
 class TensorBoardTracker:
@@ -136,7 +142,7 @@ class TensorBoardTracker:
         tags = [GRAD_NORM + name for name in names]
         for step, row in zip(grad_steps, grad_norms.tolist()):
             self.write_scalars(step, dict(zip(tags, row)))
-        self.write_scalars(record["epoch"], {key: record[key] for key in EPOCH_SCALARS})
+        self.write_scalars(record["epoch"], epoch_scalars(record))
 
     def log_summary(self, values: dict[str, float], epoch: int) -> None:
         self.write_scalars(epoch, values)

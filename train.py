@@ -1,6 +1,7 @@
 """One training run: its setup, the epoch loop, evaluation, checkpoints and resume, and the files it writes."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -8,12 +9,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from config import RunConfig
 from data import DATASETS, RawData, Shard, Split, TrainLoader, make_splits
 from models import build_model
-from runs import RunFiles, build_checkpoint, restore, save_checkpoint
+from runs import HELD_OUT, RunFiles, build_checkpoint, restore, save_checkpoint
 from tracking import TrackedRun, TrackingOptions, start_trackers
 from utils import seed_everything
 
@@ -133,6 +135,12 @@ class RunSetup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    ema: AveragedModel | None = None  # --ema: the moving average of the weights and batch-norm statistics
+
+    @property
+    def scored_model(self) -> nn.Module:
+        """The weights that validation, the test and the saved model's users score: the average with --ema."""
+        return self.model if self.ema is None else self.ema.module
 
 
 def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int = 1) -> RunSetup:
@@ -155,8 +163,9 @@ def prepare_run(config: RunConfig, raw: RawData, rank: int = 0, world_size: int 
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, len(loader))
     scaler = torch.amp.GradScaler(torch.device(config.device).type, enabled=config.precision == "float16")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
     return RunSetup(config, loader, val, test, model, net,
-                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer, scheduler, scaler)
+                    nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), optimizer, scheduler, scaler, ema)
 
 
 @dataclass(frozen=True)
@@ -220,6 +229,8 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
         run.scaler.step(optimizer)
         run.scaler.update()
         run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(model)
         losses[i] = loss.detach()
         if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == steps:
             first = i - i % FINITE_CHECK_EVERY
@@ -243,9 +254,10 @@ def check_finite(losses: torch.Tensor, what: str, first_step: int) -> None:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 1000,
-             precision: str = "float32") -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy over every image of a split, the model autocast to `precision`."""
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, precision: str = "float32",
+             tta: str = "none") -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy over every image of a split, the model autocast to `precision`; with
+    `tta` "flip", each image's prediction is the mean of its and its mirror image's softmax."""
     model.eval()
     device = split.images.device
     total_loss = torch.zeros((), device=device)
@@ -254,9 +266,29 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000,
         images, labels = split.images[start:start + batch_size], split.labels[start:start + batch_size]
         with autocast(device, precision):
             logits = model(images)
-        total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
+            if tta == "flip":
+                mirrored = model(images.flip(3))
+        log_probs = F.log_softmax(logits.float(), 1)
+        if tta == "flip":
+            log_probs = torch.logsumexp(torch.stack([log_probs, F.log_softmax(mirrored.float(), 1)]), 0) - math.log(2)
+        total_loss += F.nll_loss(log_probs, labels, reduction="sum")
+        correct += (log_probs.argmax(1) == labels).sum()
     return total_loss.item() / len(split), correct.item() / len(split)
+
+
+def test_results(run: RunSetup) -> dict:
+    """The test loss and accuracy of the run's scored weights, and, labelled apart, those with --tta and those of the
+    trained weights when --ema averages them."""
+    config = run.config
+    loss, acc = evaluate(run.scored_model, run.test, precision=config.precision)
+    results = {"loss": loss, "acc": acc}
+    if config.tta != "none":
+        results[f"loss_{config.tta}"], results[f"acc_{config.tta}"] = evaluate(
+            run.scored_model, run.test, precision=config.precision, tta=config.tta)
+    if run.ema is not None:
+        results["loss_trained_weights"], results["acc_trained_weights"] = evaluate(
+            run.model, run.test, precision=config.precision)
+    return results
 
 
 def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, runtime: Runtime = Runtime()) -> dict:
@@ -292,17 +324,23 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
                 files.write_history(history)
             # after the checkpoint: what a resumed run trains again was never logged, so no step is logged twice
             trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms, names)
-        test_loss, test_acc = evaluate(run.model, run.test, precision=config.precision)
-        history["test"] = {"loss": test_loss, "acc": test_acc}
+        history["test"] = test_results(run)
         if writes:
             files.write_history(history)
-        trackers.log_summary({"test_loss": test_loss, "test_acc": test_acc}, len(history["epochs"]))
+        trackers.log_summary({f"test_{key}": value for key, value in history["test"].items()}, len(history["epochs"]))
     except BaseException:
         trackers.finish(False)
         raise
     trackers.finish(True)
-    print(f"{config.run_name}: test loss {test_loss:.4f}, test acc {test_acc:.2%}", flush=True)
+    print(f"{config.run_name}: {describe_test(history['test'])}", flush=True)
     return history
+
+
+def describe_test(test: dict) -> str:
+    """A run's test results in words: "test loss 0.4425, test acc 86.80% (flip: 87.31%; trained weights: 86.52%)"."""
+    others = [f"{key.removeprefix('acc_').replace('_', ' ')}: {value:.2%}" for key, value in test.items()
+              if key.startswith("acc_")]
+    return f"test loss {test['loss']:.4f}, test acc {test['acc']:.2%}" + (f" ({'; '.join(others)})" if others else "")
 
 
 def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progress: bool) -> EpochResult:
@@ -314,14 +352,15 @@ def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progr
     lr = run.optimizer.param_groups[0]["lr"]
     try:
         result = train_one_epoch(run, epoch, steps_done, progress)
-        val_loss, val_acc = evaluate(run.model, run.val, precision=config.precision)
-        check_finite(torch.tensor([val_loss]), f"validation loss after epoch {epoch}", steps_done + result.steps)
+        held_out = "val" if len(run.val) else "test"  # --val_size 0: no validation; the test set, named as such
+        loss, acc = evaluate(run.scored_model, run.val if held_out == "val" else run.test, precision=config.precision)
+        check_finite(torch.tensor([loss]), f"{HELD_OUT[held_out]} loss after epoch {epoch}", steps_done + result.steps)
     except NonFiniteLoss as e:
         kept = f"{files.checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no epoch had finished"
         raise NonFiniteLoss(f"{e}; {kept}; lower --lr") from None
     seconds = time.perf_counter() - start
-    history["epochs"].append({"epoch": epoch, "train_loss": result.loss, "val_loss": val_loss, "val_acc": val_acc,
-                              "lr": lr, "seconds": seconds, "steps": steps_done + result.steps})
+    history["epochs"].append({"epoch": epoch, "train_loss": result.loss, f"{held_out}_loss": loss,
+                              f"{held_out}_acc": acc, "lr": lr, "seconds": seconds, "steps": steps_done + result.steps})
     print(f"{config.run_name} epoch {epoch}/{config.num_epochs}: train loss {result.loss:.4f}, "
-          f"val loss {val_loss:.4f}, val acc {val_acc:.2%}, {seconds:.1f} s", flush=True)
+          f"{held_out} loss {loss:.4f}, {held_out} acc {acc:.2%}, {seconds:.1f} s", flush=True)
     return result
