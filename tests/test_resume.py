@@ -52,8 +52,9 @@ def run_files(run_dir) -> dict[str, bytes]:
 def assert_same_run(dir_a, dir_b):
     a = load_checkpoint(RunFiles(dir_a).checkpoint)
     b = load_checkpoint(RunFiles(dir_b).checkpoint)
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for weights in ("model", "ema"):
+        assert a.get(weights, {}).keys() == b.get(weights, {}).keys()
+        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a.get(weights, {}))
     history_a = json.loads((dir_a / "history.json").read_text())
     history_b = json.loads((dir_b / "history.json").read_text())
     assert without_seconds(history_a) == without_seconds(history_b)
@@ -100,11 +101,15 @@ def test_onecycle_resume_after_an_interruption_is_bit_exact(mnist_root, tmp_path
     assert_same_run(tmp_path / "straight" / RUN, tmp_path / "cut" / RUN)
 
 
-def test_a_cnn_with_augmentation_and_batch_norm_resumes_bit_exactly(cifar_root, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("levers", [("--val_size", "50"), ("--val_size", "0", "--ema", "0.9", "--tta", "flip")],
+                         ids=["exercise2", "fast_recipe"])
+def test_a_cnn_with_augmentation_and_batch_norm_resumes_bit_exactly(cifar_root, tmp_path, capsys, monkeypatch,
+                                                                    levers):
     """Exercise 2's case: crops and flips drawn from the data generator, batch norm's running statistics, SGD's
-    momentum and a one-cycle schedule, interrupted in epoch 2."""
+    momentum and a one-cycle schedule, interrupted in epoch 2; and with the fast recipe's levers, whose moving
+    average of the weights must continue exactly too."""
     cnn = ["--model_name", "ResNet", "--dataset", "CIFAR10", "--data_root", str(cifar_root), "--no-download",
-           "--val_size", "50", "--limit_train", "64", "--batch_size", "32", "--out_channels", "4", "--num_levels",
+           *levers, "--limit_train", "64", "--batch_size", "32", "--out_channels", "4", "--num_levels",
            "2", "--num_conv_per_level", "1", "--residual_step", "1", "--augment", "--optimizer", "sgd", "--momentum",
            "0.9", "--lr", "0.05", "--lr_schedule", "onecycle", "--num_epochs", "3", "--device", "cpu"]
     (config, _), = run_main(*cnn, "--out_dir", str(tmp_path / "straight"))
