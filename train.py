@@ -278,8 +278,9 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000, precision: 
 
 def test_results(run: RunSetup) -> dict:
     """The test loss and accuracy of the run's scored weights, and, labelled apart, those with --tta and those of the
-    trained weights when --ema averages them."""
+    trained weights when --ema averages them, and the seconds all of them took."""
     config = run.config
+    start = time.perf_counter()
     loss, acc = evaluate(run.scored_model, run.test, precision=config.precision)
     results = {"loss": loss, "acc": acc}
     if config.tta != "none":
@@ -288,6 +289,7 @@ def test_results(run: RunSetup) -> dict:
     if run.ema is not None:
         results["loss_trained_weights"], results["acc_trained_weights"] = evaluate(
             run.model, run.test, precision=config.precision)
+    results["seconds"] = time.perf_counter() - start
     return results
 
 
