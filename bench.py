@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, R
                   load_dataset, normalize, read_cifar10_batches)
 from train import (RunSetup, amp_precision, build_run_model, cpu_threads, evaluate, logged_weights, prepare_run,
                    train_one_epoch, use_cudnn_benchmark, uses_channels_last)
-from utils import ArgumentParser, UsageError, check_writable, resolve_device, run_cli, write_json
+from utils import ArgumentParser, UsageError, check_writable, cpu_model, resolve_device, run_cli, write_json
 
 MLP_FLAGS = ["--preset", "exercise1", "--num_hidden_layers", "22", "--residual_step", "0", "--seed", "0"]
 RESNET20_FLAGS = ["--preset", "resnet20", "--augment"]  # trained with pipeline.py's defaults: Adam, lr 3e-4
@@ -455,12 +454,7 @@ def resnet20_epoch(raw: RawData, options: Options) -> dict:
 
 def cpu_description() -> str:
     """The CPU's model name and the instruction sets that decide its speed and --amp's precision."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{model}; " + ", ".join(f"{isa} {'yes' if has() else 'no'}" for isa, has in CPU_ISA.items())
+    return f"{cpu_model()}; " + ", ".join(f"{isa} {'yes' if has() else 'no'}" for isa, has in CPU_ISA.items())
 
 
 def check_targets(results: dict) -> list[dict]:

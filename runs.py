@@ -261,8 +261,10 @@ def well_formed_history(history: object) -> bool:
     return (all(has_numbers(e, (*EPOCH_RECORD, f"{held_out}_loss", f"{held_out}_acc")) and e["epoch"] == i + 1
                 and isinstance(e["steps"], int) and e["seconds"] >= 0 and 0 <= e[f"{held_out}_acc"] <= 1
                 for i, e in enumerate(epochs))
-            and isinstance(test, dict) and has_numbers(test, ("loss", "acc", *test))
-            and all(0 <= value <= 1 for key, value in test.items() if key.startswith("acc")))
+            and isinstance(test, dict) and has_numbers(test, ("loss", "acc", *test)) and test.get("seconds", 0) >= 0
+            and all(0 <= value <= 1 for key, value in test.items() if key.startswith("acc"))
+            and isinstance(history.get("machines", []), list)
+            and all(isinstance(machine, str) for machine in history.get("machines", [])))
 
 
 HELD_OUT = {"val": "validation", "test": "test"}  # what a history's epochs are scored on: its key, its name
@@ -435,7 +437,8 @@ def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
             run.scaler.load_state_dict(checkpoint["grad_scaler"])
         if run.ema is not None:
             run.ema.load_state_dict(checkpoint["ema"])
-        history = {"epochs": list(checkpoint["history"]["epochs"])}
+        history = {"epochs": list(checkpoint["history"]["epochs"]),
+                   "machines": list(checkpoint["history"].get("machines", []))}
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None
     return history, checkpoint.get("wandb_run_id")

@@ -17,7 +17,7 @@ from data import DATASETS, RawData, Shard, Split, TrainLoader, make_splits
 from models import build_model
 from runs import HELD_OUT, RunFiles, build_checkpoint, restore, save_checkpoint
 from tracking import TrackedRun, TrackingOptions, start_trackers
-from utils import seed_everything
+from utils import machine_description, seed_everything
 
 FINITE_CHECK_EVERY = 10  # steps between checks that the loss is finite (each check waits for the device)
 DEFAULT_THREADS = torch.get_num_threads()
@@ -308,6 +308,9 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
             files.heal_grad_norms(names, history["epochs"][-1]["steps"] if history["epochs"] else 0)
     elif writes:
         files.start_grad_norms(names)
+    machine = machine_description(torch.device(config.device))
+    if machine not in history.setdefault("machines", []):  # each machine it trained on, for its timings
+        history["machines"].append(machine)
     begins = f"resuming after epoch {len(history['epochs'])}" if history["epochs"] else "starting"
     print(f"{config.run_name}: {begins} on {config.device} in {config.precision}", flush=True)
     if writes:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import platform
 import random
 import signal
 import sys
@@ -151,6 +152,23 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's guess where there is none)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return model
+
+
+def machine_description(device: torch.device) -> str:
+    """What a run trains on, for its history: the GPU's name, or the CPU's model and torch's threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def existing_ancestor(path: Path) -> Path:

@@ -41,7 +41,10 @@ def interrupt_at(monkeypatch, step: int) -> None:
 
 
 def without_seconds(history: dict) -> dict:
-    return dict(history, epochs=[{k: v for k, v in e.items() if k != "seconds"} for e in history["epochs"]])
+    """A history without the seconds its epochs and its test took."""
+    test = {k: v for k, v in history["test"].items() if k != "seconds"} if "test" in history else {}
+    return dict(history, epochs=[{k: v for k, v in e.items() if k != "seconds"} for e in history["epochs"]],
+                **({"test": test} if test else {}))
 
 
 def run_files(run_dir) -> dict[str, bytes]:
