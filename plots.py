@@ -434,3 +434,60 @@ def plot_gradient_heatmaps(runs: list[tuple[RunConfig, tuple[list[int], dict[str
                           f"gradient norm of every weight layer: {depth_label(config)}, {shortcut_label(config)}, "
                           f"seed {config.seed}", paths[-1], scale)
     return paths
+
+
+@dataclass(frozen=True)
+class TimedRun:
+    """One run as the time-to-accuracy figure draws it: its recipe's label and seed, each epoch's held-out accuracy
+    against the minutes trained by its end, and the final test accuracies (by label) when the test ends."""
+    recipe: str
+    seed: int
+    minutes: list[float]
+    accuracies: list[float]
+    scored_on: str  # "validation" or "test"
+    final_minutes: float
+    finals: dict[str, float]
+
+
+def timed_run(recipe: str, config: RunConfig, history: dict) -> TimedRun:
+    """A finished run's TimedRun: minutes are its epochs' seconds (training and each epoch's scoring) summed, the
+    final test's seconds after them where its history holds them."""
+    minutes = list(np.cumsum([e["seconds"] for e in history["epochs"]]) / 60)
+    test = history["test"]
+    finals = {"test": test["acc"], **{f"test, {key.removeprefix('acc_').replace('_', ' ')}": value
+                                      for key, value in test.items() if key.startswith("acc_")}}
+    return TimedRun(recipe, config.seed, minutes, held_out_accuracies(history), HELD_OUT[held_out_key(history)],
+                    minutes[-1] + test.get("seconds", 0) / 60, finals)
+
+
+def plot_time_to_accuracy(runs: list[TimedRun], target: tuple[str, float], machines: list[str],
+                          path: str | Path) -> None:
+    """Held-out accuracy against minutes of training, one colour per recipe and one line per seed, each run's
+    final test accuracies as markers where its test ends, and the published accuracy `target` as a line."""
+    from matplotlib.lines import Line2D
+    recipes = list(dict.fromkeys(run.recipe for run in runs))
+    colours = dict(zip(recipes, curve_colours(len(recipes))))
+    finals = list(dict.fromkeys(label for run in runs for label in run.finals))
+    markers = dict(zip(finals, "o^sDv"))
+    fig, (ax,) = new_figure(panel_size=(8.5, 5.2))
+    for run in runs:
+        ax.plot(run.minutes, 100 * np.array(run.accuracies), color=colours[run.recipe], linewidth=1, alpha=0.8,
+                linestyle="-" if run.scored_on == "test" else "--")
+        for label, acc in run.finals.items():
+            ax.plot(run.final_minutes, 100 * acc, linestyle="none", marker=markers[label], markersize=5,
+                    color=colours[run.recipe], markeredgecolor="black", markeredgewidth=0.4)
+    ax.axhline(100 * target[1], color="black", linestyle=":", linewidth=1)
+    ax.text(0.01, 100 * target[1], f"{target[0]}: {100 * target[1]:.2f}%", va="bottom", fontsize=8,
+            transform=ax.get_yaxis_transform())
+    low = min(min(run.accuracies[len(run.accuracies) // 3:]) for run in runs)  # leave the first epochs' climb out
+    ax.set(xlabel="minutes of training (each epoch's scoring included)", ylabel="accuracy (%)",
+           ylim=(100 * low - 1, 100 * max(target[1], *(max(r.finals.values()) for r in runs)) + 1))
+    ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colours[recipe], label=f"{recipe}: "
+                      f"{sum(run.recipe == recipe for run in runs)} seeds, per epoch on "
+                      f"{next(run.scored_on for run in runs if run.recipe == recipe)}") for recipe in recipes]
+    handles += [Line2D([], [], linestyle="none", marker=markers[label], color="grey", markeredgecolor="black",
+                       label=f"final {label}") for label in finals]
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.set_title(f"Time to accuracy on {' / '.join(machines) or 'a machine the runs did not record'}", fontsize=10)
+    savefig(fig, path)

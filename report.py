@@ -27,13 +27,16 @@ from pathlib import Path
 
 import faithfulness
 from config import RunConfig
-from plots import STALL_LAYERS, TRAINED, in_stall_study, init_gradient_points, init_gradient_threshold
+from plots import (STALL_LAYERS, TRAINED, TimedRun, in_stall_study, init_gradient_points, init_gradient_threshold,
+                   plot_time_to_accuracy, timed_run)
 from runs import RunFiles
 from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, reporting_full_disk,
                    run_cli)
 
 FAMILIES = {"--ex1": ("MLP", "Exercise 1's MLP runs"), "--ex2": ("ResNet", "Exercise 2's CNN runs"),
+            "--fast": ("ResNet", "CNN runs of --preset resnet20_fast"),
             "--best_checkpoint": ("ResNet", "Exercise 2's CNN runs")}
+PUBLISHED = ("He et al. 2016, ResNet-20", 0.9125)  # Table 6: 8.75% test error
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -42,6 +45,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             add_help=add_help)
     parser.add("--ex1", default=None, help="out_dir of the Exercise 1 sweep (MLPs on MNIST)")
     parser.add("--ex2", default=None, help="out_dir of the Exercise 2 sweep (CNNs on CIFAR-10)")
+    parser.add("--fast", default=None,
+               help="out_dir of the time-to-accuracy runs (--preset resnet20_fast, and the same recipe at other depths "
+                    "and shortcuts): their table beside He et al.'s ResNet-20, and with --ex2 how the degradation of "
+                    "plain networks compares after 10 epochs and after this recipe")
+    parser.add("--time_to_accuracy", default=None, metavar="PNG",
+               help="draw accuracy against minutes of training of the residual depth-20 runs of --fast (and of --ex2 "
+                    "when given) into this file")
     parser.add("--faithfulness", default=None, metavar="JSON",
                help="faithfulness.json written by cam.py --faithfulness: its table as the ex3-faithfulness block")
     parser.add("--readme", nargs="+", default=None, metavar="FILE",
@@ -55,8 +65,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "the tables name them")
     parser.add("--keep", default=None,
                help="also copy what the tables are made of (each run's config.json, history.json and the step-0 row "
-                    "of its grad_norms.csv) into KEEP/ex1 and KEEP/ex2, replacing those folders; report.py remakes "
-                    "the same tables from them")
+                    "of its grad_norms.csv) into KEEP/ex1, KEEP/ex2 and KEEP/fast, replacing those folders; report.py "
+                    "remakes the same tables from them")
     return parser
 
 
@@ -145,7 +155,9 @@ def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]
     check_family([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
     if flag != "--best_checkpoint":  # the CAM model is the best of every residual run there
         check_one_sweep([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
-    missing = missing_runs([c for c, _ in runs] + [item.config for item in left_out if item.config])
+    # --fast: residual depth 20 has three seeds, the degradation question's other networks one
+    missing = [] if flag == "--fast" else missing_runs([c for c, _ in runs] + [item.config for item in left_out
+                                                                                 if item.config])
     for item in left_out:
         print(f"{out_dir}: not used: {item.folder}: {item.reason}", file=sys.stderr)
     for name in missing:
@@ -247,6 +259,82 @@ def exercise2_table(runs: list[tuple[RunConfig, dict]]) -> str:
     return "\n".join(lines)
 
 
+def images_seen(config: RunConfig, history: dict) -> int | None:
+    """Training images a run saw: its epochs times the images its config leaves for training, when its steps agree
+    (None for a run on a smaller copy of the dataset, whose size its files do not hold)."""
+    from data import DATASETS, num_batches
+    images = config.limit_train or DATASETS[config.dataset].num_train - config.val_size
+    steps = history["epochs"][-1]["steps"]
+    return config.num_epochs * images if steps == config.num_epochs * num_batches(images, config.batch_size) else None
+
+
+def run_minutes(history: dict) -> float:
+    """A run's minutes from its first step to its test result: its epochs (training and each epoch's scoring) and its
+    final test (where its history holds that time)."""
+    return (sum(e["seconds"] for e in history["epochs"]) + history["test"].get("seconds", 0)) / 60
+
+
+def fast_table(runs: list[tuple[RunConfig, dict]]) -> str:
+    """One row per network of the time-to-accuracy runs: images seen, median and range over seeds of the test
+    accuracy of the kept weights, with flip test-time augmentation and of the trained weights without their
+    average, and minutes per run; then the published accuracy and the machines."""
+    networks: dict[tuple, list[tuple[RunConfig, dict]]] = {}
+    for config, history in runs:
+        networks.setdefault((config.residual_step > 0, config.depth), []).append((config, history))
+    lines = ["| network | seeds | training images seen | test acc: median (range) | with flip TTA | "
+             "trained weights, no average | minutes per run |", "|---|---:|---:|---|---|---|---:|"]
+
+    def column(group: list[tuple[RunConfig, dict]], key: str) -> str:
+        values = [h["test"][key] for _, h in group if key in h["test"]]
+        return median_range(values, percent) if len(values) == len(group) else "-"
+
+    for key in sorted(networks, reverse=True):
+        group = networks[key]
+        config = group[0][0]
+        images = "/".join(sorted({f"{n:,}" if n else "-" for n in (images_seen(c, h) for c, h in group)}))
+        lines.append(f"| {network_label(config)} | {len(group)} | {images} | {column(group, 'acc')} | "
+                     f"{column(group, 'acc_flip')} | {column(group, 'acc_trained_weights')} | "
+                     f"{statistics.median(run_minutes(h) for _, h in group):.1f} |")
+    machines = sorted({m for _, h in runs for m in h.get("machines", [])})
+    lines.append("")
+    lines.append(f"{PUBLISHED[0]}: {PUBLISHED[1]:.2%} test accuracy. Minutes: each run's epochs (training and each "
+                 "epoch's scoring) and its final test, without reading the data; trained on "
+                 f"{', '.join(machines) or 'machines the runs did not record'}.")
+    return "\n".join(lines)
+
+
+def degradation_gap(ex2: list[tuple[RunConfig, dict]], fast: list[tuple[RunConfig, dict]]) -> str:
+    """How far the deepest plain network tests below the shallower plain ones, and residual above plain, after
+    Exercise 2's 10 epochs and after the time-to-accuracy recipe: medians over the seeds each network has."""
+    def medians(runs: list[tuple[RunConfig, dict]]) -> dict[tuple[int, bool], float]:
+        by_net: dict[tuple[int, bool], list[float]] = {}
+        for config, history in runs:
+            by_net.setdefault((config.depth, config.residual_step > 0), []).append(history["test"]["acc"])
+        return {net: statistics.median(accs) for net, accs in by_net.items()}
+
+    recipes = {f"Exercise 2 ({'/'.join(str(n) for n in sorted({c.num_epochs for c, _ in ex2}))} epochs)": medians(ex2),
+               f"resnet20_fast ({'/'.join(str(n) for n in sorted({c.num_epochs for c, _ in fast}))} epochs)":
+                   medians(fast)}
+    nets = sorted(set.intersection(*(set(m) for m in recipes.values())))
+    if not nets:
+        return "No network was trained with both recipes."
+    lines = ["| network | " + " | ".join(f"{name}: median test acc" for name in recipes) + " |",
+             "|---|" + "---|" * len(recipes)]
+    for depth, residual in nets:
+        label = f"depth {depth}, {'residual' if residual else 'plain'}"
+        lines.append(f"| {label} | " + " | ".join(percent(m[(depth, residual)]) for m in recipes.values()) + " |")
+    plain = sorted(d for d, r in nets if not r)
+    if len(plain) > 1:
+        deep = plain[-1]
+        for shallow in plain[:-1]:
+            gaps = [100 * (m[(shallow, False)] - m[(deep, False)]) for m in recipes.values()]
+            lines.append("")
+            lines.append(f"Plain depth {deep} tests {gaps[0]:.1f} points below plain depth {shallow} after "
+                         f"{list(recipes)[0]} and {gaps[1]:.1f} points below it after {list(recipes)[1]} "
+                         "(a negative gap: above it).")
+    return "\n".join(lines)
+
+
 def exercise2_checks(runs: list[tuple[RunConfig, dict]]) -> str:
     """What the lab expects to see, judged seed by seed: each line says for how many of the seeds that both
     networks were trained with it holds, and holds only when it does for every one of them."""
@@ -316,7 +404,7 @@ def check_keep(keep: Path, sweeps: dict[str, Path]) -> None:
     the user's), which keep_results would replace, and kept results that a sweep would replace by fewer runs or by
     runs trained otherwise (a toy make reproduce: the README's tables are made from them)."""
     check_writable(keep, "--keep")
-    for name in ("ex1", "ex2"):
+    for name in ("ex1", "ex2", "fast"):
         target = keep / name
         if target.is_file() or target.is_dir() and not all(RunFiles(p).is_kept_summary() for p in target.iterdir()):
             raise UsageError(f"--keep {keep}: {target} holds more than kept results (run folders with checkpoints, "
@@ -417,6 +505,24 @@ def faithfulness_block(path: Path) -> str:
             f"{Path(record['checkpoint']).parent.name}.")
 
 
+def draw_time_to_accuracy(fast: list[tuple[RunConfig, dict]], ex2: list[tuple[RunConfig, dict]], path: Path) -> None:
+    """The time-to-accuracy figure of the recipe's network (the network of --fast with the most seeds: residual depth
+    20) under both recipes, He et al.'s accuracy as the target."""
+    networks = [(c.depth, c.residual_step) for c, _ in fast]
+    network = max(networks, key=networks.count)
+
+    def timed(runs: list[tuple[RunConfig, dict]], recipe: str) -> list[TimedRun]:
+        epochs = "/".join(str(n) for n in sorted({c.num_epochs for c, _ in runs}))
+        return [timed_run(f"{recipe}, {epochs} epochs", c, h) for c, h in runs if (c.depth, c.residual_step) == network]
+
+    check_writable(path.parent, "--time_to_accuracy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machines = sorted({m for _, h in ex2 + fast for m in h.get("machines", [])})
+    with reporting_full_disk(path):
+        plot_time_to_accuracy(timed(ex2, "Exercise 2") + timed(fast, "resnet20_fast"), PUBLISHED, machines, path)
+    print(f"wrote {path}")
+
+
 def read_readme(path: Path) -> str:
     """The text of --readme, or a UsageError saying why it cannot be read."""
     try:
@@ -436,18 +542,24 @@ def main(args: argparse.Namespace) -> dict[str, str]:
     if args.allow_missing and args.readme is None:
         raise UsageError("--allow_missing lets --readme write tables that lack runs; give --readme too, or leave "
                          "--allow_missing out")
-    if args.keep is not None and args.ex1 is None and args.ex2 is None:
-        raise UsageError("--keep copies the runs of --ex1 and --ex2; give one of them too, or leave --keep out")
+    if args.keep is not None and args.ex1 is None and args.ex2 is None and args.fast is None:
+        raise UsageError("--keep copies the runs of --ex1, --ex2 and --fast; give one of them too, or leave --keep "
+                         "out")
+    if args.time_to_accuracy is not None and args.fast is None:
+        raise UsageError("--time_to_accuracy draws the runs of --fast (and --ex2); give --fast too")
+    if args.time_to_accuracy is not None and Path(args.time_to_accuracy).is_dir():
+        raise UsageError(f"--time_to_accuracy {args.time_to_accuracy} is a folder; give the .png file to draw")
     if args.best_checkpoint is not None:
         out_dir = Path(args.best_checkpoint)
         print(best_checkpoint(finished_runs(out_dir, "--best_checkpoint")[0], out_dir))
         return {}
-    if args.ex1 is None and args.ex2 is None and args.faithfulness is None:
-        raise UsageError("give --ex1 and/or --ex2 (the out_dir of a sweep) and/or --faithfulness, or "
+    if args.ex1 is None and args.ex2 is None and args.fast is None and args.faithfulness is None:
+        raise UsageError("give --ex1, --ex2 and/or --fast (the out_dir of a sweep) and/or --faithfulness, or "
                          "--best_checkpoint")
     texts = {path: read_readme(path) for path in map(Path, args.readme)} if args.readme is not None else None
     if args.keep is not None:
-        check_keep(Path(args.keep), {name: Path(out) for name, out in (("ex1", args.ex1), ("ex2", args.ex2)) if out})
+        check_keep(Path(args.keep), {name: Path(out) for name, out in (("ex1", args.ex1), ("ex2", args.ex2),
+                                                                       ("fast", args.fast)) if out})
     blocks, incomplete, sweeps = {}, 0, {}
     if args.ex1 is not None:
         out_dir = Path(args.ex1)
@@ -464,6 +576,17 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         blocks["ex2-checks"] = exercise2_checks(runs)
         incomplete += len(missing)
         sweeps["ex2"] = out_dir
+        ex2_runs = runs
+    if args.fast is not None:
+        out_dir = Path(args.fast)
+        fast_runs = finished_runs(out_dir, "--fast")[0]
+        blocks["fast"] = fast_table(fast_runs)
+        blocks["fast-checks"] = exercise2_checks(fast_runs)
+        if args.ex2 is not None:
+            blocks["fast-degradation"] = degradation_gap(ex2_runs, fast_runs)
+        sweeps["fast"] = out_dir
+        if args.time_to_accuracy is not None:
+            draw_time_to_accuracy(fast_runs, ex2_runs if args.ex2 is not None else [], Path(args.time_to_accuracy))
     if args.faithfulness is not None:
         blocks["ex3-faithfulness"] = faithfulness_block(Path(args.faithfulness))
     for name, content in blocks.items():

@@ -78,3 +78,21 @@ def test_reproduce_ex3_puts_the_earlier_maps_back_when_a_step_fails(tmp_path):
     assert [p.name for p in (runs / "ex3").iterdir()] == ["faithfulness.json"]
     assert (runs / "ex3" / "faithfulness.json").read_text() == "the earlier results"
     assert not (tmp_path / "img_show").exists()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_reproduce_fast_at_toy_size_trains_the_recipe_and_draws_time_to_accuracy(tmp_path):
+    data = write_cifar10(tmp_path / "data", n_per_batch=150, n_test=100)
+    img_show, runs = tmp_path / "img_show", tmp_path / "runs"
+    variables = dict(PY=sys.executable, DATA_ROOT=str(data), RUNS=str(runs), IMG_SHOW=str(img_show), EPOCHS="2",
+                     IMAGES="640", FAST_SEEDS="0", FAST_CONVS="1")
+    done = subprocess.run(["make", "-o", ".venv/.installed", "reproduce-fast",
+                           *(f"{k}={v}" for k, v in variables.items())],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = sorted(p.name for p in runs.joinpath("fast").iterdir())
+    assert names == ["plots", "resnet_cifar10_d20_c16x3_res2_s0", "resnet_cifar10_d5_c16x3_plain_s0",
+                     "resnet_cifar10_d5_c16x3_res2_s0"]
+    assert (img_show / "time_to_accuracy.png").stat().st_size > 10_000
+    assert "<!-- report:fast -->" in done.stdout
+    assert "| depth 20, residual (step 2, identity shortcuts) | 1 |" in done.stdout

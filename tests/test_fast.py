@@ -1,0 +1,176 @@
+"""The time-to-accuracy recipe (--preset resnet20_fast): each of its levers is applied where training and scoring
+use it, its flags are checked like every flag, and its runs are reported and drawn."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeline
+import report
+import train
+from config import PRESETS, RunConfig
+from conftest import cli_exit, replay, run_config, run_main
+from data import load_dataset
+from runs import RunFiles, load_checkpoint, model_of
+
+# the recipe on a network small enough for the tiny CIFAR-10 (500 training images, 100 test images)
+TINY = ["--out_channels", "4", "--num_levels", "2", "--num_conv_per_level", "2", "--batch_size", "50",
+        "--num_epochs", "2", "--no-download", "--device", "cpu"]
+
+
+def fast(cifar_root, *flags: str) -> list[str]:
+    return ["--preset", "resnet20_fast", "--data_root", str(cifar_root), *TINY, *flags]
+
+
+def tiny_setup(cifar_root, *flags: str) -> train.RunSetup:
+    """The RunSetup pipeline.py would train for the tiny recipe, with these flags changed."""
+    config = run_config(*fast(cifar_root, "--seed", "0", *flags))
+    return train.prepare_run(config, load_dataset("CIFAR10", cifar_root, download=False))
+
+
+def test_the_preset_is_exercise_2s_recipe_on_all_images_with_an_average_and_flip_tta():
+    fast_config = run_config("--preset", "resnet20_fast", "--seed", "0")
+    ex2 = run_config("--preset", "exercise2", "--num_conv_per_level", "6", "--residual_step", "2", "--seed", "0")
+    assert {name for name in fast_config.to_dict() if getattr(fast_config, name) != getattr(ex2, name)} == {
+        "val_size", "num_epochs", "ema", "tta", "warmup_epochs"}
+    assert (fast_config.val_size, fast_config.num_epochs, fast_config.ema, fast_config.tta) == (0, 21, 0.999, "flip")
+    assert fast_config.depth == 20 and fast_config.num_epochs * 50000 <= 1_080_000  # the issue's image budget
+    assert PRESETS["resnet20_fast"]["seed"] == [0, 1, 2]
+    assert fast_config == run_config(*TRAINED_WITH, "--seed", "0")
+
+
+# the flag line that trained results/fast, before the preset existed
+TRAINED_WITH = ["--preset", "resnet20", "--augment", "--optimizer", "sgd", "--lr", "0.2", "--momentum", "0.9",
+                "--nesterov", "--weight_decay", "5e-4", "--label_smoothing", "0.1", "--lr_schedule", "onecycle",
+                "--batch_size", "128", "--ema", "0.999", "--tta", "flip", "--val_size", "0", "--num_epochs", "21"]
+
+
+def test_the_recipes_optimiser_schedule_and_data_reach_what_the_loop_steps(cifar_root):
+    run = tiny_setup(cifar_root)
+    decay, no_decay = run.optimizer.param_groups
+    assert isinstance(run.optimizer, torch.optim.SGD) and decay["nesterov"] and decay["momentum"] == 0.9
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
+    assert isinstance(run.scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    lrs = []
+    for _ in range(len(run.train) * 2):
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        run.optimizer.step()
+        run.scheduler.step()
+    assert max(lrs) == pytest.approx(0.2) and lrs[0] == pytest.approx(0.2 / 25)
+    assert run.train.batch_size == 50 and len(run.train.labels) == 500 and len(run.val) == 0  # --val_size 0
+    images, _ = next(iter(replay(run.train)))
+    index = replay(run.train).epoch_indices()[0]
+    assert not torch.equal(images, run.train.images[index])  # cropped and flipped
+
+
+def test_the_training_loss_is_label_smoothed(cifar_root):
+    """The loss the first step trains on and records is cross-entropy with label smoothing 0.1 of that batch."""
+    run = tiny_setup(cifar_root, "--num_epochs", "1")
+    start = copy.deepcopy(run.model)
+    images, labels = next(iter(replay(run.train)))
+    start.train()
+    smoothed = F.cross_entropy(start(images), labels, label_smoothing=0.1).item()
+    plain = F.cross_entropy(start(images), labels).item()
+    run.train = train.TrainLoader(train.Split(images, labels), len(labels), 0)  # one step: that batch, reordered
+    result = train.train_one_epoch(run, 1, 0)
+    assert result.loss == pytest.approx(smoothed, rel=1e-5) and abs(smoothed - plain) > 1e-3
+
+
+def test_the_average_is_updated_every_step_and_is_what_is_scored_and_saved(cifar_root, tmp_path):
+    (config, history), = run_main(*fast(cifar_root, "--seed", "0", "--out_dir", str(tmp_path)))
+    checkpoint = load_checkpoint(RunFiles(tmp_path / config.run_name).checkpoint)
+    assert checkpoint["ema"]["n_averaged"].item() == history["epochs"][-1]["steps"] == 20
+    averaged = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
+    assert any(not torch.equal(averaged[k], checkpoint["model"][k]) for k in checkpoint["model"])
+    _, model = model_of(checkpoint, "c.pt")  # what --no-train and cam.py score
+    assert all(torch.equal(model.state_dict()[k], averaged[k]) for k in averaged)
+    running_means = [k for k in averaged if k.endswith("running_mean")]
+    assert running_means and any(not torch.equal(averaged[k], checkpoint["model"][k]) for k in running_means)
+
+
+def test_flip_tta_is_the_mean_of_the_softmax_of_each_image_and_its_mirror(cifar_root):
+    run = tiny_setup(cifar_root)
+    model = run.model.eval()
+    test = run.test
+    with torch.no_grad():
+        probs = (F.softmax(model(test.images), 1) + F.softmax(model(test.images.flip(3)), 1)) / 2
+    loss, acc = train.evaluate(model, test, batch_size=30, tta="flip")
+    assert acc == pytest.approx((probs.argmax(1) == test.labels).float().mean().item())
+    assert loss == pytest.approx(F.nll_loss(probs.log(), test.labels).item(), rel=1e-4)
+    assert (loss, acc) != train.evaluate(model, test, batch_size=30)
+
+
+def test_a_recipe_run_records_every_test_accuracy_apart_and_scores_its_epochs_on_the_test_set(cifar_root, tmp_path,
+                                                                                           capsys):
+    (config, history), = run_main(*fast(cifar_root, "--seed", "0", "--out_dir", str(tmp_path)))
+    assert set(history["test"]) == {"loss", "acc", "loss_flip", "acc_flip", "loss_trained_weights",
+                                    "acc_trained_weights", "seconds"}
+    assert all("test_acc" in e and "val_acc" not in e for e in history["epochs"])
+    assert history["epochs"][-1]["test_acc"] == history["test"]["acc"]  # the same weights on the same images
+    assert history["machines"] and "threads" in history["machines"][0]
+    saved = json.loads((tmp_path / config.run_name / "config.json").read_text())
+    assert (saved["val_size"], saved["ema"], saved["tta"]) == (0, 0.999, "flip")
+    out = capsys.readouterr().out
+    assert "test acc" in out and "flip:" in out and "trained weights:" in out and "val acc" not in out
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--ema", "1"], "--ema must be a finite number of at least 0 and below 1"),
+    (["--ema", "-0.5"], "--ema must be"), (["--ema", "nan"], "--ema must be"),
+    (["--tta", "rotate"], "--tta"), (["--val_size", "-1"], "--val_size"),
+    (["--val_size", "50000"], "--val_size 50000 must be between 0 and 499"),
+])
+def test_bad_values_of_the_new_flags_are_one_line(cifar_root, tmp_path, capsys, flags, words):
+    status, lines = cli_exit(capsys, *fast(cifar_root, "--seed", "0", "--out_dir", str(tmp_path), *flags))
+    assert status == 2 and len(lines) == 1 and words in lines[0], lines
+    assert not any(tmp_path.iterdir())
+
+
+def test_flip_tta_without_flipped_training_images_is_refused(mnist_root, tmp_path, capsys):
+    status, lines = cli_exit(capsys, "--data_root", str(mnist_root), "--no-download", "--tta", "flip",
+                             "--out_dir", str(tmp_path))
+    assert status == 2 and len(lines) == 1 and "--tta flip needs --augment" in lines[0]
+
+
+def test_a_config_of_before_ema_and_tta_still_loads_as_a_run_without_them():
+    saved = run_config("--preset", "exercise2", "--seed", "0").to_dict()
+    del saved["ema"], saved["tta"]
+    config = RunConfig.from_dict(saved)
+    assert (config.ema, config.tta) == (0.0, "none")
+
+
+def test_report_tables_the_recipe_beside_he_et_al_and_draws_time_to_accuracy(cifar_root, tmp_path):
+    fast_dir, ex2_dir, png = tmp_path / "fast", tmp_path / "ex2", tmp_path / "img" / "time_to_accuracy.png"
+    run_main(*fast(cifar_root, "--seed", "0", "1", "--out_dir", str(fast_dir)))
+    plain = ["--num_conv_per_level", "1", "2", "--residual_step", "0", "--seed", "0"]
+    run_main(*fast(cifar_root, *plain, "--out_dir", str(fast_dir)))
+    run_main("--preset", "exercise2", "--data_root", str(cifar_root), *TINY, *plain, "--val_size", "50",
+             "--out_dir", str(ex2_dir))
+    blocks = report.main(report.get_args_parser().parse_args(
+        ["--fast", str(fast_dir), "--ex2", str(ex2_dir), "--time_to_accuracy", str(png)]))
+    rows = [line for line in blocks["fast"].splitlines() if line.startswith("| depth")]
+    residual = [json.loads(p.read_text()) for p in sorted(fast_dir.glob("*res2*/history.json"))]
+    row = next(row for row in rows if row.startswith("| depth 6, residual"))
+    accuracies = [report.median_range([h["test"][key] for h in residual], report.percent) for key in ("acc", "acc_flip")]
+    assert row.split(" | ")[1:5] == ["2", "-", *accuracies]  # a smaller copy of CIFAR-10: its images are not counted
+    assert "He et al. 2016, ResNet-20: 91.25% test accuracy" in blocks["fast"] and "threads" in blocks["fast"]
+    assert "plain depth 6 tests worse than plain depth 4" in blocks["fast-checks"]
+
+    def acc(out_dir, name: str) -> float:
+        return json.loads((out_dir / name / "history.json").read_text())["test"]["acc"]
+    gaps = [100 * (acc(d, "resnet_cifar10_d4_c4x2_plain_s0") - acc(d, "resnet_cifar10_d6_c4x2_plain_s0"))
+            for d in (ex2_dir, fast_dir)]
+    assert (f"Plain depth 6 tests {gaps[0]:.1f} points below plain depth 4 after Exercise 2 (2 epochs) and "
+            f"{gaps[1]:.1f} points below it after resnet20_fast (2 epochs)") in blocks["fast-degradation"]
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("flags,words", [(["--time_to_accuracy", "t.png"], "give --fast too"),
+                                         (["--fast", "{tmp}", "--time_to_accuracy", "{tmp}"], "is a folder")])
+def test_time_to_accuracy_refuses_what_it_cannot_draw(tmp_path, capsys, flags, words):
+    from utils import run_cli
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(report.main, report.get_args_parser().parse_args([f.format(tmp=tmp_path) for f in flags]))
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
