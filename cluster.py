@@ -4,6 +4,8 @@ signal before a preemption or the time limit requeues it, and the requeued job c
 checkpoint. The submitting command prints the job ids and waits for them with one progress bar, or leaves them."""
 from __future__ import annotations
 
+import contextlib
+import io
 import shlex
 import shutil
 import sys
@@ -103,10 +105,13 @@ def launch(sweep: Plan, todo: list[int], job: RunJob, options: SlurmOptions,
     runs = [as_submitted(sweep.runs[i]) for i in todo]
     sweep.release()  # each job locks the run it trains
     executor = make_executor(folder, options)
+    said = io.StringIO()  # submitit prints sbatch's refusal before it raises it: said once, in our line
     try:
-        jobs = executor.map_array(job, runs)
-    except submitit.core.utils.FailedJobError as e:  # sbatch's refusal: a partition, account or limit of the cluster
-        raise UsageError(f"sbatch refused the job array: {first_line(e)}") from None
+        with contextlib.redirect_stderr(said):
+            jobs = executor.map_array(job, runs)
+    except submitit.core.utils.FailedJobError as e:  # a partition, account or limit of the cluster
+        raise UsageError(f"sbatch refused the job array, and nothing was submitted: {first_line(e)}") from None
+    sys.stderr.write(said.getvalue())
     for run, submitted in zip(runs, jobs):
         print(f"{run.config.run_name}: job {submitted.job_id}", flush=True)
     print(f"submitit's logs: {folder} (<job id>_0_log.out and <job id>_0_log.err)", flush=True)

@@ -147,6 +147,15 @@ def test_flags_that_cannot_work_with_slurm_are_refused(mnist_root, tmp_path, cap
     assert not any(tmp_path.glob("mlp_*")) and not sbatch.exists()
 
 
+def test_a_job_array_that_sbatch_refuses_is_one_line(mnist_root, tmp_path, capsys, sbatch):
+    (tmp_path / "bin" / "sbatch").write_text('#!/bin/sh\necho "sbatch: error: invalid partition specified: gpu" >&2\n'
+                                             "exit 1\n")
+    status, lines = cli_exit(capsys, *flags(mnist_root, tmp_path, "--launcher", "slurm", "--slurm_partition", "gpu"))
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].endswith("sbatch refused the job array, and nothing was submitted: sbatch: error: invalid "
+                             "partition specified: gpu"), lines
+
+
 def test_slurm_under_torchrun_or_without_slurm_is_refused(mnist_root, tmp_path, capsys, monkeypatch):
     status, lines = cli_exit(capsys, *flags(mnist_root, tmp_path, "--launcher", "slurm"))
     assert status == 2 and len(lines) == 1 and "sbatch and srun, not found on PATH" in lines[0], lines
