@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALI
                     value_type)
 from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset, num_batches
 from plots import plot_sweep
-from sweep import Plan, execute, expand, plan, with_prefix
+from sweep import Launcher, Plan, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, checked_online, log_sweep_figures
 from runs import (CheckpointError, ResumeError, RunConflict, RunFiles, RunLocked, load_checkpoint, model_of,
                   unfinished)
@@ -29,6 +31,9 @@ from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writabl
 MAX_THREADS_PER_CORE = 4  # --threads beyond this many per core only adds contention (10000 crashed torch)
 SWEEPS = "; several values run every combination"
 EVALUATION_FLAGS = {"train", "checkpoint", "data_root", "download", "device"}  # what --no-train reads
+SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_gpus_per_job", "slurm_cpus_per_job", "slurm_mem_gb",
+               "slurm_max_parallel", "slurm_option", "wait")  # the flags of --launcher slurm's jobs
+CLUSTER_SECTION = "cluster"
 
 
 class PipelineParser(ArgumentParser):
@@ -93,7 +98,43 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_flag(groups[SCALING], "--jobs", type=int, default=1,
              help="train a sweep's runs in N worker processes, longest first; on the CPU each gets cores // N "
                   "threads (or --threads), on CUDA its own device (round robin)")
+    add_cluster_flags(parser.add_argument_group(CLUSTER_SECTION))
     return parser
+
+
+def add_cluster_flags(cluster: argparse._ArgumentGroup) -> None:
+    """--launcher and the flags of its SLURM jobs."""
+    add_flag(cluster, "--launcher", choices=["local", "slurm"], default="local",
+             help="local: train in this process (or its --jobs workers); slurm: submit every run to train as one job "
+                  "of a SLURM job array (submitit; logs in <out_dir>/submitit), then wait for them and draw the "
+                  "figures; the run folders and --data_root must be on a file system the nodes share")
+    add_flag(cluster, "--slurm_partition", default=None, metavar="NAME",
+             help="the jobs' partition (default: the cluster's)")
+    add_flag(cluster, "--slurm_time", type=int, default=60, metavar="MINUTES",
+             help="each job's time limit; a run still training then is requeued and continues from its last epoch "
+                  "(at most 3 times)")
+    add_flag(cluster, "--slurm_gpus_per_job", type=int, choices=[0, 1], default=0,
+             help="GPUs per job (a run trains on one device; with 1, --device auto trains on it)")
+    add_flag(cluster, "--slurm_cpus_per_job", type=int, default=None, metavar="N",
+             help="CPUs per job, which its torch threads use (default: the cluster's)")
+    add_flag(cluster, "--slurm_mem_gb", type=float, default=None, metavar="GB",
+             help="memory per job (default: the cluster's)")
+    add_flag(cluster, "--slurm_max_parallel", type=int, default=None, metavar="K",
+             help="at most this many jobs of the array run at once (default: submitit's 256)")
+    add_flag(cluster, "--slurm_option", type=sbatch_option, nargs="+", default=[], metavar="KEY=VALUE",
+             help="any other sbatch option, without its --: account=mylab qos=normal constraint=a100 (default: none)")
+    add_flag(cluster, "--wait", action=argparse.BooleanOptionalAction, default=True,
+             help="wait for the jobs and draw the figures; --no-wait returns once they are submitted (the same "
+                  "command with --resume draws the figures when they have ended)")
+
+
+def sbatch_option(text: str) -> tuple[str, str]:
+    """An sbatch option as --slurm_option takes it: KEY=VALUE, the key a word of letters, digits, - and _."""
+    key, _, value = text.partition("=")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", key) or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (an sbatch option without its --, as in "
+                                         "account=mylab)")
+    return key, value
 
 
 def check_threads(threads: int) -> None:
@@ -119,14 +160,37 @@ def check_args(args: argparse.Namespace) -> None:
         (args.wandb == "disabled" or 0 < len(project) <= 128 and not any(c in project for c in "/\\#?%:"),
          f"--wandb_proj_name {project!r} is not a W&B project name (1 to 128 characters, none of / \\ # ? % :)"),
     ]
-    for ok, problem in rules:
+    for ok, problem in rules + cluster_rules(args, world):
         if not ok:
             raise UsageError(problem)
+    if args.launcher == "slurm":
+        import cluster
+        cluster.check_cluster()
     if args.checkpoint is not None:
         check_checkpoint_path(args.checkpoint, args.resume or args.overwrite)
     check_threads(args.threads)
     check_writable(Path(args.out_dir), "--out_dir")
     check_writable(plots_folder(args), "--plots_dir")
+
+
+def cluster_rules(args: argparse.Namespace, world: int) -> list[tuple[bool, str]]:
+    """check_args's rules of --launcher and its flags: (whether the flags keep it, the problem otherwise)."""
+    slurm = args.launcher == "slurm"
+    stray = get_args_parser().given_flags(args, {name for name in SLURM_FLAGS if not slurm})
+    counts = {"--slurm_time": args.slurm_time, "--slurm_cpus_per_job": args.slurm_cpus_per_job,
+              "--slurm_mem_gb": args.slurm_mem_gb, "--slurm_max_parallel": args.slurm_max_parallel}
+    return [
+        (not stray, f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} for --launcher slurm; give it or leave "
+         f"{'it' if len(stray) == 1 else 'them'} out"),
+        (not slurm or args.jobs == 1, "--jobs runs a sweep in worker processes of this machine, --launcher slurm as "
+         "SLURM jobs; use one"),
+        (not slurm or world == 1, "--launcher slurm submits a sweep from one process; start it without torchrun"),
+        *((value is None or value > 0, f"{flag} must be positive, got {value}") for flag, value in counts.items()),
+        (not slurm or args.device in ("auto", "cpu", "cuda"), f"--device {args.device}: a SLURM job trains on the "
+         "device it is given; use auto, cpu or cuda"),
+        (not slurm or args.device != "cuda" or args.slurm_gpus_per_job, "--device cuda needs a GPU in every job: "
+         "give --slurm_gpus_per_job 1"),
+    ]
 
 
 def check_checkpoint_path(checkpoint: str, existing_allowed: bool) -> None:
@@ -213,7 +277,9 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
         evaluate_checkpoint(args, resolve_device(args.device))
         return []
     check_args(args)
-    rank, world_size, device = 0, distributed_world(), resolve_device(args.device)  # checked under torchrun too
+    rank, world_size = 0, distributed_world()
+    # checked under torchrun too; a SLURM job resolves --device on its node (this one may have no GPU)
+    device = resolve_device(args.device) if args.launcher == "local" else torch.device("cpu")
     if world_size > 1:
         rank, world_size, device_name = init_distributed(device.type)
         device = torch.device(device_name)
@@ -224,7 +290,7 @@ def plan_and_train(args: argparse.Namespace) -> list[tuple[RunConfig, dict]]:
     if shared:
         raise UsageError(f"run {shared[0]}'s folder would be the figures' folder {plots_dir}; choose another "
                          "--run_name or --plots_dir")
-    if args.amp and configs[0].precision == "float32":
+    if args.amp and configs[0].precision == "float32" and args.launcher == "local":
         print("warning: --amp: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX); training in float32",
               file=sys.stderr)
     sweep = plan_on_every_rank(args, configs, rank, world_size)
@@ -266,6 +332,17 @@ def logged_grad_norms(files: RunFiles, config: RunConfig, history: dict) -> tupl
         return [], {}
 
 
+def slurm_launcher(args: argparse.Namespace, tracking: TrackingOptions) -> Launcher:
+    """--launcher slurm: the runs to train as the jobs of one SLURM job array, their logs in <out_dir>/submitit."""
+    import cluster
+    out_dir = Path(args.out_dir)
+    options = cluster.SlurmOptions(args.slurm_partition, args.slurm_time, args.slurm_gpus_per_job,
+                                   args.slurm_cpus_per_job, args.slurm_mem_gb, args.slurm_max_parallel,
+                                   dict(args.slurm_option), out_dir.resolve().name, args.wait)
+    job = cluster.RunJob(Path(args.data_root).resolve(), args.device, args.amp, tracking)
+    return functools.partial(cluster.launch, job=job, options=options, folder=(out_dir / "submitit").resolve())
+
+
 def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size: int,
                    device: torch.device) -> list[tuple[RunConfig, dict]]:
     """Train the planned runs, then draw the sweep's figures."""
@@ -289,9 +366,14 @@ def train_and_plot(args: argparse.Namespace, sweep: Plan, rank: int, world_size:
     tracking = TrackingOptions(args.wandb, args.wandb_proj_name, args.tensorboard, out_dir.resolve().name)
     if rank == 0:  # the one process that tracks
         tracking = checked_online(tracking)
-    result = execute(sweep, raw, Runtime(rank, world_size, args.jobs, devices, threads, tracking))
+    result = execute(sweep, raw, Runtime(rank, world_size, args.jobs, devices, threads, tracking),
+                     slurm_launcher(args, tracking) if args.launcher == "slurm" else None)
     if world_size > 1:
         torch.distributed.destroy_process_group()
+    if result.handed_on:
+        print(f"the jobs train {result.handed_on} of the sweep's runs; once squeue lists none of them, run the same "
+              "command with --resume to draw the figures")
+        return result.runs
     if rank == 0 and result.runs:
         plots_dir = plots_folder(args)
         files = {run.config.run_name: run.files for run in sweep.runs}

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,8 @@ class RunConflict(ValueError):
 
 class RunLock:
     """An exclusive advisory lock (flock) on a run folder's lock file, held until `release` or the holder's death:
-    the kernel drops it with the process, so a kill -9 never leaves a stale lock."""
+    the kernel drops it with the process, so a kill -9 never leaves a stale lock. The file names the holder's process
+    and host."""
 
     def __init__(self, path: Path, run_dir: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,13 +58,13 @@ class RunLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(self.fd, 300, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise RunLocked(f"{run_dir} is being trained by process {holder}; wait for it to finish or stop it "
                             "(it keeps its last finished epoch)") from None
         try:
             os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(self.fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)  # a cluster's jobs share it
         except OSError:  # a full disk: the lock holds all the same; a refused process names no pid
             pass
 

@@ -8,7 +8,7 @@ import queue
 import signal
 import sys
 import traceback
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -209,10 +209,11 @@ def run_planned(run: PlannedRun, raw: RawData, runtime: Runtime) -> dict:
 
 @dataclass
 class SweepResult:
-    """The (config, history) of every run that finished or was skipped, and (run name, error) of those that
-    failed."""
+    """The (config, history) of every run that finished or was skipped, (run name, error) of those that failed, and
+    how many were handed on to train elsewhere without waiting for them."""
     runs: list[tuple[RunConfig, dict]]
     failures: list[tuple[str, str]]
+    handed_on: int = 0  # runs that train where nothing waits for them (--no-wait)
 
 
 def cost(config: RunConfig) -> int:
@@ -220,25 +221,33 @@ def cost(config: RunConfig) -> int:
     return config.depth * config.num_epochs
 
 
-def execute(sweep: Plan, raw: RawData, runtime: Runtime) -> SweepResult:
+# trains the runs of a plan that are to train (their indices) elsewhere, once it has released their locks: their
+# histories and failures by run index, or None when they were handed on and nothing waits for them
+Launcher = Callable[[Plan, list[int]], tuple[dict[int, dict], dict[int, str]] | None]
+
+
+def execute(sweep: Plan, raw: RawData, runtime: Runtime, launcher: Launcher | None = None) -> SweepResult:
     """Say what the plan does with every run, then train the runs it does not skip: in this process one after
-    another, or in `runtime.jobs` spawned workers (longest first, the data shared with them through shared memory).
-    A failed run does not stop the others."""
+    another, in `runtime.jobs` spawned workers (longest first, the data shared with them through shared memory), or
+    through `launcher`. A failed run does not stop the others."""
     planned = sweep.runs
     for run in planned:
         print(f"{run.config.run_name}: {ACTIONS[run.action]}", flush=True)
     todo = [i for i, run in enumerate(planned) if run.action != "skip"]
     histories = {i: run.finished for i, run in enumerate(planned) if run.action == "skip"}
-    if runtime.jobs == 1:
-        trained, failures = run_here(planned, todo, raw, runtime)
+    outcome: tuple[dict[int, dict], dict[int, str]] | None = ({}, {})
+    if launcher is not None:
+        outcome = launcher(sweep, todo) if todo else outcome
+    elif runtime.jobs == 1:
+        outcome = run_here(planned, todo, raw, runtime)
     elif todo:
         sweep.release()  # each worker locks the run it trains
-        trained, failures = run_in_workers(planned, todo, raw, runtime)
-    else:
-        trained, failures = {}, {}
+        outcome = run_in_workers(planned, todo, raw, runtime)
+    trained, failures = outcome or ({}, {})
     histories.update(trained)
     return SweepResult([(planned[i].config, histories[i]) for i in sorted(histories)],
-                       [(planned[i].config.run_name, failures[i]) for i in sorted(failures)])
+                       [(planned[i].config.run_name, failures[i]) for i in sorted(failures)],
+                       0 if outcome else len(todo))
 
 
 def run_here(planned: list[PlannedRun], todo: list[int], raw: RawData,
@@ -355,11 +364,17 @@ def worker(planned: list[PlannedRun], raw: RawData, runtime: Runtime, tasks, res
         setup_for_distributed(True)
         torch.set_num_threads(runtime.threads)
         while (i := tasks.get()) is not None:
-            run = replace(planned[i], config=replace(planned[i].config, device=runtime.devices[0]))
             try:
-                with run.files.lock():
-                    results.put((i, run_planned(run, raw, runtime), None))
+                results.put((i, train_locked(planned[i], raw, runtime), None))
             except Exception as e:  # noqa: BLE001 -- reported to the sweep, which goes on
-                results.put((i, None, report_failure(run, e)))
+                results.put((i, None, report_failure(planned[i], e)))
     except KeyboardInterrupt:
         pass
+
+
+def train_locked(run: PlannedRun, raw: RawData, runtime: Runtime) -> dict:
+    """What a worker process (or a cluster job) does with one run: train it on runtime.devices[0] under its run
+    folder's lock; return its history."""
+    run = replace(run, config=replace(run.config, device=runtime.devices[0]))
+    with run.files.lock():
+        return run_planned(run, raw, runtime)

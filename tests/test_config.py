@@ -62,7 +62,7 @@ def test_help_reads_as_sections(pipeline_help):
     text = pipeline_help[1]
     sections = [line.rstrip(":") for line in text.splitlines() if line and not line[0].isspace() and
                 line.endswith(":")]
-    assert sections == ["options", "model", "data", "optimisation", "run folder", "tracking", "scaling"]
+    assert sections == ["options", "model", "data", "optimisation", "run folder", "tracking", "scaling", "cluster"]
 
 
 def test_derived_values_come_from_the_settings_and_draw_no_random_numbers():

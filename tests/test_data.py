@@ -92,7 +92,7 @@ def test_splits_are_seeded_disjoint_and_complete(mnist_root):
     assert torch.equal(limited.images, train.images[:50])
 
 
-@pytest.mark.parametrize("val_size,limit", [(0, None), (600, None), (100, 501)])
+@pytest.mark.parametrize("val_size,limit", [(-1, None), (600, None), (100, 501)])  # 0: no validation (legal)
 def test_bad_split_sizes(mnist_root, val_size, limit):
     raw = load_dataset("MNIST", mnist_root, download=False)
     with pytest.raises(DatasetError, match="val_size|limit_train"):

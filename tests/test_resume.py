@@ -5,6 +5,7 @@ import os
 import pickle
 import resource
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -471,7 +472,7 @@ def test_a_lock_holder_killed_with_sigkill_does_not_block_the_next_run(mnist_roo
 def test_a_sweep_is_refused_up_front_when_one_of_its_runs_is_being_trained(mnist_root, tmp_path, capsys):
     with RunFiles(tmp_path / "mlp_mnist_h4_w8_plain_s0").lock():  # this process plays the other trainer
         status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_hidden_layers", "2", "4"))
-    assert status == 2 and len(lines) == 1 and f"process {os.getpid()}" in lines[0], lines
+    assert status == 2 and len(lines) == 1 and f"process {os.getpid()} on {socket.gethostname()};" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp_mnist_h4_w8_plain_s0"]  # h2's folder not made
 
 
