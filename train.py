@@ -332,7 +332,8 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
         history["test"] = test_results(run)
         if writes:
             files.write_history(history)
-        trackers.log_summary({f"test_{key}": value for key, value in history["test"].items()}, len(history["epochs"]))
+        trackers.log_summary({f"test_{key}": value for key, value in history["test"].items() if key != "seconds"},
+                             len(history["epochs"]))
     except BaseException:
         trackers.finish(False)
         raise

@@ -52,6 +52,13 @@ def args_for(mnist_root, out_dir, *extra: str) -> list[str]:
             "--width", "8", "--device", "cpu", "--out_dir", str(out_dir), *extra]
 
 
+def without_seconds(history: dict) -> dict:
+    """A history without the wall-clock seconds of its epochs and its test: what two runs of one config share."""
+    test = {k: v for k, v in history["test"].items() if k != "seconds"} if "test" in history else None
+    return dict(history, epochs=[{k: v for k, v in e.items() if k != "seconds"} for e in history["epochs"]],
+                **({"test": test} if test is not None else {}))
+
+
 def run_main(*args: str):
     """pipeline.py's main on these flags, in this process."""
     import pipeline

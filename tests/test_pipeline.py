@@ -9,7 +9,7 @@ import torch
 
 import pipeline
 import utils
-from conftest import ROOT, args_for, cli_exit, run_main
+from conftest import ROOT, args_for, cli_exit, run_main, without_seconds
 from runs import RunFiles, load_checkpoint, save_checkpoint
 
 
@@ -31,7 +31,7 @@ def test_cli_mlp_sweep_writes_every_output(mnist_root, tmp_path, capsys):
     assert config["depth"] == 6 and config["num_hidden_layers"] == 4 and config["in_channels"] == 1
     assert config["input_size"] == 28 and config["num_params"] == 784 * 8 + 8 + 4 * (8 * 8 + 8) + 8 * 10 + 10
     history = json.loads((run_dir / "history.json").read_text())
-    assert set(history) == {"epochs", "test"}
+    assert set(history) == {"epochs", "machines", "test"}
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
     assert set(history["epochs"][0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "seconds"}
     assert 0 <= history["test"]["acc"] <= 1 and history["test"]["loss"] > 0
@@ -104,8 +104,7 @@ def test_same_seed_gives_the_same_history(mnist_root, tmp_path, finished_run):
     (config, history), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "1"))
     assert config.run_name == finished_run.name
     before = json.loads((finished_run / "history.json").read_text())
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]
-    assert strip(history) == strip(before) and history["test"] == before["test"]
+    assert without_seconds(history) == without_seconds(before)
     grad_norms = [(run_dir / "grad_norms.csv").read_text() for run_dir in (finished_run, tmp_path / config.run_name)]
     assert grad_norms[0] == grad_norms[1] and len(grad_norms[0].splitlines()) == 11
 

@@ -21,7 +21,7 @@ import report
 import runs
 import train
 import utils
-from conftest import ROOT, RUN, args_for, cli_exit, image_of_step, run_main
+from conftest import ROOT, RUN, args_for, cli_exit, image_of_step, run_main, without_seconds
 from runs import RunFiles, load_checkpoint, save_checkpoint
 
 STEPS_PER_EPOCH = 10  # 500 training images in batches of 50
@@ -39,13 +39,6 @@ def interrupt_at(monkeypatch, step: int) -> None:
                 signal.raise_signal(signal.SIGINT)
             yield batch
     monkeypatch.setattr(train, "tqdm", counting_batches)
-
-
-def without_seconds(history: dict) -> dict:
-    """A history without the seconds its epochs and its test took."""
-    test = {k: v for k, v in history["test"].items() if k != "seconds"} if "test" in history else {}
-    return dict(history, epochs=[{k: v for k, v in e.items() if k != "seconds"} for e in history["epochs"]],
-                **({"test": test} if test else {}))
 
 
 def run_files(run_dir) -> dict[str, bytes]:

@@ -21,7 +21,7 @@ import utils
 from data import load_dataset
 from runs import RunFiles
 from train import Runtime
-from conftest import ROOT, cli_exit
+from conftest import ROOT, cli_exit, without_seconds
 
 
 def flags(mnist_root, out_dir, *extra: str) -> list[str]:
@@ -38,9 +38,7 @@ def histories(out_dir) -> dict[str, dict]:
     runs = {}
     for run_dir in sorted(p for p in out_dir.iterdir() if (p / "history.json").exists()):
         history = json.loads((run_dir / "history.json").read_text())
-        epochs = [{k: v for k, v in e.items() if k != "seconds"} for e in history["epochs"]]
-        runs[run_dir.name] = {"epochs": epochs, "test": history["test"],
-                              "grad_norms": (run_dir / "grad_norms.csv").read_text()}
+        runs[run_dir.name] = dict(without_seconds(history), grad_norms=(run_dir / "grad_norms.csv").read_text())
     return runs
 
 
