@@ -236,9 +236,10 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     raw = load_dataset(config.dataset, args.data_root, args.download)
     test = Split(raw.test_images, raw.test_labels).normalized(info, device)
     test_loss, test_acc = evaluate(model, test)
+    tta = f" (with --tta {config.tta}: {evaluate(model, test, tta=config.tta)[1]:.2%})" if config.tta != "none" else ""
     state = unfinished(checkpoint, config)
     print(f"{config.run_name} ({config.model_name}, depth {config.depth}{f', {state}' if state else ''}) on the "
-          f"{config.dataset} test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}")
+          f"{config.dataset} test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}{tta}")
 
 
 def tracking_hints(tracking: TrackingOptions, out_dir: Path, plots_dir: Path) -> list[str]:

@@ -49,6 +49,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                help="out_dir of the time-to-accuracy runs (--preset resnet20_fast, and the same recipe at other depths "
                     "and shortcuts): their table beside He et al.'s ResNet-20, and with --ex2 how the degradation of "
                     "plain networks compares after 10 epochs and after this recipe")
+    parser.add("--ablation", nargs="+", default=None, metavar="OUT_DIR",
+               help="out_dirs of runs that change one lever of --preset resnet20_fast: a table of each run's changes "
+                    "from the recipe and what it reached (the fast-ablation block)")
     parser.add("--time_to_accuracy", default=None, metavar="PNG",
                help="draw accuracy against minutes of training of the residual depth-20 runs of --fast (and of --ex2 "
                     "when given) into this file")
@@ -303,6 +306,44 @@ def fast_table(runs: list[tuple[RunConfig, dict]]) -> str:
     return "\n".join(lines)
 
 
+def preset_config(name: str) -> RunConfig:
+    """The first run a preset describes (its first value of each swept flag)."""
+    from config import PRESETS
+    return RunConfig(**{key: value[0] if isinstance(value, list) else value for key, value in PRESETS[name].items()})
+
+
+def recipe_changes(config: RunConfig, recipe: RunConfig) -> str:
+    """The flags by which a run differs from `recipe` (where it ran and its seed aside; a warm-up that follows the
+    length of training is no change of its own), as a command line gives them; "the recipe" when none."""
+    same_length = dataclasses.replace(recipe, num_epochs=config.num_epochs, warmup_epochs=None, run_name=None)
+    ignored = {"run_name", "seed", *RunConfig.RESUMABLE_CHANGES}
+    mine, theirs = dataclasses.asdict(config), dataclasses.asdict(same_length)
+    changes = [f"--{name} {mine[name]}" for name in mine if name not in ignored and mine[name] != theirs[name]]
+    if config.num_epochs != recipe.num_epochs:
+        changes.insert(0, f"--num_epochs {config.num_epochs}")
+    return " ".join(changes) or "the recipe"
+
+
+def ablation_table(runs: list[tuple[RunConfig, dict]]) -> str:
+    """One row per run: its changes from --preset resnet20_fast, seed, images seen, final validation accuracy where
+    it has a validation split, test accuracies (the kept weights, with flip TTA, the trained weights) and minutes."""
+    recipe = preset_config("resnet20_fast")
+    lines = ["| change from the recipe | seed | training images seen | final validation acc | test acc | "
+             "with flip TTA | trained weights, no average | minutes |", "|---|---:|---:|---|---|---|---|---:|"]
+    rows = sorted(((recipe_changes(c, recipe), c.seed, c, h) for c, h in runs), key=lambda row: row[:2])
+    for changes, seed, config, history in rows:
+        images = images_seen(config, history)
+        val = percent(history["epochs"][-1]["val_acc"]) if "val_acc" in history["epochs"][-1] else "none"
+        tests = [percent(history["test"][key]) if key in history["test"] else "-"
+                 for key in ("acc", "acc_flip", "acc_trained_weights")]
+        lines.append(f"| {changes} | {seed} | {f'{images:,}' if images else '-'} | {val} | {' | '.join(tests)} | "
+                     f"{run_minutes(history):.1f} |")
+    machines = sorted({m for _, h in runs for m in h.get("machines", [])})
+    lines.append("")
+    lines.append(f"The recipe: --preset resnet20_fast. Trained on {', '.join(machines) or 'machines not recorded'}.")
+    return "\n".join(lines)
+
+
 def degradation_gap(ex2: list[tuple[RunConfig, dict]], fast: list[tuple[RunConfig, dict]]) -> str:
     """How far the deepest plain network tests below the shallower plain ones, and residual above plain, after
     Exercise 2's 10 epochs and after the time-to-accuracy recipe: medians over the seeds each network has."""
@@ -553,9 +594,9 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         out_dir = Path(args.best_checkpoint)
         print(best_checkpoint(finished_runs(out_dir, "--best_checkpoint")[0], out_dir))
         return {}
-    if args.ex1 is None and args.ex2 is None and args.fast is None and args.faithfulness is None:
-        raise UsageError("give --ex1, --ex2 and/or --fast (the out_dir of a sweep) and/or --faithfulness, or "
-                         "--best_checkpoint")
+    if all(getattr(args, name) is None for name in ("ex1", "ex2", "fast", "ablation", "faithfulness")):
+        raise UsageError("give --ex1, --ex2, --fast and/or --ablation (the out_dir of a sweep) and/or --faithfulness, "
+                         "or --best_checkpoint")
     texts = {path: read_readme(path) for path in map(Path, args.readme)} if args.readme is not None else None
     if args.keep is not None:
         check_keep(Path(args.keep), {name: Path(out) for name, out in (("ex1", args.ex1), ("ex2", args.ex2),
@@ -587,6 +628,9 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         sweeps["fast"] = out_dir
         if args.time_to_accuracy is not None:
             draw_time_to_accuracy(fast_runs, ex2_runs if args.ex2 is not None else [], Path(args.time_to_accuracy))
+    if args.ablation is not None:
+        blocks["fast-ablation"] = ablation_table([run for out_dir in args.ablation
+                                                  for run in finished_runs(Path(out_dir), "--fast")[0]])
     if args.faithfulness is not None:
         blocks["ex3-faithfulness"] = faithfulness_block(Path(args.faithfulness))
     for name, content in blocks.items():

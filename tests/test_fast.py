@@ -114,6 +114,10 @@ def test_a_recipe_run_records_every_test_accuracy_apart_and_scores_its_epochs_on
     assert (saved["val_size"], saved["ema"], saved["tta"]) == (0, 0.999, "flip")
     out = capsys.readouterr().out
     assert "test acc" in out and "flip:" in out and "trained weights:" in out and "val acc" not in out
+    run_main("--no-train", "--checkpoint", str(tmp_path / config.run_name / "checkpoint.pt"), "--data_root",
+             str(cifar_root), "--no-download", "--device", "cpu")
+    assert (f"accuracy {history['test']['acc']:.2%} (with --tta flip: {history['test']['acc_flip']:.2%})"
+            in capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -174,3 +178,13 @@ def test_time_to_accuracy_refuses_what_it_cannot_draw(tmp_path, capsys, flags, w
     with pytest.raises(SystemExit) as exit_info:
         run_cli(report.main, report.get_args_parser().parse_args([f.format(tmp=tmp_path) for f in flags]))
     assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_an_ablation_row_names_only_the_levers_it_changes():
+    recipe = report.preset_config("resnet20_fast")
+    assert report.recipe_changes(run_config("--preset", "resnet20_fast", "--seed", "2", "--threads", "1"),
+                                 recipe) == "the recipe"
+    changed = run_config("--preset", "resnet20_fast", "--val_size", "5000", "--num_epochs", "24", "--ema", "0")
+    assert report.recipe_changes(changed, recipe) == "--num_epochs 24 --val_size 5000 --ema 0.0"
+    longer_warmup = run_config("--preset", "resnet20_fast", "--warmup_epochs", "10")
+    assert report.recipe_changes(longer_warmup, recipe) == "--warmup_epochs 10.0"
