@@ -35,8 +35,10 @@ from utils import (ArgumentParser, UsageError, atomic_write, check_writable, fir
 
 FAMILIES = {"--ex1": ("MLP", "Exercise 1's MLP runs"), "--ex2": ("ResNet", "Exercise 2's CNN runs"),
             "--fast": ("ResNet", "CNN runs of --preset resnet20_fast"),
+            "--ablation": ("ResNet", "CNN runs of --preset resnet20_fast with levers changed"),
             "--best_checkpoint": ("ResNet", "Exercise 2's CNN runs")}
 PUBLISHED = ("He et al. 2016, ResNet-20", 0.9125)  # Table 6: 8.75% test error
+KEPT = {"ex1": "ex1", "ex2": "ex2", "fast": "fast", "fast-ablation": "ablation"}  # KEEP's folders: the flag they keep
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -49,9 +51,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                help="out_dir of the time-to-accuracy runs (--preset resnet20_fast, and the same recipe at other depths "
                     "and shortcuts): their table beside He et al.'s ResNet-20, and with --ex2 how the degradation of "
                     "plain networks compares after 10 epochs and after this recipe")
-    parser.add("--ablation", nargs="+", default=None, metavar="OUT_DIR",
-               help="out_dirs of runs that change one lever of --preset resnet20_fast: a table of each run's changes "
-                    "from the recipe and what it reached (the fast-ablation block)")
+    parser.add("--ablation", default=None,
+               help="out_dir of runs that each change levers of --preset resnet20_fast (each given its own "
+                    "--run_name): a table of every run's changes from the recipe and what it reached, beside the "
+                    "--fast runs of the recipe itself")
     parser.add("--time_to_accuracy", default=None, metavar="PNG",
                help="draw accuracy against minutes of training of the residual depth-20 runs of --fast (and of --ex2 "
                     "when given) into this file")
@@ -156,10 +159,10 @@ def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]
     and every run missing from the sweep; with the names of those."""
     runs, left_out = read_runs(out_dir)
     check_family([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
-    if flag != "--best_checkpoint":  # the CAM model is the best of every residual run there
+    if flag not in ("--best_checkpoint", "--ablation"):  # the CAM model is the best residual run; levers differ
         check_one_sweep([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
     # --fast: residual depth 20 has three seeds, the degradation question's other networks one
-    missing = [] if flag == "--fast" else missing_runs([c for c, _ in runs] + [item.config for item in left_out
+    missing = [] if flag in ("--fast", "--ablation") else missing_runs([c for c, _ in runs] + [item.config for item in left_out
                                                                                  if item.config])
     for item in left_out:
         print(f"{out_dir}: not used: {item.folder}: {item.reason}", file=sys.stderr)
@@ -445,7 +448,7 @@ def check_keep(keep: Path, sweeps: dict[str, Path]) -> None:
     the user's), which keep_results would replace, and kept results that a sweep would replace by fewer runs or by
     runs trained otherwise (a toy make reproduce: the README's tables are made from them)."""
     check_writable(keep, "--keep")
-    for name in ("ex1", "ex2", "fast"):
+    for name in KEPT:
         target = keep / name
         if target.is_file() or target.is_dir() and not all(RunFiles(p).is_kept_summary() for p in target.iterdir()):
             raise UsageError(f"--keep {keep}: {target} holds more than kept results (run folders with checkpoints, "
@@ -583,9 +586,9 @@ def main(args: argparse.Namespace) -> dict[str, str]:
     if args.allow_missing and args.readme is None:
         raise UsageError("--allow_missing lets --readme write tables that lack runs; give --readme too, or leave "
                          "--allow_missing out")
-    if args.keep is not None and args.ex1 is None and args.ex2 is None and args.fast is None:
-        raise UsageError("--keep copies the runs of --ex1, --ex2 and --fast; give one of them too, or leave --keep "
-                         "out")
+    if args.keep is not None and all(getattr(args, name) is None for name in ("ex1", "ex2", "fast", "ablation")):
+        raise UsageError("--keep copies the runs of --ex1, --ex2, --fast and --ablation; give one of them too, or "
+                         "leave --keep out")
     if args.time_to_accuracy is not None and args.fast is None:
         raise UsageError("--time_to_accuracy draws the runs of --fast (and --ex2); give --fast too")
     if args.time_to_accuracy is not None and Path(args.time_to_accuracy).is_dir():
@@ -599,8 +602,7 @@ def main(args: argparse.Namespace) -> dict[str, str]:
                          "or --best_checkpoint")
     texts = {path: read_readme(path) for path in map(Path, args.readme)} if args.readme is not None else None
     if args.keep is not None:
-        check_keep(Path(args.keep), {name: Path(out) for name, out in (("ex1", args.ex1), ("ex2", args.ex2),
-                                                                       ("fast", args.fast)) if out})
+        check_keep(Path(args.keep), {name: Path(out) for name, flag in KEPT.items() if (out := getattr(args, flag))})
     blocks, incomplete, sweeps = {}, 0, {}
     if args.ex1 is not None:
         out_dir = Path(args.ex1)
@@ -629,8 +631,12 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         if args.time_to_accuracy is not None:
             draw_time_to_accuracy(fast_runs, ex2_runs if args.ex2 is not None else [], Path(args.time_to_accuracy))
     if args.ablation is not None:
-        blocks["fast-ablation"] = ablation_table([run for out_dir in args.ablation
-                                                  for run in finished_runs(Path(out_dir), "--fast")[0]])
+        out_dir = Path(args.ablation)
+        runs = finished_runs(out_dir, "--ablation")[0]
+        networks = {(c.depth, c.residual_step) for c, _ in runs}  # and the --fast runs of those networks beside them
+        blocks["fast-ablation"] = ablation_table(runs + [(c, h) for c, h in (fast_runs if args.fast else [])
+                                                         if (c.depth, c.residual_step) in networks])
+        sweeps["fast-ablation"] = out_dir
     if args.faithfulness is not None:
         blocks["ex3-faithfulness"] = faithfulness_block(Path(args.faithfulness))
     for name, content in blocks.items():

@@ -169,6 +169,15 @@ def test_report_tables_the_recipe_beside_he_et_al_and_draws_time_to_accuracy(cif
     assert (f"Plain depth 6 tests {gaps[0]:.1f} points below plain depth 4 after Exercise 2 (2 epochs) and "
             f"{gaps[1]:.1f} points below it after resnet20_fast (2 epochs)") in blocks["fast-degradation"]
     assert png.stat().st_size > 10_000
+    run_main(*fast(cifar_root, "--seed", "0", "--val_size", "50", "--ema", "0", "--run_name", "val50_no_ema",
+                   "--out_dir", str(tmp_path / "ablation")))
+    blocks = report.main(report.get_args_parser().parse_args(
+        ["--fast", str(fast_dir), "--ablation", str(tmp_path / "ablation"), "--keep", str(tmp_path / "kept")]))
+    rows = [row.split(" | ")[:2] for row in blocks["fast-ablation"].splitlines()[2:] if row.startswith("| ")]
+    tiny = "--num_epochs 2 --num_conv_per_level 2 --out_channels 4 --num_levels 2"
+    assert rows == [[f"| {tiny} --batch_size 50", "0"], [f"| {tiny} --batch_size 50", "1"],
+                    [f"| {tiny} --val_size 50 --batch_size 50 --ema 0.0", "0"]], rows
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["fast", "fast-ablation"]
 
 
 @pytest.mark.parametrize("flags,words", [(["--time_to_accuracy", "t.png"], "give --fast too"),
