@@ -112,13 +112,17 @@ reproduce-ex3: install
 	rm -rf $(RUNS)/ex3; [ ! -e $(RUNS)/.ex3.old ] || mv $(RUNS)/.ex3.old $(RUNS)/ex3; exit 1; }; }
 	rm -rf $(RUNS)/.ex3.old $(IMG_SHOW)/cam && mkdir -p $(IMG_SHOW) && cp -r $(RUNS)/ex3 $(IMG_SHOW)/cam
 
-# Keep the reproduce runs' small files (config, history, step-0 gradient row; 0.7 MB) in results/ and rewrite the
-# tables of README.md and docs/analysis.md from them and from Exercise 3's faithfulness.json: tests/test_results.py
-# checks that those tables are what results/ makes.
+# Keep the reproduce runs' small files (config, history, step-0 gradient row; 0.7 MB) in results/ (with those of
+# make reproduce-fast and of the recipe's ablation runs in $(RUNS)/fast-ablation, where they exist) and rewrite the
+# tables of README.md, docs/analysis.md and docs/performance.md from them and from Exercise 3's faithfulness.json,
+# and the time-to-accuracy figure: tests/test_results.py checks that those tables are what results/ makes.
 readme: install
-	$(PY) report.py --ex1 $(RUNS)/ex1 --ex2 $(RUNS)/ex2 --keep results
-	$(PY) report.py --ex1 results/ex1 --ex2 results/ex2 --faithfulness $(IMG_SHOW)/cam/faithfulness.json \
-		--readme README.md docs/analysis.md
+	$(PY) report.py --ex1 $(RUNS)/ex1 --ex2 $(RUNS)/ex2$(if $(wildcard $(RUNS)/fast), --fast $(RUNS)/fast)$(if \
+		$(wildcard $(RUNS)/fast-ablation), --ablation $(RUNS)/fast-ablation) --keep results
+	$(PY) report.py --ex1 results/ex1 --ex2 results/ex2 --fast results/fast$(if $(wildcard results/fast-ablation), \
+		--ablation results/fast-ablation) \
+		--faithfulness $(IMG_SHOW)/cam/faithfulness.json --time_to_accuracy $(IMG_SHOW)/time_to_accuracy.png \
+		--readme README.md docs/analysis.md docs/performance.md
 
 bench: install
 	$(PY) bench.py --data_root $(DATA_ROOT)

@@ -624,9 +624,10 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         out_dir = Path(args.fast)
         fast_runs = finished_runs(out_dir, "--fast")[0]
         blocks["fast"] = fast_table(fast_runs)
-        blocks["fast-checks"] = exercise2_checks(fast_runs)
-        if args.ex2 is not None:
-            blocks["fast-degradation"] = degradation_gap(ex2_runs, fast_runs)
+        if len({(c.depth, c.residual_step) for c, _ in fast_runs}) > 1:  # the degradation question's networks too
+            blocks["fast-checks"] = exercise2_checks(fast_runs)
+            if args.ex2 is not None:
+                blocks["fast-degradation"] = degradation_gap(ex2_runs, fast_runs)
         sweeps["fast"] = out_dir
         if args.time_to_accuracy is not None:
             draw_time_to_accuracy(fast_runs, ex2_runs if args.ex2 is not None else [], Path(args.time_to_accuracy))

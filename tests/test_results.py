@@ -18,10 +18,14 @@ def report_blocks(*flags: str) -> dict[str, str]:
 
 
 def test_readme_tables_are_what_report_makes_from_results():
-    """Every table of README.md and docs/analysis.md (where make readme writes them), each in one of the two."""
+    """Every table of README.md, docs/analysis.md and docs/performance.md (where make readme writes them), each in
+    one of them."""
     blocks = report_blocks("--ex1", str(ROOT / "results/ex1"), "--ex2", str(ROOT / "results/ex2"),
+                           "--fast", str(ROOT / "results/fast"),
+                           *(["--ablation", str(ROOT / "results/fast-ablation")]
+                             if (ROOT / "results/fast-ablation").is_dir() else []),
                            "--faithfulness", str(ROOT / "img_show/cam/faithfulness.json"))
-    pages = {name: (ROOT / name).read_text() for name in ("README.md", "docs/analysis.md")}
+    pages = {name: (ROOT / name).read_text() for name in ("README.md", "docs/analysis.md", "docs/performance.md")}
     for name, content in blocks.items():
         found = {page: block.group(1) for page, text in pages.items()
                  if (block := re.search(rf"<!-- report:{name} -->\n(.*?)\n<!-- /report:{name} -->", text, re.S))}
