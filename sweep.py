@@ -72,8 +72,10 @@ class PlannedRun:
 
 @dataclass
 class Plan:
-    """The runs of a sweep, and the locks of their folders that this process holds, by run index."""
+    """The runs of a sweep, what the command does with existing run folders (plan's `existing`), and the locks of
+    their folders that this process holds, by run index."""
     runs: list[PlannedRun]
+    existing: str
     locks: dict[int, RunLock] | None  # None: this process writes nothing (a torchrun rank but 0)
 
     def lock_new_runs(self) -> None:
@@ -99,7 +101,7 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, exist
     process trains is refused (RunLocked); new runs are locked by Plan.lock_new_runs."""
     if checkpoint is not None and len(configs) > 1:
         raise RunConflict(f"--checkpoint names one file but the sweep has {len(configs)} runs; leave it out")
-    sweep = Plan([], {} if lock else None)
+    sweep = Plan([], existing, {} if lock else None)
     try:
         for i, config in enumerate(configs):
             files = RunFiles(out_dir / config.run_name, checkpoint)
@@ -200,6 +202,17 @@ def restored_config(files: RunFiles, writes: bool) -> RunConfig:
     return saved
 
 
+def replanned(run: PlannedRun, existing: str) -> PlannedRun:
+    """A queued run planned again, under its lock, by the --jobs worker that takes it: another process may have
+    written its folder since the sweep planned it (and released it to the workers), and the run is then skipped,
+    continued or refused as a fresh command with the same flags would decide, never trained over."""
+    again = plan_run(run.config, run.files, existing, writes=True)
+    if again.action != run.action:
+        print(f"{run.config.run_name}: written by another process since the sweep planned it; now: "
+              f"{ACTIONS[again.action]}", flush=True)
+    return again
+
+
 def run_planned(run: PlannedRun, raw: RawData, runtime: Runtime) -> dict:
     """Train one planned run (removing the old files of one it replaces first); return its history."""
     if run.action == "replace" and runtime.writes:
@@ -233,7 +246,7 @@ def execute(sweep: Plan, raw: RawData, runtime: Runtime) -> SweepResult:
         trained, failures = run_here(planned, todo, raw, runtime)
     elif todo:
         sweep.release()  # each worker locks the run it trains
-        trained, failures = run_in_workers(planned, todo, raw, runtime)
+        trained, failures = run_in_workers(planned, todo, raw, runtime, sweep.existing)
     else:
         trained, failures = {}, {}
     histories.update(trained)
@@ -271,11 +284,12 @@ def report_failure(run: PlannedRun, error: Exception, announce: bool = True) -> 
     return line
 
 
-def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData,
-                   runtime: Runtime) -> tuple[dict[int, dict], dict[int, str]]:
+def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, runtime: Runtime,
+                   existing: str) -> tuple[dict[int, dict], dict[int, str]]:
     """Train runs `todo` in `runtime.jobs` spawned worker processes, worker w on device w of `runtime.devices`
-    (round robin); Ctrl-C or SIGTERM stops every worker after its last checkpoint. Return the histories of the runs
-    that finished and the error line of those that failed, by run index."""
+    (round robin), each run planned again under its lock as `existing` says (replanned); Ctrl-C or SIGTERM stops every
+    worker after its last checkpoint. Return the histories of the runs that finished (or were found finished) and the
+    error line of those that failed, by run index."""
     context = torch.multiprocessing.get_context("spawn")
     tasks, results = context.Queue(), context.Queue()
     for i in sorted(todo, key=lambda i: -cost(planned[i].config)):
@@ -283,7 +297,7 @@ def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData,
     devices = runtime.devices
     runtimes = [replace(runtime, devices=(devices[w % len(devices)],), progress=False)
                 for w in range(min(runtime.jobs, len(todo)))]
-    workers = [context.Process(target=worker, args=(planned, raw, r, tasks, results), daemon=True) for r in runtimes]
+    workers = [context.Process(target=worker, args=(planned, raw, r, existing, tasks, results), daemon=True) for r in runtimes]
     histories: dict[int, dict] = {}
     failures: dict[int, str] = {}
     bar = tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True)
@@ -345,9 +359,9 @@ def stop_once(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
-def worker(planned: list[PlannedRun], raw: RawData, runtime: Runtime, tasks, results) -> None:
-    """A worker process on runtime.devices[0]: take run indices from `tasks` until None, train each under its
-    run folder's lock, and put (index, history, error line)."""
+def worker(planned: list[PlannedRun], raw: RawData, runtime: Runtime, existing: str, tasks, results) -> None:
+    """A worker process on runtime.devices[0]: take run indices from `tasks` until None, plan each again and train
+    it under its run folder's lock, and put (index, history, error line)."""
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, stop_once)
     try:
@@ -358,7 +372,8 @@ def worker(planned: list[PlannedRun], raw: RawData, runtime: Runtime, tasks, res
             run = replace(planned[i], config=replace(planned[i].config, device=runtime.devices[0]))
             try:
                 with run.files.lock():
-                    results.put((i, run_planned(run, raw, runtime), None))
+                    run = replanned(run, existing)
+                    results.put((i, run.finished if run.action == "skip" else run_planned(run, raw, runtime), None))
             except Exception as e:  # noqa: BLE001 -- reported to the sweep, which goes on
                 results.put((i, None, report_failure(run, e)))
     except KeyboardInterrupt:

@@ -51,8 +51,29 @@ def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
     configs = pipeline.run_configs(args, torch.device("cpu"))
     planned = sweep.plan(configs, tmp_path, None, "error", lock=False).runs
     histories, failures = sweep.run_in_workers(planned, [0, 1, 2], load_dataset("MNIST", mnist_root, False),
-                                               Runtime(jobs=1))
+                                               Runtime(jobs=1), "error")
     assert failures == {} and [planned[i].config.num_hidden_layers for i in histories] == [6, 4, 2]
+
+
+def test_a_queued_run_another_command_trains_meanwhile_is_planned_again_not_trained_over(mnist_root, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """The sweep's main process plans its runs and hands them to the workers; another command that trains one of
+    them (with another --lr) before a worker takes it keeps its run: the worker plans it again under its lock and
+    refuses it, as a fresh command without --resume or --overwrite would, where it once trained it over (exit 0)."""
+    other = tmp_path / "mlp_mnist_h4_w8_plain_s0"
+    size = ("--num_epochs", "1", "--limit_train", "100")
+    kept = {}
+    run_in_workers = sweep.run_in_workers
+
+    def another_command_first(*args):
+        run_main(*flags(mnist_root, tmp_path, "--num_hidden_layers", "4", *size, "--lr", "0.01"))
+        kept.update({path: path.read_bytes() for path in RunFiles(other).ours()})
+        return run_in_workers(*args)
+    monkeypatch.setattr(sweep, "run_in_workers", another_command_first)
+    status, lines = cli_exit(capsys, *flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", *size, "--jobs", "2"))
+    assert status == 1 and "1 of 2 runs failed" in lines[-1] and f"{other} already holds a run" in lines[-1], lines
+    assert {path: path.read_bytes() for path in RunFiles(other).ours()} == kept
+    assert "test" in json.loads((tmp_path / "mlp_mnist_h2_w8_plain_s0" / "history.json").read_text())
 
 
 def test_an_interrupted_jobs_sweep_resumes_to_the_histories_of_one_process(mnist_root, tmp_path):
