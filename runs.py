@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 # what train.train_epoch records of every epoch in history.json
 CHECKPOINT = "checkpoint.pt"  # a run's checkpoint, in its folder unless --checkpoint puts it elsewhere
+LOCK = ".lock"  # in every folder a run writes into, locked by the process that trains it
 EPOCH_RECORD = ("epoch", "train_loss", "lr", "seconds", "steps")  # and a held-out score: val_ or test_ loss and acc
 # 1: the checkpoints of before this version stamp (no "format" key); 2: stamped, otherwise the same keys
 CHECKPOINT_FORMAT = 2
@@ -47,36 +48,48 @@ class RunConflict(ValueError):
 
 
 class RunLock:
-    """An exclusive advisory lock (flock) on a run folder's lock file, held until `release` or the holder's death:
-    the kernel drops it with the process, so a kill -9 never leaves a stale lock."""
+    """Exclusive advisory locks (flock) on the lock files of the folders a run writes into, held until `release` or
+    the holder's death: the kernel drops them with the process, so a kill -9 never leaves a stale lock."""
 
-    def __init__(self, path: Path, run_dir: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    def __init__(self, folders: list[Path]):
+        self.fds: list[int] = []
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise RunLocked(f"{run_dir} is being trained by process {holder}; wait for it to finish or stop it "
-                            "(it keeps its last finished epoch)") from None
-        try:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:  # a full disk: the lock holds all the same; a refused process names no pid
-            pass
+            for folder in folders:
+                self.fds.append(lock_folder(folder))
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
-        """Drop the lock (the lock file stays: deleting it would let two processes lock two different files)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Drop the locks (the lock files stay: deleting one would let two processes lock two different files)."""
+        while self.fds:
+            os.close(self.fds.pop())
 
     def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_folder(folder: Path) -> int:
+    """Lock `folder`'s lock file for this process, creating both, and write this process's id there; return its
+    descriptor. RunLocked names the process that holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLocked(f"{folder} is being trained by process {holder}; wait for it to finish or stop it (it keeps "
+                        "its last finished epoch)") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same; a refused process names no pid
+        pass
+    return fd
 
 
 class RunFiles:
@@ -90,7 +103,7 @@ class RunFiles:
         self.history = run_dir / "history.json"
         self.grad_norms = run_dir / "grad_norms.csv"
         self.checkpoint = checkpoint or run_dir / CHECKPOINT
-        self.lock_file = run_dir / ".lock"
+        self.lock_file = run_dir / LOCK
         self.tracking = [run_dir / "tensorboard", run_dir / "wandb"]  # what --tensorboard and --wandb write
 
     def checkpoint_clash(self) -> str | None:
@@ -111,10 +124,16 @@ class RunFiles:
     def exist(self) -> bool:
         return any(p.exists() for p in self.ours())
 
+    def folders(self) -> list[Path]:
+        """The folders the run writes into: its own, and the checkpoint's when --checkpoint puts it elsewhere
+        (another run's folder, say), each once."""
+        return list({folder.resolve(): folder for folder in (self.run_dir, self.checkpoint.parent)}.values())
+
     def lock(self) -> RunLock:
-        """Take the run's lock, creating its folder (RunLocked when another process holds it; RunConflict when a
-        file stands where its folder belongs or a folder where one of its files does, or neither can be made), and
-        remove the temporary files that a writer killed mid-write left, which only the lock's holder may do."""
+        """Take the locks of the folders the run writes into, creating them (RunLocked when another process holds
+        one: one writer per file, wherever --checkpoint puts the checkpoint; RunConflict when a file stands where the
+        run's folder belongs or a folder where one of its files does, or neither can be made), and remove the
+        temporary files that a writer killed mid-write left, which only the locks' holder may do."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunConflict(f"{self.run_dir} is a file where the run's folder belongs; move it away and run the "
                               "command again")
@@ -123,11 +142,11 @@ class RunFiles:
                 raise RunConflict(f"{path} is a folder where the run keeps a file; move it away and run the command "
                                   "again")
         try:
-            lock = RunLock(self.lock_file, self.run_dir)
+            lock = RunLock(self.folders())
         except OSError as e:  # a folder that check_writable passed and the file system refuses all the same
             raise RunConflict(f"{self.run_dir}: its folder or lock file cannot be made ({first_line(e)}); choose "
                               "another --out_dir") from None
-        for folder in {self.run_dir, self.checkpoint.parent}:
+        for folder in self.folders():
             for path in folder.glob(".*.tmp"):
                 if any(path.name.startswith(f".{p.name}.") for p in self.ours()) and not path.is_dir():
                     path.unlink(missing_ok=True)

@@ -97,15 +97,17 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, exist
     """Decide for every run before anything trains what to do with its folder: an action of ACTIONS, or a refusal
     (RunConflict, ResumeError) that stops the command: existing files unless `existing` is "resume" or
     "overwrite", or a run that cannot continue with these settings.
-    With `lock`, every existing run folder is locked for this process before it is read, so that a run another
-    process trains is refused (RunLocked); new runs are locked by Plan.lock_new_runs."""
+    With `lock`, every existing run folder (with the folder of an existing --checkpoint) is locked for this process
+    before it is read, so that a run another process trains is refused (RunLocked); new runs are locked by
+    Plan.lock_new_runs."""
     if checkpoint is not None and len(configs) > 1:
         raise RunConflict(f"--checkpoint names one file but the sweep has {len(configs)} runs; leave it out")
     sweep = Plan([], existing, {} if lock else None)
     try:
         for i, config in enumerate(configs):
             files = RunFiles(out_dir / config.run_name, checkpoint)
-            if lock and files.run_dir.exists():
+            check_checkpoint_path(config, files)  # before its folder is locked: a refused command makes no folder
+            if lock and (files.run_dir.exists() or files.checkpoint.exists()):
                 sweep.locks[i] = files.lock()
             sweep.runs.append(plan_run(config, files, existing, lock))
     except BaseException:
@@ -115,11 +117,8 @@ def plan(configs: list[RunConfig], out_dir: Path, checkpoint: Path | None, exist
 
 
 def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) -> PlannedRun:
-    """What to do with one run folder (see plan); a process that `writes` repairs what it can."""
-    if clash := files.checkpoint_clash():
-        raise RunConflict(clash)
-    if files.checkpoint_elsewhere() and files.checkpoint.exists():
-        check_checkpoint_owner(files.checkpoint, config)
+    """What to do with one run folder (see plan) whose --checkpoint path has been checked (check_checkpoint_path);
+    a process that `writes` repairs what it can."""
     if not files.exist():
         return PlannedRun(config, files, "new")
     if existing == "overwrite":
@@ -145,6 +144,15 @@ def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) ->
                           f"{files.checkpoint} to continue from; pass --checkpoint with the path it was saved to, "
                           "--overwrite to train it again from the start, or move its folder away")
     return PlannedRun(config, files, "replace")  # files of a run that saved no epoch: nothing to continue
+
+
+def check_checkpoint_path(config: RunConfig, files: RunFiles) -> None:
+    """A RunConflict when the run's --checkpoint path is where it keeps another file, or holds a file that is not
+    this run's checkpoint."""
+    if clash := files.checkpoint_clash():
+        raise RunConflict(clash)
+    if files.checkpoint_elsewhere() and files.checkpoint.exists():
+        check_checkpoint_owner(files.checkpoint, config)
 
 
 def check_checkpoint_owner(path: Path, config: RunConfig) -> None:
@@ -206,6 +214,7 @@ def replanned(run: PlannedRun, existing: str) -> PlannedRun:
     """A queued run planned again, under its lock, by the --jobs worker that takes it: another process may have
     written its folder since the sweep planned it (and released it to the workers), and the run is then skipped,
     continued or refused as a fresh command with the same flags would decide, never trained over."""
+    check_checkpoint_path(run.config, run.files)
     again = plan_run(run.config, run.files, existing, writes=True)
     if again.action != run.action:
         print(f"{run.config.run_name}: written by another process since the sweep planned it; now: "

@@ -442,13 +442,18 @@ def straight_long_run(mnist_root, tmp_path_factory):
 
 def test_a_second_process_on_a_run_being_trained_is_refused_and_changes_nothing(mnist_root, tmp_path, capsys,
                                                                                 straight_long_run):
-    """This process is the second one, with --resume and then with --overwrite."""
+    """This process is the second one, with --resume, with --overwrite, and with --overwrite of a run of its own
+    whose --checkpoint is the first run's (that once rewrote it beside the first run's history)."""
     first = start_training(mnist_root, tmp_path)
     os.kill(first.pid, signal.SIGSTOP)  # it holds the lock mid-run, however long the second takes
+    checkpoint = RunFiles(tmp_path / RUN).checkpoint
     try:
-        for flag in ("--resume", "--overwrite"):
-            status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, *LONG_RUN, flag))
+        for out_dir, *flags in ((tmp_path, "--resume"), (tmp_path, "--overwrite"),
+                                (tmp_path / "second", "--overwrite", "--checkpoint", str(checkpoint))):
+            before = checkpoint.read_bytes()
+            status, lines = cli_exit(capsys, *args_for(mnist_root, out_dir, *LONG_RUN, *flags))
             assert status == 2 and len(lines) == 1 and RUN in lines[0] and f"process {first.pid}" in lines[0], lines
+            assert checkpoint.read_bytes() == before
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.communicate()
