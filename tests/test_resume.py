@@ -544,6 +544,25 @@ def test_a_finished_run_without_its_history_gets_it_back_from_the_checkpoint(mni
     assert history == old and json.loads((tmp_path / RUN / "history.json").read_text()) == old
 
 
+@pytest.mark.parametrize("epochs", [2, 1], ids=["claims_unfinished_epochs", "claims_an_epoch_beyond_the_run"])
+def test_the_checkpoint_not_the_history_says_how_far_a_run_has_trained(mnist_root, tmp_path, capsys, finished_run,
+                                                                       epochs):
+    """A finished history.json that claims an epoch more than the checkpoint holds: for a 2-epoch run it was skipped
+    as finished (its weights never trained further), for the 1-epoch run it was refused with advice to --overwrite.
+    The run continues from its checkpoint (or only gets its test result again) and its history is rebuilt."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    history = json.loads((finished_run / "history.json").read_text())
+    claimed = dict(history, epochs=[*history["epochs"], dict(history["epochs"][0], epoch=2)])
+    (tmp_path / RUN / "history.json").write_text(json.dumps(claimed))
+    (_, rebuilt), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", str(epochs), "--resume"))
+    out = capsys.readouterr().out
+    assert "history.json: its 2 epochs are not the 1 that" in out and "rebuilt from the checkpoint" in out
+    checkpoint = load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)
+    assert checkpoint["epoch"] == epochs and rebuilt["epochs"] == checkpoint["history"]["epochs"]
+    assert json.loads((tmp_path / RUN / "history.json").read_text()) == rebuilt
+    assert rebuilt == history if epochs == 1 else "resuming after epoch 1" in out
+
+
 def test_a_garbage_config_beside_a_finished_run_is_restored_from_its_checkpoint(mnist_root, tmp_path, capsys,
                                                                                finished_run):
     shutil.copytree(finished_run, tmp_path / RUN)
