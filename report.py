@@ -28,7 +28,7 @@ from pathlib import Path
 import faithfulness
 from config import RunConfig
 from plots import STALL_LAYERS, TRAINED, in_stall_study, init_gradient_points, init_gradient_threshold
-from runs import RunFiles
+from runs import CheckpointError, RunFiles, load_checkpoint
 from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, reporting_full_disk,
                    run_cli)
 
@@ -300,6 +300,10 @@ def best_checkpoint(runs: list[tuple[RunConfig, dict]], out_dir: Path) -> Path:
         raise UsageError(f"the best residual run of {out_dir}, {name} (validation accuracy {val_acc:.1%}), has no "
                          f"{checkpoint.name}: give the out_dir that trained it (kept results hold no checkpoints), "
                          "or train it again with --overwrite")
+    try:
+        load_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise UsageError(f"the best residual run of {out_dir}, {name}: {e}") from None
     return checkpoint
 
 

@@ -4,11 +4,14 @@ saved run may continue as a command asks."""
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import io
 import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -321,11 +324,39 @@ def build_checkpoint(run: RunSetup, history: dict, wandb_run_id: str | None) -> 
             **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
 
 
+def checksum(checkpoint: dict) -> str:
+    """The SHA-256 of everything a checkpoint holds but its "checksum" entry, whatever its keys: every key, every
+    tensor's dtype, shape and bytes, every other value's type and repr, in the dict's order (which torch.load keeps).
+    A value of another type is a TypeError."""
+    digest = hashlib.sha256()
+
+    def add(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}:".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}:".encode())
+            for key, item in value.items():
+                add(key)
+                add(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}:".encode())
+            for item in value:
+                add(item)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+        else:
+            raise TypeError(f"a checkpoint holds no {type(value).__name__}")
+    add({key: value for key, value in checkpoint.items() if key != "checksum"})
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Save a checkpoint atomically. It is serialised in memory first, so that a full disk is a plain OSError
-    from the write (torch.save's own writer reports it as an opaque RuntimeError)."""
+    """Save a checkpoint atomically, with the checksum of what it holds. It is serialised in memory first, so that a
+    full disk is a plain OSError from the write (torch.save's own writer reports it as an opaque RuntimeError)."""
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
+    torch.save(dict(checkpoint, checksum=checksum(checkpoint)), buffer)
     atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
@@ -342,7 +373,36 @@ def load_checkpoint(path: str | Path) -> dict:
             from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise CheckpointError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
+    check_intact(checkpoint, path)
     return upgrade_checkpoint(checkpoint, path)
+
+
+def check_intact(checkpoint: dict, path: Path) -> None:
+    """A CheckpointError when a loaded checkpoint does not match the checksum saved with it (one saved before
+    checksums has none, and passes)."""
+    if "checksum" not in checkpoint:
+        return
+    try:
+        intact = checkpoint["checksum"] == checksum(checkpoint)
+    except TypeError:
+        intact = False
+    if not intact:
+        raise CheckpointError(f"--checkpoint {path} is damaged: what it holds does not match the checksum saved with "
+                              "it (a disk or copy error changed it), and a checksum cannot repair it: its weights are "
+                              "lost, while its run's history.json and figures are unaffected; restore the file from a "
+                              "copy, or train the run again (--overwrite)")
+
+
+def note_unchecked(checkpoint: dict, path: str | Path) -> None:
+    """Say once, on stderr, that a checkpoint in use was saved before checksums, so damage to it goes unseen."""
+    if "checksum" not in checkpoint:
+        say_unchecked(str(path))
+
+
+@functools.cache
+def say_unchecked(path: str) -> None:
+    print(f"note: {path} was saved without a checksum (by an older version), so damage to it cannot be detected; a "
+          "run saves one with its next epoch", file=sys.stderr)
 
 
 def unloadable_reason(path: Path, error: Exception) -> str:
@@ -406,6 +466,7 @@ def model_of(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
         detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [first_line(e)]
         raise CheckpointError(f"checkpoint {path}: its weights do not fit the {config.model_name} its config "
                               f"describes ({detail[0][:200]})") from None
+    note_unchecked(checkpoint, path)
     return config, model
 
 
@@ -457,4 +518,5 @@ def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
         history = {"epochs": list(checkpoint["history"]["epochs"])}
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None
+    note_unchecked(checkpoint, path)
     return history, checkpoint.get("wandb_run_id")

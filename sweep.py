@@ -173,14 +173,14 @@ def finished_history(config: RunConfig, files: RunFiles, writes: bool) -> dict |
     """The history of a finished run that is exactly what `config` asks for, None for an unfinished one or one
     that may train more epochs; a finished run that cannot continue as `config` is a ResumeError. A missing or
     unreadable config.json is restored from the checkpoint (written when this process `writes`). The checkpoint says
-    how far the run has trained: a history whose epochs are not the checkpoint's is None too, rebuilt by the resume."""
+    how far the run has trained: a history of another number of epochs is None too, rebuilt by the resume."""
     history = files.read_history()
     if history is None or "test" not in history:
         return None
-    trained = checkpoint_epochs(files)
-    if trained is not None and trained != history["epochs"]:
-        print(f"{files.history}: its {len(history['epochs'])} epochs are not the {len(trained)} that "
-              f"{files.checkpoint} has trained; it is rebuilt from the checkpoint", flush=True)
+    trained = trained_epochs(files)
+    if trained is not None and trained != len(history["epochs"]):
+        print(f"{files.history}: its {len(history['epochs'])} epochs are not the {trained} that {files.checkpoint} "
+              "has trained; it is rebuilt from the checkpoint", flush=True)
         return None
     saved = files.read_config()
     if saved is None:
@@ -190,13 +190,13 @@ def finished_history(config: RunConfig, files: RunFiles, writes: bool) -> dict |
     return history if epochs == config.num_epochs else None
 
 
-def checkpoint_epochs(files: RunFiles) -> list[dict] | None:
-    """The epoch records of the history a run's checkpoint holds, or None when it has no usable checkpoint."""
+def trained_epochs(files: RunFiles) -> int | None:
+    """How many epochs a run's checkpoint has trained, or None when it has no usable checkpoint."""
     try:
-        epochs = load_checkpoint(files.checkpoint)["history"]["epochs"]
-    except (CheckpointError, KeyError, TypeError):
+        epochs = load_checkpoint(files.checkpoint).get("epoch")
+    except CheckpointError:
         return None
-    return epochs if isinstance(epochs, list) else None
+    return epochs if isinstance(epochs, int) else None
 
 
 def check_model_kept(files: RunFiles) -> None:

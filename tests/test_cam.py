@@ -1,5 +1,6 @@
 """Class activation maps: the CAM identity, batching, image sizes, photo reading, and the CLI end to end."""
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import cam
 import pipeline
 import report
 import utils
-from conftest import ROOT, run_config
+from conftest import ROOT, damage_weights, run_config
 from data import DATASETS, load_dataset, normalize
 from models import build_model
 from runs import RunFiles, load_checkpoint, load_model, save_checkpoint
@@ -450,3 +451,26 @@ def test_the_model_of_an_unfinished_run_is_named_as_such(checkpoint, tmp_path, c
              str(tmp_path / "out"))
     out = capsys.readouterr().out
     assert f"is the model of tiny, unfinished: {saved['epoch']} of {saved['epoch'] + 4} epochs" in out
+
+
+@pytest.mark.parametrize("command", ["cam", "no-train", "best_checkpoint"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_by_every_command_that_loads_it(checkpoint, cifar_root, tmp_path,
+                                                                                  capsys, command):
+    """40 bytes flipped inside the weights: torch.load reads the file, and cam.py once drew the maps of weights no
+    run trained; the checksum saved with it tells, and the refusal says what is still good."""
+    shutil.copytree(checkpoint.parent.parent, tmp_path / "runs")
+    damaged = tmp_path / "runs" / checkpoint.parent.name / checkpoint.name
+    damage_weights(damaged, "fc.weight")
+    main, parser, line = {
+        "cam": (cam.main, cam.get_args_parser(), ["--checkpoint", str(damaged), "--data_root", str(cifar_root),
+                                                  "--no-download", "--device", "cpu", "--out_dir", str(tmp_path)]),
+        "no-train": (pipeline.main, pipeline.get_args_parser(), ["--no-train", "--checkpoint", str(damaged),
+                                                                 "--data_root", str(cifar_root), "--no-download"]),
+        "best_checkpoint": (report.main, report.get_args_parser(), ["--best_checkpoint", str(tmp_path / "runs")])}[
+        command]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main, parser.parse_args(line))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert f"{damaged} is damaged" in lines[0] and "history.json and figures are unaffected" in lines[0]

@@ -9,7 +9,7 @@ import torch
 import report
 import utils
 from conftest import run_config
-from runs import RunFiles
+from runs import RunFiles, save_checkpoint
 
 
 def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True, first_grad_norm=None) -> None:
@@ -116,6 +116,9 @@ def test_best_checkpoint_is_the_residual_run_with_the_best_final_validation_accu
     with pytest.raises(utils.UsageError, match=f"{cnn(3, 1, seed=1).run_name} .*has no checkpoint.pt"):
         report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path)  # as in results/: no checkpoints kept
     best.write_bytes(b"weights")
+    with pytest.raises(utils.UsageError, match=f"{cnn(3, 1, seed=1).run_name}: --checkpoint .* not a loadable"):
+        report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path)  # cam.py would refuse it
+    save_checkpoint(best, {"model": {}, "config": {}})
     assert report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path) == best
 
 

@@ -20,7 +20,7 @@ import report
 import runs
 import train
 import utils
-from conftest import ROOT, RUN, args_for, cli_exit, image_of_step, run_main
+from conftest import ROOT, RUN, args_for, cli_exit, damage_weights, image_of_step, run_main
 from runs import RunFiles, load_checkpoint, save_checkpoint
 
 STEPS_PER_EPOCH = 10  # 500 training images in batches of 50
@@ -334,6 +334,35 @@ def test_an_unloadable_checkpoint_says_why_and_never_advises_the_unsafe_loader(t
     assert "False" not in lines[0] and not (tmp_path / "code_ran").exists()
 
 
+def test_a_damaged_checkpoint_is_never_resumed(mnist_root, tmp_path, capsys, finished_run):
+    """40 bytes flipped inside the weights of an unfinished run's checkpoint: it once resumed at a loss of 1e27 and
+    finished. The checksum saved with it refuses it, in one line saying what is still good; nothing is written."""
+    shutil.copytree(finished_run, tmp_path / RUN)  # with a constant schedule, the first epoch of a 2-epoch run
+    damage_weights(RunFiles(tmp_path / RUN).checkpoint, "head.weight")
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
+    assert status == 2 and len(lines) == 1 and "checkpoint.pt is damaged" in lines[0], lines
+    assert "history.json and figures are unaffected" in lines[0] and "--overwrite" in lines[0]
+    assert run_files(tmp_path / RUN) == before
+
+
+def test_a_checkpoint_saved_before_checksums_loads_says_so_once_and_gets_one(mnist_root, tmp_path, capsys,
+                                                                           finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    path = RunFiles(tmp_path / RUN).checkpoint
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["checksum"]
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    run_main("--no-train", "--checkpoint", str(path), "--data_root", str(mnist_root), "--no-download", "--device",
+             "cpu")
+    assert capsys.readouterr().err.splitlines() == [f"note: {path} was saved without a checksum (by an older version), so damage to it cannot be "
+                     "detected; a run saves one with its next epoch"]
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert "checksum" in torch.load(path, weights_only=True)
+
+
 # settings that the suite's checkpoints of before RunConfig lacked, and flags they held that are no settings
 NEW_SETTINGS = ("nesterov", "lr_schedule", "warmup_epochs", "label_smoothing", "sync_bn")
 OLD_FLAGS = {"data_root": "data", "download": True, "checkpoint": None, "out_dir": "runs", "plots_dir": None}
@@ -343,17 +372,17 @@ def make_bad_checkpoint(kind: str, good, path):
     checkpoint = load_checkpoint(good)
     if kind == "config_mismatch":
         checkpoint["config"]["width"] = 9
-        torch.save(checkpoint, path)
+        save_checkpoint(path, checkpoint)
     elif kind == "other_architecture":
         checkpoint["config"]["model_name"] = "ResNet"
         checkpoint["config"].update(out_channels=4, num_levels=1, num_conv_per_level=1, stem="cifar")
-        torch.save(checkpoint, path)
+        save_checkpoint(path, checkpoint)
     elif kind == "missing_key":
         del checkpoint["config"]["lr"]
-        torch.save(checkpoint, path)
+        save_checkpoint(path, checkpoint)
     elif kind == "old_format":
         old = {k: v for k, v in checkpoint["config"].items() if k not in NEW_SETTINGS}
-        del checkpoint["format"]
+        del checkpoint["format"], checkpoint["checksum"]  # nor a checksum then
         torch.save(dict(checkpoint, config=dict(old, **OLD_FLAGS)), path)
     elif kind == "not_our_dict":
         torch.save({"state_dict": checkpoint["model"]}, path)
