@@ -79,7 +79,7 @@ def lock_folder(folder: Path) -> int:
     """Lock `folder`'s lock file for this process, creating both, and write this process's id there; return its
     descriptor. RunLocked names the process that holds it."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -135,13 +135,18 @@ class RunFiles:
     def lock(self) -> RunLock:
         """Take the locks of the folders the run writes into, creating them (RunLocked when another process holds
         one: one writer per file, wherever --checkpoint puts the checkpoint; RunConflict when a file stands where the
-        run's folder belongs or a folder where one of its files does, or neither can be made), and remove the
-        temporary files that a writer killed mid-write left, which only the locks' holder may do."""
+        run's folder belongs, a folder or a symbolic link where one of its files does, or neither can be made), and
+        remove the temporary files that a writer killed mid-write left, which only the locks' holder may do."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunConflict(f"{self.run_dir} is a file where the run's folder belongs; move it away and run the "
                               "command again")
-        for path in [*self.ours(), self.lock_file]:
-            if path.is_dir():  # never removed for the user: nothing the run wrote is a folder
+        lock_files = [folder / LOCK for folder in self.folders()]
+        for path in [*self.ours(), *lock_files, *self.tracking]:
+            if path.is_symlink():  # the run makes none: writing through it would change a file elsewhere
+                raise RunConflict(f"{path} is a symbolic link (to {os.readlink(path)}), which the run never writes "
+                                  "through; replace it by a copy of what it names, or remove it, and run the command "
+                                  "again")
+            if path.is_dir() and path not in self.tracking:  # never removed for the user: the run writes no folder
                 raise RunConflict(f"{path} is a folder where the run keeps a file; move it away and run the command "
                                   "again")
         try:

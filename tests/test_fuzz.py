@@ -284,3 +284,30 @@ def test_damaged_run_folder_ends_in_0_1_or_2_and_no_finished_run_is_lost(index, 
         else:
             assert status == 0, (case, err)
             assert "test" in json.loads((run_dir / "history.json").read_text()), case
+
+
+# every position of a run folder holding a symbolic link to a file elsewhere, then the commands a user runs next
+LINKED = [(run, command, target) for run, command in COMMANDS if run != "cnn" for target in TARGETS]
+
+
+@pytest.mark.parametrize("index", seeded_subset(len(LINKED), len(TARGETS), seed=3,
+                                                kinds=[target for _, _, target in LINKED]))
+def test_a_link_anywhere_in_a_run_folder_is_never_written_through(index, run_folders, mnist_root, cifar_root,
+                                                                  tmp_path, capsys):
+    """The file a link names stays as it was, the link stays a link, and a command that would write the run refuses
+    the link of any file it writes in one line."""
+    run, command, target = LINKED[index]
+    out_dir, elsewhere = tmp_path / run, tmp_path / "elsewhere"
+    shutil.copytree(run_folders[run], out_dir)
+    link = target_path(out_dir / RUN, target)
+    elsewhere.write_bytes(link.read_bytes() if link.exists() else (out_dir / RUN / "checkpoint.pt").read_bytes())
+    link.unlink(missing_ok=True)
+    link.symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    main, parser, line = command_line(run, command, out_dir, mnist_root, cifar_root, tmp_path)
+    status, err = cli_status(main, parser, line, capsys)
+    case = (run, command, target, line)
+    assert_ends_cleanly(case, status, err)
+    assert elsewhere.read_bytes() == before and (link.is_symlink() or target == "leftover"), case
+    if command in ("resume", "again") and target not in ("tensorboard", "leftover"):
+        assert status == 2 and f"{link} is a symbolic link" in err, (case, err)

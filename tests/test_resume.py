@@ -651,6 +651,26 @@ def test_a_folder_where_a_run_file_belongs_is_refused_in_one_line_and_kept(mnist
     assert load_checkpoint(tmp_path / RUN / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.parametrize("name", ["config.json", "history.json", "grad_norms.csv", "checkpoint.pt", ".lock",
+                                  "tensorboard"])
+def test_a_symbolic_link_in_a_run_folder_is_never_written_through(mnist_root, tmp_path, capsys, finished_run, name):
+    """A .lock linked elsewhere had the file it names overwritten with a process id, a linked grad_norms.csv had
+    rows appended there, the other files were replaced by files: the run refuses every link in one line."""
+    shutil.copytree(finished_run, tmp_path / "runs" / RUN)
+    link, elsewhere = tmp_path / "runs" / RUN / name, tmp_path / "elsewhere"
+    if name == "tensorboard":
+        elsewhere.mkdir()
+    else:
+        elsewhere.write_bytes(link.read_bytes() if link.exists() else b"the user's own file")
+        link.unlink(missing_ok=True)
+    link.symlink_to(elsewhere)
+    before = elsewhere.read_bytes() if elsewhere.is_file() else sorted(elsewhere.iterdir())
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path / "runs", "--num_epochs", "2", "--resume"))
+    assert status == 2 and len(lines) == 1 and f"{link} is a symbolic link (to {elsewhere})" in lines[0], lines
+    assert link.is_symlink() and (elsewhere.read_bytes() if elsewhere.is_file() else sorted(elsewhere.iterdir())) \
+        == before
+
+
 @pytest.mark.parametrize("damage", ["removed", "cut", "not ours"])
 def test_a_finished_run_whose_checkpoint_is_lost_is_skipped_with_a_warning(mnist_root, tmp_path, capsys,
                                                                            finished_run, damage):
