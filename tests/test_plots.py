@@ -223,3 +223,20 @@ def test_gradient_norms_below_the_floor_are_marked_clipped_even_when_not_zero(tm
     figure = figures["gradients_mlp_d2.png"]
     assert figure.legends[0].get_texts()[-1].get_text() == "clipped: norms below 1e-20 drawn at it"
     assert figure.axes[0].get_ylim()[0] < plots.GRAD_FLOOR == figure.axes[0].lines[0].get_ydata().min()
+
+
+def test_every_figure_survives_extreme_values(tmp_path, figures):
+    """An overflowing run's gradient norms (infinite, not a number, 1e300) and losses near the largest float once
+    ended a finished sweep in matplotlib's traceback (an axis limit that is not finite): every figure is drawn,
+    the norms beyond the ceiling at it, marked clipped."""
+    extreme = np.tile([0.5, np.inf, np.nan, 1e300], (16, 1))  # 14 hidden layers: 16 weights, 4 logged steps
+    runs = [fake_run(run_config("--num_hidden_layers", "14", "--seed", str(seed)), extreme) for seed in (0, 1)]
+    runs[0][1]["epochs"][0]["train_loss"] = 1.7e308
+    paths = plots.plot_sweep(runs, tmp_path)
+    assert {p.name for p in paths} == {"mlp_training_loss.png", "mlp_Val_acc.png", "mlp_trainability.png",
+                                       "gradient_heatmap_mlp_mnist_h14_w16_plain_s0.png", "gradients_mlp_d14.png",
+                                       "mlp_init_gradient_vs_accuracy.png"}
+    assert all(p.is_file() for p in paths)
+    gradients = figures["gradients_mlp_d14.png"]
+    assert gradients.axes[0].lines[0].get_ydata().tolist() == [0.5] + [plots.GRAD_CEILING] * 3
+    assert f"clipped: norms above {plots.GRAD_CEILING:g}" in gradients.legends[0].get_texts()[-1].get_text()
