@@ -286,6 +286,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tm
     assert load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["epoch"] == 1
 
 
+@pytest.mark.parametrize("flags,advice", [
+    (("--num_hidden_layers", "1", "--lr", "1e7"), "lower --lr (it is 1e+07)"),
+    (("--optimizer", "sgd", "--momentum", "1e308"), "lower --momentum below 1"),
+    (("--weight_decay", "1e300"), "lower --weight_decay")], ids=["lr", "momentum", "weight_decay"])
+def test_a_diverging_loss_stops_the_run_with_advice_naming_what_to_change(mnist_root, tmp_path, capsys, flags,
+                                                                          advice):
+    """--lr 1e7 kept its losses finite near 1e23 and trained to the end (and then, with other sizes, died in
+    matplotlib); the advice for a momentum or weight decay beyond any stable value was 'lower --lr'."""
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", *flags))
+    assert status == 1 and len(lines) == 1 and "the training loss at epoch 1 became " in lines[0], lines
+    assert f"no epoch had finished; {advice}" in lines[0], lines
+
+
 class Payload:
     """Pickles as a call to open(marker, 'w'): code that runs when a plain pickle load reads it."""
 
@@ -356,8 +369,9 @@ def test_a_checkpoint_saved_before_checksums_loads_says_so_once_and_gets_one(mni
     capsys.readouterr()
     run_main("--no-train", "--checkpoint", str(path), "--data_root", str(mnist_root), "--no-download", "--device",
              "cpu")
-    assert capsys.readouterr().err.splitlines() == [f"note: {path} was saved without a checksum (by an older version), so damage to it cannot be "
-                     "detected; a run saves one with its next epoch"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {path} was saved without a checksum (by an older version), so damage to it cannot be detected; a run "
+        "saves one with its next epoch"]
     run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert "checksum" in torch.load(path, weights_only=True)
