@@ -321,7 +321,8 @@ def run_in_workers(planned: list[PlannedRun], todo: list[int], raw: RawData, run
     devices = runtime.devices
     runtimes = [replace(runtime, devices=(devices[w % len(devices)],), progress=False)
                 for w in range(min(runtime.jobs, len(todo)))]
-    workers = [context.Process(target=worker, args=(planned, raw, r, existing, tasks, results), daemon=True) for r in runtimes]
+    workers = [context.Process(target=worker, args=(planned, raw, r, existing, tasks, results), daemon=True)
+               for r in runtimes]
     histories: dict[int, dict] = {}
     failures: dict[int, str] = {}
     bar = tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True)

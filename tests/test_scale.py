@@ -70,7 +70,8 @@ def test_a_queued_run_another_command_trains_meanwhile_is_planned_again_not_trai
         kept.update({path: path.read_bytes() for path in RunFiles(other).ours()})
         return run_in_workers(*args)
     monkeypatch.setattr(sweep, "run_in_workers", another_command_first)
-    status, lines = cli_exit(capsys, *flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", *size, "--jobs", "2"))
+    status, lines = cli_exit(capsys, *flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", *size, "--jobs",
+                                            "2"))
     assert status == 1 and "1 of 2 runs failed" in lines[-1] and f"{other} already holds a run" in lines[-1], lines
     assert {path: path.read_bytes() for path in RunFiles(other).ours()} == kept
     assert "test" in json.loads((tmp_path / "mlp_mnist_h2_w8_plain_s0" / "history.json").read_text())
