@@ -11,6 +11,7 @@ import random
 import signal
 import sys
 import tempfile
+import unicodedata
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -106,6 +107,20 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type), cut to `limit` characters, for one-line errors."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+def name_problem(name: str, max_bytes: int) -> str | None:
+    """Why `name` cannot be (part of) a file name, in words, or None: it is empty or blanks only, holds a control
+    character or bytes that are not text (as a command line can pass them), or is longer than `max_bytes` in UTF-8."""
+    if not name.strip():
+        return "is empty or blanks only"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "holds a control character"
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        return "holds bytes that are not text (UTF-8)"
+    return f"is {size} bytes long, more than {max_bytes}" if size > max_bytes else None
 
 
 def seed_everything(seed: int) -> None:

@@ -1,5 +1,6 @@
 """Class activation maps: the CAM identity, batching, image sizes, photo reading, and the CLI end to end."""
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -474,3 +475,24 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_by_every_command_that_loads
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1, lines
     assert f"{damaged} is damaged" in lines[0] and "history.json and figures are unaffected" in lines[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--label", "a\tb"], "--label 'a\\tb' holds a control character"),
+    (["--label", "  "], "--label '  ' is empty or blanks only"),
+    (["--label", "x" * 151], "--label 'xxx"),
+    (["--label", os.fsdecode(b"caf\xe9")], "holds bytes that are not text (UTF-8)"),
+    ([], "--image's file name 'ppp"),  # a photo named with 200 characters: the files named after it would not fit
+])
+def test_a_label_that_cannot_name_a_file_is_refused_in_one_line(checkpoint, tmp_path, capsys, flags, message):
+    """A 300-byte --label was an OSError traceback (file name too long) once the map was computed."""
+    photo = tmp_path / f"{'p' * 200}.png"
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(photo)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(cam.main, cam.get_args_parser().parse_args(
+            ["--checkpoint", str(checkpoint), "--image", str(photo), "--device", "cpu", "--out_dir",
+             str(tmp_path / "cam"), *flags]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "cam").exists()

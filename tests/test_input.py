@@ -1,5 +1,6 @@
 """Hostile input refused up front with one line and exit status 2: flag values, run names, checkpoints that name the
 wrong thing, and dataset files that are cut or inconsistent."""
+import os
 import re
 import struct
 
@@ -55,7 +56,12 @@ def cnn_checkpoint(cifar_root, tmp_path_factory):
     (["--run_name", ".."], "--run_name"),
     (["--run_name", "../../x"], "--run_name"),
     (["--run_name", "a/b"], "--run_name"),
-    (["--run_name", "a" * 300], "at most 255 bytes"),
+    (["--run_name", "a" * 300], "is 300 bytes long, more than 200"),
+    (["--run_name", "a" * 201], "is 201 bytes long, more than 200"),  # gradient_heatmap_<run name>.png would not fit
+    (["--run_name", "   "], "--run_name '   ' is empty or blanks only"),
+    (["--run_name", "a\tb"], "holds a control character"),
+    (["--run_name", "a\nb"], "holds a control character"),
+    (["--run_name", os.fsdecode(b"caf\xe9")], "holds bytes that are not text (UTF-8)"),
     (["--run_name", "plots"], "folder would be the figures' folder"),
     (["--num_hidden_layers", "100000"], "--num_hidden_layers"),
     (["--width", "4096", "--num_hidden_layers", "1000"], "parameters"),
