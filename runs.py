@@ -379,6 +379,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise CheckpointError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
     check_intact(checkpoint, path)
+    epoch = checkpoint.get("epoch", 0)
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        raise CheckpointError(f"--checkpoint {path}: its epoch is {epoch!r}, not a number of epochs")
     return upgrade_checkpoint(checkpoint, path)
 
 
@@ -431,7 +434,7 @@ def upgrade_checkpoint(checkpoint: dict, path: Path) -> dict:
     """A checkpoint of any format this suite wrote, in today's. Format 1 differs only in its config, which
     RunConfig.from_dict converts (config.upgrade) as it does for an old config.json."""
     version = checkpoint.get("format", 1)
-    if version not in (1, CHECKPOINT_FORMAT):
+    if type(version) is not int or version not in (1, CHECKPOINT_FORMAT):
         raise CheckpointError(f"--checkpoint {path} has format {version!r}; this version of the suite reads "
                               f"formats 1 to {CHECKPOINT_FORMAT}")
     return dict(checkpoint, format=CHECKPOINT_FORMAT)
@@ -467,12 +470,23 @@ def model_of(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
         raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
     try:
         model.load_state_dict(scored_weights(checkpoint, config))
-    except (TypeError, RuntimeError, KeyError) as e:  # torch's first line only says that there are errors; the next names one
-        detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [first_line(e)]
+    except (TypeError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path}: its weights do not fit the {config.model_name} its config "
-                              f"describes ({detail[0][:200]})") from None
+                              f"describes ({state_error(e)})") from None
+    if checkpoint.get("epoch", 0) > config.num_epochs:
+        raise CheckpointError(f"checkpoint {path}: it has trained {checkpoint['epoch']} epochs, more than the "
+                              f"{config.num_epochs} of its config")
     note_unchecked(checkpoint, path)
     return config, model
+
+
+def state_error(error: Exception) -> str:
+    """What is wrong with a state that torch or restore would not load, in one line: a missing entry by its name, and
+    of torch's load_state_dict errors the line after the first, which only says that there are errors."""
+    if isinstance(error, KeyError):
+        return f"it has no {error.args[0]!r}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else first_line(error))[:200]
 
 
 def scored_weights(checkpoint: dict, config: RunConfig) -> dict:
@@ -522,6 +536,6 @@ def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
             run.ema.load_state_dict(checkpoint["ema"])
         history = {"epochs": list(checkpoint["history"]["epochs"])}
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None
+        raise ResumeError(f"{path} cannot be resumed ({state_error(e)}); use --overwrite to start again") from None
     note_unchecked(checkpoint, path)
     return history, checkpoint.get("wandb_run_id")

@@ -13,14 +13,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from config import DEFAULTS, FLAGS, RunConfig
 from data import RawData
 from runs import (CheckpointError, ResumeError, RunConflict, RunFiles, RunLock, check_checkpoint_resumable,
-                  check_resumable, load_checkpoint, load_model, saved_config)
-from train import Runtime, train_run
-from utils import CLIError, first_line, setup_for_distributed
+                  check_resumable, is_number, load_checkpoint, load_model, saved_config, state_error,
+                  well_formed_history)
+from models import build_model
+from train import Runtime, build_optimizer, train_run
+from utils import CLIError, first_line, rng_state, set_rng_state, setup_for_distributed
 
 def expand(values: dict, given: Collection[str] = ()) -> list[RunConfig]:
     """The configs of a sweep: `values` holds every flag of RunConfig, a list of values for each sweepable one;
@@ -137,6 +140,7 @@ def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) ->
             raise ResumeError(f"{e}; the run cannot continue: pass --overwrite to train it again, or move its folder "
                               "away") from None
         check_checkpoint_resumable(checkpoint, config, files.checkpoint)
+        check_restorable(checkpoint, config, files.checkpoint)
         return PlannedRun(config, files, "resume")
     history = files.read_history()
     if history is not None and history["epochs"]:  # epochs trained, and nothing to continue them from
@@ -144,6 +148,69 @@ def plan_run(config: RunConfig, files: RunFiles, existing: str, writes: bool) ->
                           f"{files.checkpoint} to continue from; pass --checkpoint with the path it was saved to, "
                           "--overwrite to train it again from the start, or move its folder away")
     return PlannedRun(config, files, "replace")  # files of a run that saved no epoch: nothing to continue
+
+
+def check_restorable(checkpoint: dict, config: RunConfig, path: Path) -> None:
+    """A ResumeError, before the plan says that a run continues, when a checkpoint's entries are not the state that
+    restore loads into `config`'s run; each is loaded into a fresh one of its kind (restore_problem)."""
+    try:
+        problem = restore_problem(checkpoint, config)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        problem = state_error(e)
+    if problem:
+        raise ResumeError(f"{path} cannot be resumed ({problem}); pass --overwrite to train the run again, or move "
+                          "its folder away")
+
+
+def restore_problem(checkpoint: dict, config: RunConfig) -> str | None:
+    """What of a checkpoint restore could not load into `config`'s run, in words (or an exception), else None: the
+    history of the epochs it has trained, the weights, the optimizer's settings and state (tensors of its weights'
+    shapes: a fused step on others crashes the process), the schedule, the loss scale, the moving average, the W&B
+    run id and the random generators' states."""
+    for key in ("model", "optimizer", "lr_scheduler", "history", "rng"):
+        if not isinstance(checkpoint.get(key), dict):  # before indexing it: torch warns on a tensor indexed by text
+            return f"its {key} is {type(checkpoint.get(key)).__name__}, not the dict of a state"
+    epochs = checkpoint["history"]["epochs"]
+    if not (isinstance(epochs, list) and len(epochs) == checkpoint["epoch"]
+            and well_formed_history({"epochs": epochs})):
+        return f"its history does not hold the {checkpoint['epoch']} epochs it has trained"
+    model = build_model(config)
+    model.load_state_dict(checkpoint["model"])
+    optimizer = build_optimizer(model, config)
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for expected, group in zip(settings, optimizer.param_groups):
+        for key, value in expected.items():
+            if not same_kind(value, group.get(key)):
+                return f"its optimizer's {key} is {group.get(key)!r}"
+        for weight in group["params"]:
+            for name, value in optimizer.state[weight].items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != weight.shape:
+                    return f"its optimizer's {name} has shape {tuple(value.shape)}, its weight {tuple(weight.shape)}"
+    if checkpoint.get("grad_scaler"):
+        torch.amp.GradScaler("cpu").load_state_dict(checkpoint["grad_scaler"])
+    if config.ema:
+        AveragedModel(model, use_buffers=True).load_state_dict(checkpoint["ema"])
+    if not isinstance(checkpoint.get("wandb_run_id"), (str, type(None))):
+        return f"its W&B run id is {checkpoint['wandb_run_id']!r}"
+    current = rng_state()
+    try:
+        set_rng_state(checkpoint["rng"])
+        torch.Generator().set_state(checkpoint["rng"]["data"])
+    finally:
+        set_rng_state(current)
+    return None
+
+
+def same_kind(expected: object, value: object) -> bool:
+    """Whether an optimizer setting loaded from a checkpoint is of the kind a fresh optimizer's is: a finite number
+    for a number, the same length of such for a tuple, else the same type."""
+    if isinstance(expected, (tuple, list)):
+        return (isinstance(value, (tuple, list)) and len(value) == len(expected)
+                and all(map(same_kind, expected, value)))
+    if is_number(expected):
+        return is_number(value)
+    return type(value) is type(expected)
 
 
 def check_checkpoint_path(config: RunConfig, files: RunFiles) -> None:

@@ -19,6 +19,7 @@ import pipeline
 import report
 import train
 import utils
+from runs import load_checkpoint, save_checkpoint
 
 NUMBERS = ["-1", "0", "nan", "inf", "-inf", "1e308", str(2 ** 63), "99999999999999999999", "abc", "", "1.5", "0x10"]
 # hostile values per flag (a tuple: several values), beside NUMBERS for the numeric ones; a legal one trains in seconds
@@ -312,3 +313,32 @@ def test_a_link_anywhere_in_a_run_folder_is_never_written_through(index, run_fol
     assert elsewhere.read_bytes() == before and (link.is_symlink() or target == "leftover"), case
     if command in ("resume", "again") and target not in ("tensorboard", "leftover"):
         assert status == 2 and f"{link} is a symbolic link" in err, (case, err)
+
+
+# every entry of an unfinished run's checkpoint given a value of a wrong type (saved with a valid checksum, as a bug or
+# a hand edit would), then --resume or --no-train
+FIELDS = ("format", "model", "optimizer", "lr_scheduler", "grad_scaler", "epoch", "config", "history", "rng",
+          "wandb_run_id")
+WRONG_VALUES = [None, "x", -1, 1.5, True, [], {}, [1, 2], torch.zeros(2)]
+FIELD_CASES = [(command, field, value) for command in ("resume", "evaluate") for field in FIELDS
+               for value in range(len(WRONG_VALUES))]
+
+
+@pytest.mark.parametrize("index", seeded_subset(len(FIELD_CASES), len(FIELDS), seed=4,
+                                                kinds=[field for _, field, _ in FIELD_CASES]))
+def test_a_checkpoint_field_of_a_wrong_type_is_refused_up_front_or_does_no_harm(index, run_folders, mnist_root,
+                                                                                cifar_root, tmp_path, capsys):
+    """Refused in one line (exit 2) before the plan says the run continues, never a run that fails after (exit 1),
+    a traceback or a crash; a refused checkpoint stays as it was."""
+    command, field, value = FIELD_CASES[index]
+    out_dir = tmp_path / "unfinished"
+    shutil.copytree(run_folders["unfinished"], out_dir)
+    path = out_dir / RUN / "checkpoint.pt"
+    save_checkpoint(path, dict(load_checkpoint(path), **{field: WRONG_VALUES[value]}))
+    before = path.read_bytes()
+    main, parser, line = command_line("unfinished", command, out_dir, mnist_root, cifar_root, tmp_path)
+    status, err = cli_status(main, parser, line, capsys)
+    case = (command, field, WRONG_VALUES[value], line)
+    assert_ends_cleanly(case, status, err)
+    assert status in (0, 2), (case, err)
+    assert status == 0 or path.read_bytes() == before, case

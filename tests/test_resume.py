@@ -377,6 +377,40 @@ def test_a_checkpoint_saved_before_checksums_loads_says_so_once_and_gets_one(mni
     assert "checksum" in torch.load(path, weights_only=True)
 
 
+def wrong_field(checkpoint: dict, field: str) -> dict:
+    """The checkpoint with one entry that restore reads of the wrong type, size or value."""
+    if field == "optimizer_state_shape":  # a fused Adam step on it crashed the process (SIGSEGV)
+        state = {i: dict(s, exp_avg=torch.zeros(2)) for i, s in checkpoint["optimizer"]["state"].items()}
+        return dict(checkpoint, optimizer=dict(checkpoint["optimizer"], state=state))
+    if field == "optimizer_lr":
+        groups = [dict(group, lr="fast") for group in checkpoint["optimizer"]["param_groups"]]
+        return dict(checkpoint, optimizer=dict(checkpoint["optimizer"], param_groups=groups))
+    if field == "rng_missing":
+        return {key: value for key, value in checkpoint.items() if key != "rng"}
+    return dict(checkpoint, **{"epoch_text": {"epoch": "one"}, "epoch_negative": {"epoch": -1},
+                               "history_short": {"history": {"epochs": []}}}[field])
+
+
+@pytest.mark.parametrize("field", ["epoch_text", "epoch_negative", "history_short", "optimizer_state_shape",
+                                   "optimizer_lr", "rng_missing"])
+def test_a_checkpoint_with_a_field_of_the_wrong_type_is_refused_before_the_plan_says_it_continues(
+        mnist_root, tmp_path, capsys, finished_run, field):
+    """They were tracebacks, a crash, a failure after 'continues from its checkpoint' (exit 1), or a resume of a
+    history that was not the checkpoint's; the checkpoint is kept as it is."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    files = RunFiles(tmp_path / RUN)
+    save_checkpoint(files.checkpoint, wrong_field(load_checkpoint(files.checkpoint), field))
+    files.history.unlink()  # unfinished: --resume continues the checkpoint
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
+    assert status == 2 and len(lines) == 1 and str(files.checkpoint) in lines[0], lines
+    assert run_files(tmp_path / RUN) == before
+    if field.startswith("epoch"):  # the one entry that evaluating reads besides the weights and config
+        status, lines = cli_exit(capsys, "--no-train", "--checkpoint", str(files.checkpoint), "--data_root",
+                                 str(mnist_root), "--no-download", "--device", "cpu")
+        assert status == 2 and len(lines) == 1 and "not a number of epochs" in lines[0], lines
+
+
 # settings that the suite's checkpoints of before RunConfig lacked, and flags they held that are no settings
 NEW_SETTINGS = ("nesterov", "lr_schedule", "warmup_epochs", "label_smoothing", "sync_bn")
 OLD_FLAGS = {"data_root": "data", "download": True, "checkpoint": None, "out_dir": "runs", "plots_dir": None}
