@@ -2,7 +2,9 @@
 already exists (train, continue, skip, or refuse), and running the runs in this process or in --jobs workers."""
 from __future__ import annotations
 
+import ctypes
 import itertools
+import multiprocessing
 import os
 import queue
 import signal
@@ -451,12 +453,26 @@ def stop_once(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+PR_SET_PDEATHSIG = 1  # prctl's option: the signal the kernel sends a process when its parent dies (linux/prctl.h)
+
+
+def stop_with_parent() -> None:
+    """Have the kernel send this worker SIGTERM when the sweep's main process dies, however it dies (Linux): it stops
+    as on Ctrl-C, keeping its last finished epoch, instead of training the rest of the queue with nobody to draw the
+    figures, and the same command with --resume then continues every run. KeyboardInterrupt when it died already."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != multiprocessing.parent_process().pid:
+        raise KeyboardInterrupt
+
+
 def worker(planned: list[PlannedRun], raw: RawData, runtime: Runtime, existing: str, tasks, results) -> None:
     """A worker process on runtime.devices[0]: take run indices from `tasks` until None, plan each again and train
     it under its run folder's lock, and put (index, history, error line)."""
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, stop_once)
     try:
+        stop_with_parent()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by start_quietly
         setup_for_distributed(True)
         torch.set_num_threads(runtime.threads)

@@ -111,6 +111,30 @@ def spawned_workers(pid: int) -> list[int]:
     return [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
 
 
+def test_jobs_workers_stop_when_the_sweeps_main_process_is_killed(mnist_root, tmp_path):
+    """kill -9 of the main process left its workers training the rest of the queue, with nobody to draw the figures,
+    and --resume refused until they had finished: they stop at once, keeping their last finished epoch, and leave
+    every run folder free for the same command with --resume."""
+    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "2", "--batch_size", "5", "--limit_train", "200",
+             "--grad_log_every", "0", "--jobs", "2")
+    process = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *flags(mnist_root, tmp_path, *sweep)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/history.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = spawned_workers(process.pid)
+    assert len(workers) == 2, process.communicate()
+    process.kill()
+    process.communicate(timeout=60)
+    deadline = time.monotonic() + 30  # each stops within a step, in its SIGTERM handler
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker went on training"
+    assert any("test" not in h for h in histories_or_partial(tmp_path)), "every run had finished"
+    for run_dir in tmp_path.iterdir():
+        RunFiles(run_dir).lock().release()  # what --resume takes first: no worker holds it any more
+
+
 def test_ctrl_c_while_jobs_workers_start_is_one_line(mnist_root, tmp_path):
     """Ctrl-C reaches the whole process group, the workers too, while they are still importing torch."""
     command = [sys.executable, str(ROOT / "pipeline.py"),
