@@ -176,7 +176,12 @@ def existing_ancestor(path: Path) -> Path:
 
 
 def check_writable(path: Path, flag: str) -> None:
-    """A folder we will create or write into must be (under) a writable folder."""
+    """A folder we will create or write into must be (under) a writable folder, and reachable: no loop of symbolic
+    links on its way."""
+    try:
+        path.resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: a loop, before Python 3.13
+        raise UsageError(f"{flag} {path} cannot be reached ({first_line(e)}); give another folder") from None
     existing = existing_ancestor(path)
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is not a folder")

@@ -72,6 +72,25 @@ def test_bad_values_are_refused_before_anything_is_read(mnist_root, tmp_path, ca
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--out_dir", ""], "--out_dir '' names no folder"),  # it trained into the current folder
+    (["--plots_dir", " "], "--plots_dir ' ' names no folder"),
+    (["--out_dir", "{tmp}/loop/runs"], "--out_dir {tmp}/loop/runs cannot be reached (Symlink loop"),  # a traceback
+    (["--plots_dir", "{tmp}/loop"], "--plots_dir {tmp}/loop cannot be reached (Symlink loop"),  # after training
+    (["--checkpoint", "{tmp}/file/checkpoint.pt"], "{tmp}/file is not a folder"),  # after the first epoch, exit 1
+    (["--checkpoint", "{tmp}/loop/checkpoint.pt"], "--checkpoint {tmp}/loop cannot be reached (Symlink loop"),
+])
+def test_paths_a_command_cannot_write_are_refused_before_it_trains(mnist_root, tmp_path, capsys, monkeypatch, flags,
+                                                                   message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "loop").symlink_to("loop")
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    status, lines = pipeline_exit(capsys, *mlp_flags(mnist_root, tmp_path / "runs", "--num_epochs", "1", *flags))
+    assert status == 2 and len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "loop"]
+
+
 CNN = ("--model_name", "ResNet", "--dataset", "CIFAR10")
 
 
