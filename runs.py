@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -372,7 +373,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"--checkpoint {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's, about what a file holds, would come before our one line about it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
         raise CheckpointError(f"--checkpoint {path} is not a loadable checkpoint: {unloadable_reason(path, e)}") \
             from None
@@ -392,7 +395,7 @@ def check_intact(checkpoint: dict, path: Path) -> None:
         return
     try:
         intact = checkpoint["checksum"] == checksum(checkpoint)
-    except TypeError:
+    except (TypeError, RuntimeError):  # a value no checkpoint holds, such as a sparse tensor
         intact = False
     if not intact:
         raise CheckpointError(f"--checkpoint {path} is damaged: what it holds does not match the checksum saved with "

@@ -411,6 +411,16 @@ def test_a_checkpoint_with_a_field_of_the_wrong_type_is_refused_before_the_plan_
         assert status == 2 and len(lines) == 1 and "not a number of epochs" in lines[0], lines
 
 
+def test_torch_warnings_about_a_file_are_not_printed_before_its_refusal(tmp_path):
+    """torch.load warns about the sparse tensors of a file (it validates them) before our one line refused it."""
+    path = tmp_path / "sparse.pt"
+    torch.save({"weights": torch.eye(3).to_sparse()}, path)
+    result = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--no-train", "--checkpoint", str(path),
+                             "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"pipeline.py: error: --checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)"]
+
+
 # settings that the suite's checkpoints of before RunConfig lacked, and flags they held that are no settings
 NEW_SETTINGS = ("nesterov", "lr_schedule", "warmup_epochs", "label_smoothing", "sync_bn")
 OLD_FLAGS = {"data_root": "data", "download": True, "checkpoint": None, "out_dir": "runs", "plots_dir": None}
