@@ -357,10 +357,11 @@ def run_here(planned: list[PlannedRun], todo: list[int], raw: RawData,
         run = planned[i]
         try:
             histories[i] = run_planned(run, raw, runtime)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or a StdoutGone that says why
             saved = (f"the last finished epoch of {run.config.run_name} is saved in {run.files.checkpoint}"
                      if run.files.checkpoint.is_file() else f"{run.config.run_name} had finished no epoch")
-            raise KeyboardInterrupt(f"{saved}; run the same command with --resume to continue") from None
+            raise KeyboardInterrupt(f"{f'{e}: ' if str(e) else ''}{saved}; run the same command with --resume to "
+                                    "continue") from None
         except Exception as e:  # noqa: BLE001 -- one run's failure is reported; the sweep goes on
             failures[i] = report_failure(run, e, announce=len(planned) > 1)
     return histories, failures

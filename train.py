@@ -15,7 +15,7 @@ from tqdm import tqdm
 from config import RunConfig
 from data import DATASETS, RawData, Shard, Split, TrainLoader, make_splits
 from models import build_model
-from runs import HELD_OUT, RunFiles, build_checkpoint, restore, save_checkpoint
+from runs import HELD_OUT, RunFiles, build_checkpoint, held_out_key, restore, save_checkpoint
 from tracking import TrackedRun, TrackingOptions, start_trackers
 from utils import seed_everything
 
@@ -338,6 +338,7 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
                 files.write_history(history)
             # after the checkpoint: what a resumed run trains again was never logged, so no step is logged twice
             trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms, names)
+            print(describe_epoch(config, history), flush=True)  # once saved: a stdout that fails stops the run here
         history["test"] = test_results(run)
         if writes:
             files.write_history(history)
@@ -350,6 +351,15 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
     return history
 
 
+def describe_epoch(config: RunConfig, history: dict) -> str:
+    """The last epoch of a history in words: "<run> epoch 2/10: train loss 0.4425, val loss 0.4711, val acc 86.80%,
+    12.3 s"."""
+    record, held_out = history["epochs"][-1], held_out_key(history)
+    return (f"{config.run_name} epoch {record['epoch']}/{config.num_epochs}: train loss {record['train_loss']:.4f}, "
+            f"{held_out} loss {record[f'{held_out}_loss']:.4f}, {held_out} acc {record[f'{held_out}_acc']:.2%}, "
+            f"{record['seconds']:.1f} s")
+
+
 def describe_test(test: dict) -> str:
     """A run's test results in words: "test loss 0.4425, test acc 86.80% (flip: 87.31%; trained weights: 86.52%)"."""
     others = [f"{key.removeprefix('acc_').replace('_', ' ')}: {value:.2%}" for key, value in test.items()
@@ -358,7 +368,7 @@ def describe_test(test: dict) -> str:
 
 
 def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progress: bool) -> EpochResult:
-    """Train and validate one epoch, append its record to `history` and print it; a diverged loss says
+    """Train and validate one epoch and append its record to `history`; a diverged loss says
     which epoch the checkpoint keeps."""
     config = run.config
     start = time.perf_counter()
@@ -375,6 +385,4 @@ def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progr
     seconds = time.perf_counter() - start
     history["epochs"].append({"epoch": epoch, "train_loss": result.loss, f"{held_out}_loss": loss,
                               f"{held_out}_acc": acc, "lr": lr, "seconds": seconds, "steps": steps_done + result.steps})
-    print(f"{config.run_name} epoch {epoch}/{config.num_epochs}: train loss {result.loss:.4f}, "
-          f"{held_out} loss {loss:.4f}, {held_out} acc {acc:.2%}, {seconds:.1f} s", flush=True)
     return result

@@ -42,6 +42,37 @@ class NoSpaceError(OutputError):
         super().__init__(f"no space left on {path}")
 
 
+class StdoutGone(KeyboardInterrupt):
+    """stdout can no longer be written (a pipe whose reader left, as `| head` does, or a full disk): the command
+    stops as on Ctrl-C, every run keeping its last finished epoch."""
+
+
+class GuardedStdout:
+    """sys.stdout, whose failures to write are a StdoutGone; once one has happened, what is written goes nowhere, so
+    that Python's own last flush at exit has nothing to report."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.guarded(self.stream.write, text)
+
+    def flush(self) -> None:
+        self.guarded(self.stream.flush)
+
+    def guarded(self, call: Callable, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+            raise StdoutGone(f"stdout cannot be written ({first_line(e)})") from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends each flag's default to its help, unless the help already says what the default is."""
 
@@ -87,11 +118,16 @@ def add_flag(container: argparse._ActionsContainer, name: str, *aliases: str, **
 
 
 def run_cli(main: Callable, args) -> None:
-    """Run a CLI's `main(args)`: a CLIError is one line and its exit status, Ctrl-C or SIGTERM exits 130."""
+    """Run a CLI's `main(args)`: a CLIError is one line and its exit status, Ctrl-C, SIGTERM or a stdout that cannot
+    be written (StdoutGone) exits 130."""
     prog = Path(sys.argv[0]).name
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stdout = sys.stdout
+    if stdout is not None:  # None: started with its stdout closed, and print() writes nothing
+        sys.stdout = GuardedStdout(stdout)
     try:
         main(args)
+        sys.stdout.flush()  # here, where a failure is one line, not at exit
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
@@ -101,6 +137,8 @@ def run_cli(main: Callable, args) -> None:
     except KeyboardInterrupt as e:
         print(f"\n{prog}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        sys.stdout = stdout
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

@@ -272,6 +272,22 @@ def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp
     assert_same_run(straight_long_run, tmp_path / "cut" / RUN)
 
 
+def test_a_stdout_whose_reader_left_stops_the_run_as_ctrl_c_does(mnist_root, tmp_path, straight_long_run):
+    """`pipeline.py ... | head -3`: the first print after head left was a BrokenPipeError, and the run failed (exit
+    1), its finished epoch lost; now it stops in one line saying how to continue, and --resume finishes it."""
+    command = [sys.executable, str(ROOT / "pipeline.py"), *args_for(mnist_root, tmp_path, *LONG_RUN)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "epoch 1/3" not in process.stdout.readline():
+        assert process.poll() is None, process.communicate()
+    process.stdout.close()  # as head does once it has its lines
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 130 and len(err.strip().splitlines()) == 1, err
+    assert "stdout cannot be written ([Errno 32] Broken pipe)" in err and "--resume to continue" in err, err
+    assert load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["epoch"] >= 1
+    run_main(*args_for(mnist_root, tmp_path, *LONG_RUN, "--resume"))
+    assert_same_run(straight_long_run, tmp_path / RUN)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys, monkeypatch):
     real_train_one_epoch = train.train_one_epoch
 
