@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import shutil
 import statistics
@@ -29,8 +28,8 @@ import faithfulness
 from config import RunConfig
 from plots import STALL_LAYERS, TRAINED, in_stall_study, init_gradient_points, init_gradient_threshold
 from runs import CheckpointError, RunFiles, load_checkpoint
-from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, reporting_full_disk,
-                   run_cli)
+from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, read_json,
+                   reporting_full_disk, run_cli)
 
 FAMILIES = {"--ex1": ("MLP", "Exercise 1's MLP runs"), "--ex2": ("ResNet", "Exercise 2's CNN runs"),
             "--best_checkpoint": ("ResNet", "Exercise 2's CNN runs")}
@@ -427,11 +426,9 @@ def stall_study(out_dir: Path, runs: list[tuple[RunConfig, dict]]
 def faithfulness_block(path: Path) -> str:
     """The table of a faithfulness.json written by cam.py --faithfulness, and what it measured; or a UsageError."""
     try:
-        text = path.read_text()
+        record = read_json(path)
     except OSError as e:
         raise UsageError(f"--faithfulness {path}: {e.strerror or e}") from None
-    try:
-        record = json.loads(text)
     except ValueError as e:
         problem = f"not JSON: {first_line(e)}"
     else:

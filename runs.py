@@ -7,7 +7,6 @@ import fcntl
 import functools
 import hashlib
 import io
-import json
 import math
 import os
 import shutil
@@ -22,7 +21,8 @@ from torch import nn
 
 from config import RunConfig
 from models import build_model
-from utils import atomic_write, first_line, reporting_full_disk, rng_state, set_rng_state, write_json
+from utils import (atomic_write, first_line, read_json, reporting_full_disk, rng_state, set_rng_state,
+                   write_json)
 
 if TYPE_CHECKING:
     from train import RunSetup
@@ -172,7 +172,7 @@ class RunFiles:
     def read_config(self) -> RunConfig | None:
         """The config.json of the run, or None when there is none or it is not readable."""
         try:
-            return RunConfig.from_dict(json.loads(self.config.read_text()))
+            return RunConfig.from_dict(read_json(self.config))
         except (OSError, ValueError, TypeError):
             return None
 
@@ -182,7 +182,7 @@ class RunFiles:
     def read_history(self) -> dict | None:
         """history.json, or None when there is none or it is not readable or not well formed (well_formed_history)."""
         try:
-            history = json.loads(self.history.read_text())
+            history = read_json(self.history)
         except (OSError, ValueError):
             return None
         return history if well_formed_history(history) else None

@@ -262,6 +262,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def read_json(path: str | Path) -> object:
+    """The JSON value a file holds; a ValueError when it is not UTF-8 text of JSON (nested too deep for the parser
+    included), an OSError when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(first_line(e)) from None
+
+
 def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     """Write `obj` as JSON (indented unless `indent` is None), atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent) + "\n"))

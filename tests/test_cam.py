@@ -280,10 +280,15 @@ GOOD_RECORD = {"checkpoint": "a/b.pt", "dataset": "CIFAR10", "class": "pred", "n
     (dict(GOOD_RECORD, maps={"cam": dict(GOOD_ROW, average_drop_percent=float("inf"))}), "average_drop_percent inf"),
     (dict(GOOD_RECORD, num_images=-5), "num_images -5 is not a positive integer"),
     (dict(GOOD_RECORD, maps={"cam": GOOD_ROW, "cam2": GOOD_ROW}), "two maps share a label"),
+    pytest.param(bytes(range(128, 256)), "not JSON: 'utf-8' codec can't decode", id="binary"),  # a traceback once
+    pytest.param(b"[" * 100_000, "not JSON: maximum recursion depth exceeded", id="nested_too_deep"),  # the same
 ])
 def test_report_refuses_a_file_that_is_not_a_faithfulness_json(tmp_path, content, problem):
     path = tmp_path / "faithfulness.json"
-    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(utils.UsageError, match="is not a faithfulness.json of cam.py --faithfulness") as refused:
         report.main(report.get_args_parser().parse_args(["--faithfulness", str(path)]))
     assert problem in str(refused.value)

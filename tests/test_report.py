@@ -366,3 +366,16 @@ def test_keep_killed_at_any_moment_loses_nothing_and_the_next_keep_finishes(tmp_
     assert not aside.exists()
     assert report_cli(*flags) == 0 and (kept / run / "history.json").read_bytes() == new
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["ex1"]
+
+
+@pytest.mark.parametrize("name", ["config.json", "history.json"])
+@pytest.mark.parametrize("content", [bytes(range(128, 256)), b"[" * 100_000], ids=["binary", "nested_too_deep"])
+def test_a_run_file_that_is_binary_or_nested_too_deep_leaves_its_run_out_in_one_line(tmp_path, capsys, name,
+                                                                                     content):
+    """A history.json nested deeper than the JSON parser goes was a RecursionError traceback."""
+    write_run(tmp_path, mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    write_run(tmp_path, mlp(4, 2, 0), [0.3], [0.9], 0.9)
+    (tmp_path / mlp(4, 2, 0).run_name / name).write_bytes(content)
+    assert report_cli("--ex1", str(tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert f"not used: {mlp(4, 2, 0).run_name}: no readable {name}" in err and "Traceback" not in err
