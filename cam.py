@@ -27,8 +27,8 @@ from data import DATASETS, DatasetError, DatasetInfo, load_dataset, normalize
 from models import MLP
 from plots import savefig
 from runs import CheckpointError, load_checkpoint, model_of, unfinished
-from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, name_problem, resolve_device,
-                   run_cli, write_json)
+from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, name_problem,
+                   remove_leftovers, resolve_device, run_cli, write_json)
 
 MAX_PIXELS = 50_000_000  # a bigger photo would need several GB for its float map and overlay
 MAX_IMAGES = 100  # the grid has one row per image
@@ -395,6 +395,7 @@ def explain(args: argparse.Namespace) -> list[Path]:
     if state:
         print(f"note: {args.checkpoint} is the model of {config.run_name}, {state}")
     model.to(device).eval()
+    remove_leftovers(Path(args.out_dir))  # of an earlier cam.py killed mid-write
     info = DATASETS[config.dataset]
     target = parse_target(args.target, info, model.fc.out_features)
     if args.faithfulness is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from config import RunConfig
 from runs import HELD_OUT, held_out_accuracies, held_out_key
-from utils import atomic_write
+from utils import atomic_write, remove_leftovers
 
 GRAD_PLOT_LAYERS = 5  # the first weights of an MLP shown in its gradient figure
 GRAD_FLOOR = 1e-20  # gradient norms below this (exact zeros among them) are drawn at it and marked as clipped
@@ -330,7 +330,8 @@ def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.n
                plots_dir: Path) -> list[Path]:
     """The lab's comparison figures over every run of a sweep, from (config, history, gradient norms) per run;
     return the files written. A gradient figure of these runs that cannot be drawn now (their norms are missing) is
-    removed rather than left from an earlier command."""
+    removed rather than left from an earlier command, and so are the temporary files of a writer that was killed."""
+    remove_leftovers(plots_dir)
     mlp = runs[0][0].model_name == "MLP"
     loss: dict[str, dict[str, list[list[float]]]] = {}
     acc: dict[str, dict[str, list[list[float]]]] = {}

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -244,7 +245,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     with reporting_full_disk(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         with reporting_full_disk(path):
@@ -260,6 +261,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# atomic_write's temporary file: .<name>.<pid of its writer>.<mkstemp's random letters>.tmp
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.\w+\.tmp")
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove the temporary files that atomic_write left in `folder` when a kill stopped its writer: those of
+    processes that no longer run (a running writer's file is its own)."""
+    for path in folder.glob(".*.tmp"):
+        match = LEFTOVER.fullmatch(path.name)
+        if match and not process_runs(int(match["pid"])) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def process_runs(pid: int) -> bool:
+    """Whether a process with this id runs (one of another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_json(path: str | Path) -> object:

@@ -501,3 +501,20 @@ def test_a_label_that_cannot_name_a_file_is_refused_in_one_line(checkpoint, tmp_
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "cam").exists()
+
+
+def test_temporary_files_of_a_killed_cam_py_are_removed_by_the_next(checkpoint, tmp_path):
+    """Those of a writer that no longer runs; a running writer's (here this process's) is its own."""
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    out_dir = tmp_path / "cam"
+    out_dir.mkdir()
+    left = out_dir / f".single_mix_photo_p_cat.png.{finished.pid}.k2j4x.tmp"
+    running = out_dir / f".cam_grid.png.{os.getpid()}.a1b2.tmp"
+    for path in (left, running):
+        path.write_bytes(b"half an image")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(photo)
+    cam.main(cam.get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--image", str(photo), "--device",
+                                               "cpu", "--out_dir", str(out_dir)]))
+    assert not left.exists() and running.exists()
