@@ -104,7 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"{what}: it does not use {', '.join(ignored)}; leave {'it' if len(ignored) == 1 else 'them'}"
                          " out")
     if args.image is not None:
-        flag, label = ("--label", args.label) if args.label is not None else ("--image's file name", Path(args.image).stem)
+        flag, label = (("--label", args.label) if args.label is not None
+                       else ("--image's file name", Path(args.image).stem))
         if problem := name_problem(label, LABEL_BYTES):
             raise UsageError(f"{flag} {label[:80]!r} {problem}; it names the files written for the photo"
                              + ("" if args.label is not None else ": give a --label"))
