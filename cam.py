@@ -27,12 +27,13 @@ from data import DATASETS, DatasetError, DatasetInfo, load_dataset, normalize
 from models import MLP
 from plots import savefig
 from runs import CheckpointError, load_checkpoint, model_of, unfinished
-from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, resolve_device, run_cli,
-                   write_json)
+from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, name_problem,
+                   remove_leftovers, resolve_device, run_cli, write_json)
 
 MAX_PIXELS = 50_000_000  # a bigger photo would need several GB for its float map and overlay
 MAX_IMAGES = 100  # the grid has one row per image
 MAX_DISPLAY_SCALE = 16  # a 32 x 32 test image shown 512 x 512; 2000 would ask for a 12 GB array
+LABEL_BYTES = 150  # a photo's label, in the names of the files written for it, which must fit in 255 bytes
 RANDOM_MAP_SEED = 0  # of the random baseline maps of --faithfulness
 KINDS = ("orig", "actv_map", "mix")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -102,6 +103,12 @@ def check_args(args: argparse.Namespace) -> None:
     if ignored:
         raise UsageError(f"{what}: it does not use {', '.join(ignored)}; leave {'it' if len(ignored) == 1 else 'them'}"
                          " out")
+    if args.image is not None:
+        flag, label = (("--label", args.label) if args.label is not None
+                       else ("--image's file name", Path(args.image).stem))
+        if problem := name_problem(label, LABEL_BYTES):
+            raise UsageError(f"{flag} {label[:80]!r} {problem}; it names the files written for the photo"
+                             + ("" if args.label is not None else ": give a --label"))
     count = len(args.indices) if args.indices is not None else args.num_images_to_save
     if args.image is None and count > MAX_IMAGES:
         raise UsageError(f"at most {MAX_IMAGES} test images per run (the grid has a row per image), got {count}")
@@ -389,6 +396,7 @@ def explain(args: argparse.Namespace) -> list[Path]:
     if state:
         print(f"note: {args.checkpoint} is the model of {config.run_name}, {state}")
     model.to(device).eval()
+    remove_leftovers(Path(args.out_dir))  # of an earlier cam.py killed mid-write
     info = DATASETS[config.dataset]
     target = parse_target(args.target, info, model.fc.out_features)
     if args.faithfulness is not None:

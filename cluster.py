@@ -81,7 +81,9 @@ class RunJob(submitit.helpers.Checkpointable):
         torch.set_num_threads(threads)
         raw = load_dataset(config.dataset, self.data_root, download=False)
         runtime = Runtime(devices=(str(device),), threads=threads, tracking=self.tracking, progress=False)
-        return train_locked(replace(run, config=config), raw, runtime)
+        # planned again under its lock as --resume plans: a requeued job continues its run, and a run another
+        # command wrote since the sweep was planned is skipped, continued or refused, never trained over
+        return train_locked(replace(run, config=config), raw, runtime, "resume")
 
     def checkpoint(self, run: PlannedRun) -> submitit.helpers.DelayedSubmission:
         """The job SLURM requeues: the same run, continued from its last checkpoint as --resume continues it (every

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from data import DATASETS, check_split_sizes, num_batches
+from utils import name_problem
 
 MODEL, DATA, OPTIMISATION, RUN_FOLDER, TRACKING, SCALING = (
     "model", "data", "optimisation", "run folder", "tracking", "scaling")
@@ -39,12 +40,16 @@ def real(low: float, high: float = math.inf, below_high: bool = False) -> Check:
                  f"a finite number of at least {low:g}" + (f" and below {high:g}" if high < math.inf else ""))
 
 
-FOLDER_NAME = "one folder name (not empty, . or .., no / or \\, at most 255 bytes)"
+# at most this many bytes, so that the file names made from a run's name (gradient_heatmap_<run name>.png, written
+# through a temporary file of 35 bytes more) fit the file system's 255
+RUN_NAME_BYTES = 200
 
 
-def folder_name(name: str) -> bool:
-    """One path component: not empty, not . or .., no separator or NUL, at most 255 bytes."""
-    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0") and len(name.encode()) <= 255
+def folder_name_problem(name: str) -> str | None:
+    """Why `name` is not one folder name for a run (. or .., a separator, or name_problem's), or None."""
+    if name in (".", "..") or any(c in name for c in "/\\"):
+        return "must be one folder name (not . or .., no / or \\)"
+    return name_problem(name, RUN_NAME_BYTES)
 
 
 POSITIVE = Check(lambda v: v > 0, "positive")
@@ -301,8 +306,8 @@ def check_field(f: dataclasses.Field, value) -> None:
         raise ValueError(f"--{f.name} must be {kind.__name__}, got {value!r}")
     flag = f.metadata.get("flag")
     if flag is None:
-        if f.name == "run_name" and not folder_name(value):
-            raise ValueError(f"--run_name {value!r} must be {FOLDER_NAME}")
+        if f.name == "run_name" and (problem := folder_name_problem(value)):
+            raise ValueError(f"--run_name {value[:80]!r} {problem}")
         return
     if flag.choices is not None and value not in flag.choices:
         raise ValueError(f"--{f.name} {value!r} is not one of {', '.join(map(str, flag.choices))}")

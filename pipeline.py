@@ -163,6 +163,9 @@ def check_args(args: argparse.Namespace) -> None:
     for ok, problem in rules + cluster_rules(args, world):
         if not ok:
             raise UsageError(problem)
+    for flag, value in (("--out_dir", args.out_dir), ("--plots_dir", args.plots_dir)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} {value!r} names no folder; give one ('.' for the current folder)")
     if args.launcher == "slurm":
         import cluster
         cluster.check_cluster()
@@ -194,10 +197,11 @@ def cluster_rules(args: argparse.Namespace, world: int) -> list[tuple[bool, str]
 
 
 def check_checkpoint_path(checkpoint: str, existing_allowed: bool) -> None:
-    """--checkpoint names a file, and one that exists only with --resume or --overwrite (whose owner the plan checks);
-    otherwise a UsageError."""
+    """--checkpoint names a file in a folder that can be written, and one that exists only with --resume or --overwrite
+    (whose owner the plan checks); otherwise a UsageError."""
     if checkpoint.endswith(("/", os.sep)) or Path(checkpoint).is_dir():
         raise UsageError(f"--checkpoint {checkpoint} is a folder; name the checkpoint file")
+    check_writable(Path(checkpoint).parent, "--checkpoint")
     if not existing_allowed and Path(checkpoint).exists():
         raise UsageError(f"--checkpoint {checkpoint} already exists; if it is this run's, pass --resume to continue it "
                          "or --overwrite to replace it, else choose another path")

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from config import RunConfig
 from runs import HELD_OUT, held_out_accuracies, held_out_key
-from utils import atomic_write
+from utils import atomic_write, remove_leftovers
 
 GRAD_PLOT_LAYERS = 5  # the first weights of an MLP shown in its gradient figure
 GRAD_FLOOR = 1e-20  # gradient norms below this (exact zeros among them) are drawn at it and marked as clipped
+GRAD_CEILING = 1e20  # and those above it (an overflowing run's, infinite or not a number among them) at this
 HEATMAP_BLOCKS = 50  # columns of a gradient heat map: training split into this many blocks of steps
 TRAINED = 0.2  # a run "trains" when its accuracy reaches twice chance; a stalled MLP predicts one class (~11%)
 STALL_LAYERS = (14, 34)  # the plain MLPs whose stall is compared with their gradient at initialisation
@@ -110,32 +111,40 @@ def plain_log_ticks(ax, which: str = "y") -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def drawable(norms: np.ndarray) -> np.ndarray:
+    """Gradient norms as the figures draw them: between GRAD_FLOOR and GRAD_CEILING, those beyond at the nearer one
+    and those that are not a number at the ceiling (where they mark clipped values: drawable(x) != x)."""
+    return np.clip(np.nan_to_num(norms, nan=GRAD_CEILING), GRAD_FLOOR, GRAD_CEILING)
+
+
 def plot_grad_norms(panels: dict[str, tuple[list[int], dict[str, list[np.ndarray]]]], title: str,
                     path: str | Path, ylim: tuple[float, float]) -> None:
     """Gradient L2 norms over training steps, one panel per group of curves, one colour per curve label (the same
     in every panel) with a line for each of its series, one legend, log scale on `ylim`; norms below GRAD_FLOOR
-    are drawn at it and marked clipped."""
+    or above GRAD_CEILING are drawn at it (drawable) and marked clipped."""
     from matplotlib.lines import Line2D
     labels = list(dict.fromkeys(label for _, curves in panels.values() for label in curves))
     colours = dict(zip(labels, curve_colours(len(labels))))
     fig, axes = new_figure(len(panels), panel_size=(4.2, 4.5) if len(panels) > 1 else (7, 4.5))
-    clipped = False
+    clipped = {GRAD_FLOOR: False, GRAD_CEILING: False}
     for ax, (panel, (steps, curves)) in zip(axes, panels.items()):
         for label, series in curves.items():
             for norms in series:
-                clipped |= bool((norms < GRAD_FLOOR).any())
-                ax.plot(steps, np.maximum(norms, GRAD_FLOOR), color=colours[label], linewidth=0.8,
-                        alpha=1 if len(series) == 1 else 0.6)
+                shown = drawable(norms)
+                for bound in clipped:
+                    clipped[bound] |= bool(((shown == bound) & (shown != norms)).any())
+                ax.plot(steps, shown, color=colours[label], linewidth=0.8, alpha=1 if len(series) == 1 else 0.6)
         ax.set(xlabel="training step", title=panel, yscale="log", ylim=ylim)
         plain_log_ticks(ax)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("gradient L2 norm")
     handles = [Line2D([], [], color=colours[label], label=label) for label in labels]
-    if clipped:
+    beyond = {GRAD_FLOOR: f"below {GRAD_FLOOR:g}", GRAD_CEILING: f"above {GRAD_CEILING:g} (or not a number)"}
+    for bound in (bound for bound, any_clipped in clipped.items() if any_clipped):
         for ax in axes:
-            ax.axhline(GRAD_FLOOR, color="black", linestyle=":", linewidth=1)
+            ax.axhline(bound, color="black", linestyle=":", linewidth=1)
         handles.append(Line2D([], [], color="black", linestyle=":",
-                              label=f"clipped: norms below {GRAD_FLOOR:g} drawn at it"))
+                              label=f"clipped: norms {beyond[bound]} drawn at it"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
     fig.suptitle(title)
     savefig(fig, path)
@@ -169,13 +178,14 @@ def layer_names(parameter_names: list[str]) -> list[str]:
 def block_log_norms(steps: list[int], grad_norms: dict[str, np.ndarray],
                     blocks: int = HEATMAP_BLOCKS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training split into `blocks` blocks of consecutive logged steps: the block edges (in steps), the mean over
-    each block of log10 of each weight's gradient norm, (weights, blocks), and where a block held a norm below
-    GRAD_FLOOR (clipped to it)."""
+    each block of log10 of each weight's gradient norm, (weights, blocks), and where a block held a norm that is
+    drawn clipped (drawable)."""
     norms = np.stack(list(grad_norms.values()))
     parts = np.array_split(np.arange(len(steps)), min(blocks, len(steps)))
-    logs = np.log10(np.maximum(norms, GRAD_FLOOR))
+    shown = drawable(norms)
+    logs = np.log10(shown)
     means = np.stack([logs[:, part].mean(axis=1) for part in parts], axis=1)
-    clipped = np.stack([(norms[:, part] < GRAD_FLOOR).any(axis=1) for part in parts], axis=1)
+    clipped = np.stack([(shown != norms)[:, part].any(axis=1) for part in parts], axis=1)
     step_of = np.asarray(steps)
     edges = np.array([step_of[part[0]] for part in parts] + [step_of[-1] + 1])
     return edges, means, clipped
@@ -196,7 +206,8 @@ def plot_grad_heatmap(edges: np.ndarray, log_norms: np.ndarray, clipped: np.ndar
         rows_clipped, cols = np.nonzero(clipped)
         centres = (edges[:-1] + edges[1:]) / 2
         ax.scatter(centres[cols], rows_clipped, marker="x", s=12, color="white", linewidths=0.8,
-                   label=f"block with a norm below {GRAD_FLOOR:g}, drawn at {GRAD_FLOOR:g} (clipped)")
+                   label=f"block with a norm below {GRAD_FLOOR:g} or above {GRAD_CEILING:g}, drawn at that bound "
+                         "(clipped)")
         fig.legend(loc="outside lower center", fontsize=7)
     steps_per_block = int(np.median(np.diff(edges)))
     fig.colorbar(mesh, ax=ax, label=f"log10 of gradient L2 norm (mean over blocks of {steps_per_block} steps)")
@@ -274,7 +285,7 @@ def init_gradient_points(runs: list[tuple[RunConfig, dict, tuple[list[int], dict
 def init_gradient_threshold(points: list[tuple[int, float, float]]) -> Threshold:
     """The threshold on the first layer's gradient norm at step 0 that best tells the runs that train apart."""
     _, norms, accs = np.array(points, dtype=float).T
-    return separating_threshold(np.maximum(norms, GRAD_FLOOR), accs >= TRAINED)
+    return separating_threshold(drawable(norms), accs >= TRAINED)
 
 
 def plot_init_gradients(points: list[tuple[int, float, float]], path: str | Path) -> None:
@@ -287,7 +298,7 @@ def plot_init_gradients(points: list[tuple[int, float, float]], path: str | Path
     colours = colormaps["viridis"](np.linspace(0, 0.9, len(depths)))
     for colour, depth in zip(colours, depths):
         mine = layers == depth
-        ax.scatter(np.maximum(norms[mine], GRAD_FLOOR), accs[mine], s=30, color=colour, alpha=0.85,
+        ax.scatter(drawable(norms[mine]), accs[mine], s=30, color=colour, alpha=0.85,
                    edgecolors="black", linewidths=0.3, label=f"{depth} hidden layers ({mine.sum()} runs)")
     threshold = init_gradient_threshold(points)
     ax.axhline(TRAINED, color="grey", linestyle=":", linewidth=1)
@@ -299,8 +310,9 @@ def plot_init_gradients(points: list[tuple[int, float, float]], path: str | Path
     ax.set(xscale="log", ylim=(0, 1), xlabel="first layer's gradient L2 norm at step 0 (before any update)",
            ylabel="final validation accuracy")
     plain_log_ticks(ax, "x")
-    if (norms < GRAD_FLOOR).any():
-        ax.set_xlabel(ax.get_xlabel() + f"; below {GRAD_FLOOR:g} drawn at it (clipped)")
+    if (drawable(norms) != norms).any():
+        ax.set_xlabel(ax.get_xlabel() + f"; below {GRAD_FLOOR:g} or above {GRAD_CEILING:g} drawn at that bound "
+                      "(clipped)")
     ax.set_title(f"plain MLPs of {STALL_LAYERS[0]} to {STALL_LAYERS[1]} hidden layers, one point per run:\n"
                  f"{threshold.statement('this norm')}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -309,8 +321,8 @@ def plot_init_gradients(points: list[tuple[int, float, float]], path: str | Path
 
 
 def grad_range(series: list[np.ndarray]) -> tuple[float, float]:
-    """One log-scale y range that holds every series (norms below GRAD_FLOOR at it), so figures can be compared."""
-    values = np.maximum(np.concatenate(series), GRAD_FLOOR)
+    """One log-scale y range that holds every series as drawn (drawable), so figures can be compared."""
+    values = drawable(np.concatenate(series))
     return float(values.min()) / 2, float(values.max()) * 2
 
 
@@ -318,7 +330,8 @@ def plot_sweep(runs: list[tuple[RunConfig, dict, tuple[list[int], dict[str, np.n
                plots_dir: Path) -> list[Path]:
     """The lab's comparison figures over every run of a sweep, from (config, history, gradient norms) per run;
     return the files written. A gradient figure of these runs that cannot be drawn now (their norms are missing) is
-    removed rather than left from an earlier command."""
+    removed rather than left from an earlier command, and so are the temporary files of a writer that was killed."""
+    remove_leftovers(plots_dir)
     mlp = runs[0][0].model_name == "MLP"
     loss: dict[str, dict[str, list[list[float]]]] = {}
     acc: dict[str, dict[str, list[list[float]]]] = {}

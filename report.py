@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import shutil
 import statistics
@@ -29,9 +28,9 @@ import faithfulness
 from config import RunConfig
 from plots import (STALL_LAYERS, TRAINED, TimedRun, in_stall_study, init_gradient_points, init_gradient_threshold,
                    plot_time_to_accuracy, timed_run)
-from runs import RunFiles
-from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, reporting_full_disk,
-                   run_cli)
+from runs import CheckpointError, RunFiles, load_checkpoint
+from utils import (ArgumentParser, UsageError, atomic_write, check_writable, first_line, read_json,
+                   reporting_full_disk, run_cli)
 
 FAMILIES = {"--ex1": ("MLP", "Exercise 1's MLP runs"), "--ex2": ("ResNet", "Exercise 2's CNN runs"),
             "--fast": ("ResNet", "CNN runs of --preset resnet20_fast"),
@@ -432,6 +431,10 @@ def best_checkpoint(runs: list[tuple[RunConfig, dict]], out_dir: Path) -> Path:
         raise UsageError(f"the best residual run of {out_dir}, {name} (validation accuracy {val_acc:.1%}), has no "
                          f"{checkpoint.name}: give the out_dir that trained it (kept results hold no checkpoints), "
                          "or train it again with --overwrite")
+    try:
+        load_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise UsageError(f"the best residual run of {out_dir}, {name}: {e}") from None
     return checkpoint
 
 
@@ -450,6 +453,7 @@ def check_keep(keep: Path, sweeps: dict[str, Path]) -> None:
     check_writable(keep, "--keep")
     for name in KEPT:
         target = keep / name
+        finish_swap(target)
         if target.is_file() or target.is_dir() and not all(RunFiles(p).is_kept_summary() for p in target.iterdir()):
             raise UsageError(f"--keep {keep}: {target} holds more than kept results (run folders with checkpoints, "
                              "other files) or is a file; give another folder (the repository keeps them in results/)")
@@ -486,7 +490,7 @@ def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:
     """Replace keep/<exercise> with the summaries (RunFiles.keep_summary) of every run folder of that exercise's
     out_dir that report.py reads, finished or not, so that the tables made from them are the same."""
     for name, out_dir in sweeps.items():
-        target, staging = keep / name, keep / f".{name}.tmp"
+        target, staging, old = keep / name, keep / f".{name}.tmp", set_aside(keep / name)
         shutil.rmtree(staging, ignore_errors=True)
         runs = [RunFiles(p) for p in sorted(out_dir.iterdir()) if p.is_dir() and RunFiles(p).exist()]
         try:
@@ -497,9 +501,31 @@ def keep_results(keep: Path, sweeps: dict[str, Path]) -> None:
         except BaseException:  # what was kept before stays; no half-written copy is left beside it
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        shutil.rmtree(target, ignore_errors=True)
+        # the old folder goes aside and is removed last: a kill at any moment leaves it, or the new one, for
+        # finish_swap to put in place
+        if target.exists():
+            target.rename(old)
         staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
         print(f"kept the {len(runs)} run folders of {out_dir} in {target}")
+
+
+def set_aside(target: Path) -> Path:
+    """Where keep_results moves a kept folder while it puts the new one in its place."""
+    return target.with_name(f".{target.name}.old")
+
+
+def finish_swap(target: Path) -> None:
+    """Finish or undo a replacement of the kept folder `target` that a kill cut short: the old folder set aside is
+    removed once the new one is in place, and put back where it is not."""
+    old = set_aside(target)
+    if not old.is_dir():
+        return
+    if target.exists():
+        shutil.rmtree(old)
+    else:
+        old.rename(target)
+        print(f"{target}: put back, as kept before a report.py --keep that was cut short", file=sys.stderr)
 
 
 def replace_block(texts: dict[Path, str], name: str, content: str) -> dict[Path, str]:
@@ -532,11 +558,9 @@ def stall_study(out_dir: Path, runs: list[tuple[RunConfig, dict]]
 def faithfulness_block(path: Path) -> str:
     """The table of a faithfulness.json written by cam.py --faithfulness, and what it measured; or a UsageError."""
     try:
-        text = path.read_text()
+        record = read_json(path)
     except OSError as e:
         raise UsageError(f"--faithfulness {path}: {e.strerror or e}") from None
-    try:
-        record = json.loads(text)
     except ValueError as e:
         problem = f"not JSON: {first_line(e)}"
     else:

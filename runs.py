@@ -4,12 +4,15 @@ saved run may continue as a command asks."""
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import io
-import json
 import math
 import os
 import shutil
 import socket
+import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,13 +22,15 @@ from torch import nn
 
 from config import RunConfig
 from models import build_model
-from utils import atomic_write, first_line, reporting_full_disk, rng_state, set_rng_state, write_json
+from utils import (atomic_write, first_line, read_json, reporting_full_disk, rng_state, set_rng_state,
+                   write_json)
 
 if TYPE_CHECKING:
     from train import RunSetup
 
 # what train.train_epoch records of every epoch in history.json
 CHECKPOINT = "checkpoint.pt"  # a run's checkpoint, in its folder unless --checkpoint puts it elsewhere
+LOCK = ".lock"  # in every folder a run writes into, locked by the process that trains it
 EPOCH_RECORD = ("epoch", "train_loss", "lr", "seconds", "steps")  # and a held-out score: val_ or test_ loss and acc
 # 1: the checkpoints of before this version stamp (no "format" key); 2: stamped, otherwise the same keys
 CHECKPOINT_FORMAT = 2
@@ -48,37 +53,49 @@ class RunConflict(ValueError):
 
 
 class RunLock:
-    """An exclusive advisory lock (flock) on a run folder's lock file, held until `release` or the holder's death:
-    the kernel drops it with the process, so a kill -9 never leaves a stale lock. The file names the holder's process
-    and host."""
+    """Exclusive advisory locks (flock) on the lock files of the folders a run writes into, held until `release` or
+    the holder's death: the kernel drops them with the process, so a kill -9 never leaves a stale lock. Each lock
+    file names its holder's process and host."""
 
-    def __init__(self, path: Path, run_dir: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    def __init__(self, folders: list[Path]):
+        self.fds: list[int] = []
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 300, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise RunLocked(f"{run_dir} is being trained by process {holder}; wait for it to finish or stop it "
-                            "(it keeps its last finished epoch)") from None
-        try:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)  # a cluster's jobs share it
-        except OSError:  # a full disk: the lock holds all the same; a refused process names no pid
-            pass
+            for folder in folders:
+                self.fds.append(lock_folder(folder))
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
-        """Drop the lock (the lock file stays: deleting it would let two processes lock two different files)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Drop the locks (the lock files stay: deleting one would let two processes lock two different files)."""
+        while self.fds:
+            os.close(self.fds.pop())
 
     def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_folder(folder: Path) -> int:
+    """Lock `folder`'s lock file for this process, creating both, and write this process's id and host there; return
+    its descriptor. RunLocked names the process that holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLocked(f"{folder} is being trained by process {holder}; wait for it to finish or stop it (it keeps "
+                        "its last finished epoch)") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)  # a cluster's jobs share it
+    except OSError:  # a full disk: the lock holds all the same; a refused process names no pid
+        pass
+    return fd
 
 
 class RunFiles:
@@ -92,7 +109,7 @@ class RunFiles:
         self.history = run_dir / "history.json"
         self.grad_norms = run_dir / "grad_norms.csv"
         self.checkpoint = checkpoint or run_dir / CHECKPOINT
-        self.lock_file = run_dir / ".lock"
+        self.lock_file = run_dir / LOCK
         self.tracking = [run_dir / "tensorboard", run_dir / "wandb"]  # what --tensorboard and --wandb write
 
     def checkpoint_clash(self) -> str | None:
@@ -113,23 +130,34 @@ class RunFiles:
     def exist(self) -> bool:
         return any(p.exists() for p in self.ours())
 
+    def folders(self) -> list[Path]:
+        """The folders the run writes into: its own, and the checkpoint's when --checkpoint puts it elsewhere
+        (another run's folder, say), each once."""
+        return list({folder.resolve(): folder for folder in (self.run_dir, self.checkpoint.parent)}.values())
+
     def lock(self) -> RunLock:
-        """Take the run's lock, creating its folder (RunLocked when another process holds it; RunConflict when a
-        file stands where its folder belongs or a folder where one of its files does, or neither can be made), and
-        remove the temporary files that a writer killed mid-write left, which only the lock's holder may do."""
+        """Take the locks of the folders the run writes into, creating them (RunLocked when another process holds
+        one: one writer per file, wherever --checkpoint puts the checkpoint; RunConflict when a file stands where the
+        run's folder belongs, a folder or a symbolic link where one of its files does, or neither can be made), and
+        remove the temporary files that a writer killed mid-write left, which only the locks' holder may do."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunConflict(f"{self.run_dir} is a file where the run's folder belongs; move it away and run the "
                               "command again")
-        for path in [*self.ours(), self.lock_file]:
-            if path.is_dir():  # never removed for the user: nothing the run wrote is a folder
+        lock_files = [folder / LOCK for folder in self.folders()]
+        for path in [*self.ours(), *lock_files, *self.tracking]:
+            if path.is_symlink():  # the run makes none: writing through it would change a file elsewhere
+                raise RunConflict(f"{path} is a symbolic link (to {os.readlink(path)}), which the run never writes "
+                                  "through; replace it by a copy of what it names, or remove it, and run the command "
+                                  "again")
+            if path.is_dir() and path not in self.tracking:  # never removed for the user: the run writes no folder
                 raise RunConflict(f"{path} is a folder where the run keeps a file; move it away and run the command "
                                   "again")
         try:
-            lock = RunLock(self.lock_file, self.run_dir)
+            lock = RunLock(self.folders())
         except OSError as e:  # a folder that check_writable passed and the file system refuses all the same
             raise RunConflict(f"{self.run_dir}: its folder or lock file cannot be made ({first_line(e)}); choose "
                               "another --out_dir") from None
-        for folder in {self.run_dir, self.checkpoint.parent}:
+        for folder in self.folders():
             for path in folder.glob(".*.tmp"):
                 if any(path.name.startswith(f".{p.name}.") for p in self.ours()) and not path.is_dir():
                     path.unlink(missing_ok=True)
@@ -146,7 +174,7 @@ class RunFiles:
     def read_config(self) -> RunConfig | None:
         """The config.json of the run, or None when there is none or it is not readable."""
         try:
-            return RunConfig.from_dict(json.loads(self.config.read_text()))
+            return RunConfig.from_dict(read_json(self.config))
         except (OSError, ValueError, TypeError):
             return None
 
@@ -156,7 +184,7 @@ class RunFiles:
     def read_history(self) -> dict | None:
         """history.json, or None when there is none or it is not readable or not well formed (well_formed_history)."""
         try:
-            history = json.loads(self.history.read_text())
+            history = read_json(self.history)
         except (OSError, ValueError):
             return None
         return history if well_formed_history(history) else None
@@ -306,11 +334,39 @@ def build_checkpoint(run: RunSetup, history: dict, wandb_run_id: str | None) -> 
             **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
 
 
+def checksum(checkpoint: dict) -> str:
+    """The SHA-256 of everything a checkpoint holds but its "checksum" entry, whatever its keys: every key, every
+    tensor's dtype, shape and bytes, every other value's type and repr, in the dict's order (which torch.load keeps).
+    A value of another type is a TypeError."""
+    digest = hashlib.sha256()
+
+    def add(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}:".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}:".encode())
+            for key, item in value.items():
+                add(key)
+                add(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}:".encode())
+            for item in value:
+                add(item)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+        else:
+            raise TypeError(f"a checkpoint holds no {type(value).__name__}")
+    add({key: value for key, value in checkpoint.items() if key != "checksum"})
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Save a checkpoint atomically. It is serialised in memory first, so that a full disk is a plain OSError
-    from the write (torch.save's own writer reports it as an opaque RuntimeError)."""
+    """Save a checkpoint atomically, with the checksum of what it holds. It is serialised in memory first, so that a
+    full disk is a plain OSError from the write (torch.save's own writer reports it as an opaque RuntimeError)."""
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
+    torch.save(dict(checkpoint, checksum=checksum(checkpoint)), buffer)
     atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
@@ -321,13 +377,47 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"--checkpoint {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's, about what a file holds, would come before our one line about it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # arbitrary bytes make the unpickler fail in arbitrary ways; all mean "not a checkpoint"
         raise CheckpointError(f"--checkpoint {path} is not a loadable checkpoint: {unloadable_reason(path, e)}") \
             from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise CheckpointError(f"--checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)")
+    check_intact(checkpoint, path)
+    epoch = checkpoint.get("epoch", 0)
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        raise CheckpointError(f"--checkpoint {path}: its epoch is {epoch!r}, not a number of epochs")
     return upgrade_checkpoint(checkpoint, path)
+
+
+def check_intact(checkpoint: dict, path: Path) -> None:
+    """A CheckpointError when a loaded checkpoint does not match the checksum saved with it (one saved before
+    checksums has none, and passes)."""
+    if "checksum" not in checkpoint:
+        return
+    try:
+        intact = checkpoint["checksum"] == checksum(checkpoint)
+    except (TypeError, RuntimeError):  # a value no checkpoint holds, such as a sparse tensor
+        intact = False
+    if not intact:
+        raise CheckpointError(f"--checkpoint {path} is damaged: what it holds does not match the checksum saved with "
+                              "it (a disk or copy error changed it), and a checksum cannot repair it: its weights are "
+                              "lost, while its run's history.json and figures are unaffected; restore the file from a "
+                              "copy, or train the run again (--overwrite)")
+
+
+def note_unchecked(checkpoint: dict, path: str | Path) -> None:
+    """Say once, on stderr, that a checkpoint in use was saved before checksums, so damage to it goes unseen."""
+    if "checksum" not in checkpoint:
+        say_unchecked(str(path))
+
+
+@functools.cache
+def say_unchecked(path: str) -> None:
+    print(f"note: {path} was saved without a checksum (by an older version), so damage to it cannot be detected; a "
+          "run saves one with its next epoch", file=sys.stderr)
 
 
 def unloadable_reason(path: Path, error: Exception) -> str:
@@ -351,7 +441,7 @@ def upgrade_checkpoint(checkpoint: dict, path: Path) -> dict:
     """A checkpoint of any format this suite wrote, in today's. Format 1 differs only in its config, which
     RunConfig.from_dict converts (config.upgrade) as it does for an old config.json."""
     version = checkpoint.get("format", 1)
-    if version not in (1, CHECKPOINT_FORMAT):
+    if type(version) is not int or version not in (1, CHECKPOINT_FORMAT):
         raise CheckpointError(f"--checkpoint {path} has format {version!r}; this version of the suite reads "
                               f"formats 1 to {CHECKPOINT_FORMAT}")
     return dict(checkpoint, format=CHECKPOINT_FORMAT)
@@ -387,11 +477,23 @@ def model_of(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
         raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
     try:
         model.load_state_dict(scored_weights(checkpoint, config))
-    except (TypeError, RuntimeError, KeyError) as e:  # torch's first line only says that there are errors; the next names one
-        detail = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [first_line(e)]
+    except (TypeError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path}: its weights do not fit the {config.model_name} its config "
-                              f"describes ({detail[0][:200]})") from None
+                              f"describes ({state_error(e)})") from None
+    if checkpoint.get("epoch", 0) > config.num_epochs:
+        raise CheckpointError(f"checkpoint {path}: it has trained {checkpoint['epoch']} epochs, more than the "
+                              f"{config.num_epochs} of its config")
+    note_unchecked(checkpoint, path)
     return config, model
+
+
+def state_error(error: Exception) -> str:
+    """What is wrong with a state that torch or restore would not load, in one line: a missing entry by its name, and
+    of torch's load_state_dict errors the line after the first, which only says that there are errors."""
+    if isinstance(error, KeyError):
+        return f"it has no {error.args[0]!r}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else first_line(error))[:200]
 
 
 def scored_weights(checkpoint: dict, config: RunConfig) -> dict:
@@ -442,5 +544,6 @@ def restore(run: RunSetup, path: Path) -> tuple[dict, str | None]:
         history = {"epochs": list(checkpoint["history"]["epochs"]),
                    "machines": list(checkpoint["history"].get("machines", []))}
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ResumeError(f"{path} cannot be resumed ({first_line(e)}); use --overwrite to start again") from None
+        raise ResumeError(f"{path} cannot be resumed ({state_error(e)}); use --overwrite to start again") from None
+    note_unchecked(checkpoint, path)
     return history, checkpoint.get("wandb_run_id")

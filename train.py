@@ -15,16 +15,18 @@ from tqdm import tqdm
 from config import RunConfig
 from data import DATASETS, RawData, Shard, Split, TrainLoader, make_splits
 from models import build_model
-from runs import HELD_OUT, RunFiles, build_checkpoint, restore, save_checkpoint
+from runs import HELD_OUT, RunFiles, build_checkpoint, held_out_key, restore, save_checkpoint
 from tracking import TrackedRun, TrackingOptions, start_trackers
 from utils import machine_description, seed_everything
 
-FINITE_CHECK_EVERY = 10  # steps between checks that the loss is finite (each check waits for the device)
+LOSS_CHECK_EVERY = 10  # steps between checks that the loss has not diverged (each check waits for the device)
+# a cross-entropy loss above this has diverged (chance is ln 10 = 2.3): the weights have overflowed, or soon will
+LOSS_LIMIT = 1e6
 DEFAULT_THREADS = torch.get_num_threads()
 
 
-class NonFiniteLoss(ArithmeticError):
-    """The training or validation loss became NaN or infinite."""
+class DivergedLoss(ArithmeticError):
+    """The training or validation loss became NaN, infinite or larger than LOSS_LIMIT."""
 
 
 def logged_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -199,7 +201,7 @@ class EpochResult:
 def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool = False) -> EpochResult:
     """Train for one epoch of the run's loader, stepping the schedule every batch; log each weight's gradient L2 norm
     every `grad_log_every` steps with one fused call, kept on the device until the epoch ends. The loss is checked
-    every FINITE_CHECK_EVERY steps: a NaN stops training within that many steps.
+    every LOSS_CHECK_EVERY steps: a diverged loss (check_loss) stops training within that many steps.
 
     Under torchrun each rank trains on its share of the global batch, its loss weighted so that DDP's gradient
     average is the global batch's gradient."""
@@ -232,9 +234,9 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
         if run.ema is not None:
             run.ema.update_parameters(model)
         losses[i] = loss.detach()
-        if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == steps:
-            first = i - i % FINITE_CHECK_EVERY
-            check_finite(losses[first:i + 1], f"training loss at epoch {epoch}", start_step + first)
+        if (i + 1) % LOSS_CHECK_EVERY == 0 or i + 1 == steps:
+            first = i - i % LOSS_CHECK_EVERY
+            check_loss(losses[first:i + 1], f"training loss at epoch {epoch}", start_step + first)
         if progress and i % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     if world_size > 1:
@@ -245,12 +247,24 @@ def train_one_epoch(run: RunSetup, epoch: int, start_step: int, progress: bool =
     return EpochResult(mean_loss, steps, grad_norms.cpu(), grad_steps)
 
 
-def check_finite(losses: torch.Tensor, what: str, first_step: int) -> None:
-    """Raise NonFiniteLoss naming the first step (counted from `first_step`) whose loss is NaN or infinite."""
-    bad = (~torch.isfinite(losses)).nonzero()
+def check_loss(losses: torch.Tensor, what: str, first_step: int) -> None:
+    """Raise DivergedLoss naming the first step (counted from `first_step`) whose loss is NaN, infinite or above
+    LOSS_LIMIT."""
+    bad = (~(losses <= LOSS_LIMIT)).nonzero()  # NaN is not <= anything
     if len(bad):
-        step = first_step + bad[0, 0].item()
-        raise NonFiniteLoss(f"the {what} became {losses[bad[0, 0]].item()} at step {step}")
+        value = losses[bad[0, 0]].item()
+        beyond = f" (above {LOSS_LIMIT:g}: it has diverged)" if math.isfinite(value) else ""
+        raise DivergedLoss(f"the {what} became {value:g}{beyond} at step {first_step + bad[0, 0].item()}")
+
+
+def divergence_advice(config: RunConfig) -> str:
+    """What to change in a run whose loss diverged: a setting beyond any stable value, else the learning rate."""
+    if config.optimizer == "sgd" and config.momentum >= 1:
+        return f"lower --momentum below 1 (at {config.momentum:g} every step adds more than the one before)"
+    if config.lr * config.weight_decay >= 1:
+        return (f"lower --weight_decay (--lr x --weight_decay is {config.lr * config.weight_decay:g}; it must be far "
+                "below 1)")
+    return f"lower --lr (it is {config.lr:g})"
 
 
 @torch.inference_mode()
@@ -329,6 +343,7 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
                 files.write_history(history)
             # after the checkpoint: what a resumed run trains again was never logged, so no step is logged twice
             trackers.log_epoch(history["epochs"][-1], result.grad_steps, result.grad_norms, names)
+            print(describe_epoch(config, history), flush=True)  # once saved: a stdout that fails stops the run here
         history["test"] = test_results(run)
         if writes:
             files.write_history(history)
@@ -342,6 +357,15 @@ def train_run(config: RunConfig, raw: RawData, files: RunFiles, resume: bool, ru
     return history
 
 
+def describe_epoch(config: RunConfig, history: dict) -> str:
+    """The last epoch of a history in words: "<run> epoch 2/10: train loss 0.4425, val loss 0.4711, val acc 86.80%,
+    12.3 s"."""
+    record, held_out = history["epochs"][-1], held_out_key(history)
+    return (f"{config.run_name} epoch {record['epoch']}/{config.num_epochs}: train loss {record['train_loss']:.4f}, "
+            f"{held_out} loss {record[f'{held_out}_loss']:.4f}, {held_out} acc {record[f'{held_out}_acc']:.2%}, "
+            f"{record['seconds']:.1f} s")
+
+
 def describe_test(test: dict) -> str:
     """A run's test results in words: "test loss 0.4425, test acc 86.80% (flip: 87.31%; trained weights: 86.52%)"."""
     others = [f"{key.removeprefix('acc_').replace('_', ' ')}: {value:.2%}" for key, value in test.items()
@@ -350,7 +374,7 @@ def describe_test(test: dict) -> str:
 
 
 def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progress: bool) -> EpochResult:
-    """Train and validate one epoch, append its record to `history` and print it; a NaN or infinite loss says
+    """Train and validate one epoch and append its record to `history`; a diverged loss says
     which epoch the checkpoint keeps."""
     config = run.config
     start = time.perf_counter()
@@ -360,13 +384,11 @@ def train_epoch(run: RunSetup, epoch: int, history: dict, files: RunFiles, progr
         result = train_one_epoch(run, epoch, steps_done, progress)
         held_out = "val" if len(run.val) else "test"  # --val_size 0: no validation; the test set, named as such
         loss, acc = evaluate(run.scored_model, run.val if held_out == "val" else run.test, precision=config.precision)
-        check_finite(torch.tensor([loss]), f"{HELD_OUT[held_out]} loss after epoch {epoch}", steps_done + result.steps)
-    except NonFiniteLoss as e:
+        check_loss(torch.tensor([loss]), f"{HELD_OUT[held_out]} loss after epoch {epoch}", steps_done + result.steps)
+    except DivergedLoss as e:
         kept = f"{files.checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no epoch had finished"
-        raise NonFiniteLoss(f"{e}; {kept}; lower --lr") from None
+        raise DivergedLoss(f"{e}; {kept}; {divergence_advice(config)}") from None
     seconds = time.perf_counter() - start
     history["epochs"].append({"epoch": epoch, "train_loss": result.loss, f"{held_out}_loss": loss,
                               f"{held_out}_acc": acc, "lr": lr, "seconds": seconds, "steps": steps_done + result.steps})
-    print(f"{config.run_name} epoch {epoch}/{config.num_epochs}: train loss {result.loss:.4f}, "
-          f"{held_out} loss {loss:.4f}, {held_out} acc {acc:.2%}, {seconds:.1f} s", flush=True)
     return result

@@ -9,9 +9,11 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import sys
 import tempfile
+import unicodedata
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -40,6 +42,37 @@ class NoSpaceError(OutputError):
 
     def __init__(self, path: str | Path):
         super().__init__(f"no space left on {path}")
+
+
+class StdoutGone(KeyboardInterrupt):
+    """stdout can no longer be written (a pipe whose reader left, as `| head` does, or a full disk): the command
+    stops as on Ctrl-C, every run keeping its last finished epoch."""
+
+
+class GuardedStdout:
+    """sys.stdout, whose failures to write are a StdoutGone; once one has happened, what is written goes nowhere, so
+    that Python's own last flush at exit has nothing to report."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.guarded(self.stream.write, text)
+
+    def flush(self) -> None:
+        self.guarded(self.stream.flush)
+
+    def guarded(self, call: Callable, *args):
+        try:
+            return call(*args)
+        except OSError as e:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+            raise StdoutGone(f"stdout cannot be written ({first_line(e)})") from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -87,11 +120,16 @@ def add_flag(container: argparse._ActionsContainer, name: str, *aliases: str, **
 
 
 def run_cli(main: Callable, args) -> None:
-    """Run a CLI's `main(args)`: a CLIError is one line and its exit status, Ctrl-C or SIGTERM exits 130."""
+    """Run a CLI's `main(args)`: a CLIError is one line and its exit status, Ctrl-C, SIGTERM or a stdout that cannot
+    be written (StdoutGone) exits 130."""
     prog = Path(sys.argv[0]).name
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stdout = sys.stdout
+    if stdout is not None:  # None: started with its stdout closed, and print() writes nothing
+        sys.stdout = GuardedStdout(stdout)
     try:
         main(args)
+        sys.stdout.flush()  # here, where a failure is one line, not at exit
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
@@ -101,12 +139,28 @@ def run_cli(main: Callable, args) -> None:
     except KeyboardInterrupt as e:
         print(f"\n{prog}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        sys.stdout = stdout
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type), cut to `limit` characters, for one-line errors."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+def name_problem(name: str, max_bytes: int) -> str | None:
+    """Why `name` cannot be (part of) a file name, in words, or None: it is empty or blanks only, holds a control
+    character or bytes that are not text (as a command line can pass them), or is longer than `max_bytes` in UTF-8."""
+    if not name.strip():
+        return "is empty or blanks only"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "holds a control character"
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        return "holds bytes that are not text (UTF-8)"
+    return f"is {size} bytes long, more than {max_bytes}" if size > max_bytes else None
 
 
 def seed_everything(seed: int) -> None:
@@ -179,7 +233,12 @@ def existing_ancestor(path: Path) -> Path:
 
 
 def check_writable(path: Path, flag: str) -> None:
-    """A folder we will create or write into must be (under) a writable folder."""
+    """A folder we will create or write into must be (under) a writable folder, and reachable: no loop of symbolic
+    links on its way."""
+    try:
+        path.resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: a loop, before Python 3.13
+        raise UsageError(f"{flag} {path} cannot be reached ({first_line(e)}); give another folder") from None
     existing = existing_ancestor(path)
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is not a folder")
@@ -204,7 +263,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     with reporting_full_disk(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         with reporting_full_disk(path):
@@ -220,6 +279,39 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# atomic_write's temporary file: .<name>.<pid of its writer>.<mkstemp's random letters>.tmp
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.\w+\.tmp")
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove the temporary files that atomic_write left in `folder` when a kill stopped its writer: those of
+    processes that no longer run (a running writer's file is its own)."""
+    for path in folder.glob(".*.tmp"):
+        match = LEFTOVER.fullmatch(path.name)
+        if match and not process_runs(int(match["pid"])) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def process_runs(pid: int) -> bool:
+    """Whether a process with this id runs (one of another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_json(path: str | Path) -> object:
+    """The JSON value a file holds; a ValueError when it is not UTF-8 text of JSON (nested too deep for the parser
+    included), an OSError when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(first_line(e)) from None
 
 
 def write_json(path: str | Path, obj, indent: int | None = 2) -> None:

@@ -102,6 +102,16 @@ def image_of_step(run, step: int) -> int:
         step -= len(batches)
 
 
+def damage_weights(path: Path, name: str) -> None:
+    """Flip 40 bytes inside the data of the saved weight tensor `name` of the checkpoint at `path`, as a disk or copy
+    error would (torch.load reads such a file without complaint)."""
+    data = bytearray(path.read_bytes())
+    start = data.find(torch.load(path, weights_only=True)["model"][name].numpy().tobytes())
+    assert start >= 0
+    data[start:start + 40] = bytes(byte ^ 0xFF for byte in data[start:start + 40])
+    path.write_bytes(bytes(data))
+
+
 def class_images(labels: np.ndarray, channels: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Noisy uint8 images whose bright row band depends on the label, so that a model can learn them."""
     images = rng.integers(0, 60, (len(labels), channels, size, size))

@@ -1,5 +1,7 @@
 """Class activation maps: the CAM identity, batching, image sizes, photo reading, and the CLI end to end."""
 import json
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import cam
 import pipeline
 import report
 import utils
-from conftest import ROOT, run_config
+from conftest import ROOT, damage_weights, run_config
 from data import DATASETS, load_dataset, normalize
 from models import build_model
 from runs import RunFiles, load_checkpoint, load_model, save_checkpoint
@@ -278,10 +280,15 @@ GOOD_RECORD = {"checkpoint": "a/b.pt", "dataset": "CIFAR10", "class": "pred", "n
     (dict(GOOD_RECORD, maps={"cam": dict(GOOD_ROW, average_drop_percent=float("inf"))}), "average_drop_percent inf"),
     (dict(GOOD_RECORD, num_images=-5), "num_images -5 is not a positive integer"),
     (dict(GOOD_RECORD, maps={"cam": GOOD_ROW, "cam2": GOOD_ROW}), "two maps share a label"),
+    pytest.param(bytes(range(128, 256)), "not JSON: 'utf-8' codec can't decode", id="binary"),  # a traceback once
+    pytest.param(b"[" * 100_000, "not JSON: maximum recursion depth exceeded", id="nested_too_deep"),  # the same
 ])
 def test_report_refuses_a_file_that_is_not_a_faithfulness_json(tmp_path, content, problem):
     path = tmp_path / "faithfulness.json"
-    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(utils.UsageError, match="is not a faithfulness.json of cam.py --faithfulness") as refused:
         report.main(report.get_args_parser().parse_args(["--faithfulness", str(path)]))
     assert problem in str(refused.value)
@@ -450,3 +457,64 @@ def test_the_model_of_an_unfinished_run_is_named_as_such(checkpoint, tmp_path, c
              str(tmp_path / "out"))
     out = capsys.readouterr().out
     assert f"is the model of tiny, unfinished: {saved['epoch']} of {saved['epoch'] + 4} epochs" in out
+
+
+@pytest.mark.parametrize("command", ["cam", "no-train", "best_checkpoint"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_by_every_command_that_loads_it(checkpoint, cifar_root, tmp_path,
+                                                                                  capsys, command):
+    """40 bytes flipped inside the weights: torch.load reads the file, and cam.py once drew the maps of weights no
+    run trained; the checksum saved with it tells, and the refusal says what is still good."""
+    shutil.copytree(checkpoint.parent.parent, tmp_path / "runs")
+    damaged = tmp_path / "runs" / checkpoint.parent.name / checkpoint.name
+    damage_weights(damaged, "fc.weight")
+    main, parser, line = {
+        "cam": (cam.main, cam.get_args_parser(), ["--checkpoint", str(damaged), "--data_root", str(cifar_root),
+                                                  "--no-download", "--device", "cpu", "--out_dir", str(tmp_path)]),
+        "no-train": (pipeline.main, pipeline.get_args_parser(), ["--no-train", "--checkpoint", str(damaged),
+                                                                 "--data_root", str(cifar_root), "--no-download"]),
+        "best_checkpoint": (report.main, report.get_args_parser(), ["--best_checkpoint", str(tmp_path / "runs")])}[
+        command]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main, parser.parse_args(line))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert f"{damaged} is damaged" in lines[0] and "history.json and figures are unaffected" in lines[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--label", "a\tb"], "--label 'a\\tb' holds a control character"),
+    (["--label", "  "], "--label '  ' is empty or blanks only"),
+    (["--label", "x" * 151], "--label 'xxx"),
+    (["--label", os.fsdecode(b"caf\xe9")], "holds bytes that are not text (UTF-8)"),
+    ([], "--image's file name 'ppp"),  # a photo named with 200 characters: the files named after it would not fit
+])
+def test_a_label_that_cannot_name_a_file_is_refused_in_one_line(checkpoint, tmp_path, capsys, flags, message):
+    """A 300-byte --label was an OSError traceback (file name too long) once the map was computed."""
+    photo = tmp_path / f"{'p' * 200}.png"
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(photo)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(cam.main, cam.get_args_parser().parse_args(
+            ["--checkpoint", str(checkpoint), "--image", str(photo), "--device", "cpu", "--out_dir",
+             str(tmp_path / "cam"), *flags]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "cam").exists()
+
+
+def test_temporary_files_of_a_killed_cam_py_are_removed_by_the_next(checkpoint, tmp_path):
+    """Those of a writer that no longer runs; a running writer's (here this process's) is its own."""
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    out_dir = tmp_path / "cam"
+    out_dir.mkdir()
+    left = out_dir / f".single_mix_photo_p_cat.png.{finished.pid}.k2j4x.tmp"
+    running = out_dir / f".cam_grid.png.{os.getpid()}.a1b2.tmp"
+    for path in (left, running):
+        path.write_bytes(b"half an image")
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(photo)
+    cam.main(cam.get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--image", str(photo), "--device",
+                                               "cpu", "--out_dir", str(out_dir)]))
+    assert not left.exists() and running.exists()

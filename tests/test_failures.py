@@ -8,6 +8,7 @@ import torch
 import pipeline
 import utils
 from conftest import args_for
+from runs import save_checkpoint
 
 FAILING, FINISHING = "mlp_mnist_h2_w8_plain_s0", "mlp_mnist_h4_w8_plain_s0"
 
@@ -18,7 +19,7 @@ def test_a_nan_run_fails_and_the_other_finishes_and_is_plotted(mnist_root, tmp_p
     # one run is unfinished, and its checkpoint holds weights that make every loss NaN
     checkpoint = torch.load(tmp_path / FAILING / "checkpoint.pt", weights_only=True)
     checkpoint["model"] = {k: torch.full_like(v, float("nan")) for k, v in checkpoint["model"].items()}
-    torch.save(checkpoint, tmp_path / FAILING / "checkpoint.pt")
+    save_checkpoint(tmp_path / FAILING / "checkpoint.pt", checkpoint)
     (tmp_path / FAILING / "history.json").unlink()
     for figure in (tmp_path / "plots").iterdir():
         figure.unlink()

@@ -19,6 +19,7 @@ import pipeline
 import report
 import train
 import utils
+from runs import load_checkpoint, save_checkpoint
 
 NUMBERS = ["-1", "0", "nan", "inf", "-inf", "1e308", str(2 ** 63), "99999999999999999999", "abc", "", "1.5", "0x10"]
 # hostile values per flag (a tuple: several values), beside NUMBERS for the numeric ones; a legal one trains in seconds
@@ -36,7 +37,8 @@ VALUES = {
     "warmup_epochs": ["0.5", "1", "0.999999"], "label_smoothing": ["0.999", "1", "-0.0"],
     "threads": ["1", "8", "9", "10000"], "jobs": ["2", "1000"], "grad_log_every": ["1000000", str(2 ** 62 + 1)],
     "device": ["cpu", "cuda", "cuda:7", "tpu", "", "cuda:-1", "meta"],
-    "run_name": ["", ".", "..", "/", "a/b", "x" * 300, "-", "a name", ("a", "b")],
+    "run_name": ["", ".", "..", "/", "a/b", "x" * 300, "x" * 201, "-", "a name", ("a", "b"), "   ", "a\tb", "a\x1bb",
+                 "a\nb", "caf\udce9", "\u200b"],
     "wandb_proj_name": ["", "a/b", "x" * 200],
     "out_dir": ["{tmp}/file/runs", "{tmp}/file", ""], "plots_dir": ["{tmp}/file/plots", ""],
     "data_root": ["{tmp}/nowhere", "{tmp}/file", ""],
@@ -284,3 +286,59 @@ def test_damaged_run_folder_ends_in_0_1_or_2_and_no_finished_run_is_lost(index, 
         else:
             assert status == 0, (case, err)
             assert "test" in json.loads((run_dir / "history.json").read_text()), case
+
+
+# every position of a run folder holding a symbolic link to a file elsewhere, then the commands a user runs next
+LINKED = [(run, command, target) for run, command in COMMANDS if run != "cnn" for target in TARGETS]
+
+
+@pytest.mark.parametrize("index", seeded_subset(len(LINKED), len(TARGETS), seed=3,
+                                                kinds=[target for _, _, target in LINKED]))
+def test_a_link_anywhere_in_a_run_folder_is_never_written_through(index, run_folders, mnist_root, cifar_root,
+                                                                  tmp_path, capsys):
+    """The file a link names stays as it was, the link stays a link, and a command that would write the run refuses
+    the link of any file it writes in one line."""
+    run, command, target = LINKED[index]
+    out_dir, elsewhere = tmp_path / run, tmp_path / "elsewhere"
+    shutil.copytree(run_folders[run], out_dir)
+    link = target_path(out_dir / RUN, target)
+    elsewhere.write_bytes(link.read_bytes() if link.exists() else (out_dir / RUN / "checkpoint.pt").read_bytes())
+    link.unlink(missing_ok=True)
+    link.symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    main, parser, line = command_line(run, command, out_dir, mnist_root, cifar_root, tmp_path)
+    status, err = cli_status(main, parser, line, capsys)
+    case = (run, command, target, line)
+    assert_ends_cleanly(case, status, err)
+    assert elsewhere.read_bytes() == before and (link.is_symlink() or target == "leftover"), case
+    if command in ("resume", "again") and target not in ("tensorboard", "leftover"):
+        assert status == 2 and f"{link} is a symbolic link" in err, (case, err)
+
+
+# every entry of an unfinished run's checkpoint given a value of a wrong type (saved with a valid checksum, as a bug or
+# a hand edit would), then --resume or --no-train
+FIELDS = ("format", "model", "optimizer", "lr_scheduler", "grad_scaler", "epoch", "config", "history", "rng",
+          "wandb_run_id")
+WRONG_VALUES = [None, "x", -1, 1.5, True, [], {}, [1, 2], torch.zeros(2)]
+FIELD_CASES = [(command, field, value) for command in ("resume", "evaluate") for field in FIELDS
+               for value in range(len(WRONG_VALUES))]
+
+
+@pytest.mark.parametrize("index", seeded_subset(len(FIELD_CASES), len(FIELDS), seed=4,
+                                                kinds=[field for _, field, _ in FIELD_CASES]))
+def test_a_checkpoint_field_of_a_wrong_type_is_refused_up_front_or_does_no_harm(index, run_folders, mnist_root,
+                                                                                cifar_root, tmp_path, capsys):
+    """Refused in one line (exit 2) before the plan says the run continues, never a run that fails after (exit 1),
+    a traceback or a crash; a refused checkpoint stays as it was."""
+    command, field, value = FIELD_CASES[index]
+    out_dir = tmp_path / "unfinished"
+    shutil.copytree(run_folders["unfinished"], out_dir)
+    path = out_dir / RUN / "checkpoint.pt"
+    save_checkpoint(path, dict(load_checkpoint(path), **{field: WRONG_VALUES[value]}))
+    before = path.read_bytes()
+    main, parser, line = command_line("unfinished", command, out_dir, mnist_root, cifar_root, tmp_path)
+    status, err = cli_status(main, parser, line, capsys)
+    case = (command, field, WRONG_VALUES[value], line)
+    assert_ends_cleanly(case, status, err)
+    assert status in (0, 2), (case, err)
+    assert status == 0 or path.read_bytes() == before, case

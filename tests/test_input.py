@@ -1,5 +1,6 @@
 """Hostile input refused up front with one line and exit status 2: flag values, run names, checkpoints that name the
 wrong thing, and dataset files that are cut or inconsistent."""
+import os
 import re
 import struct
 
@@ -55,7 +56,12 @@ def cnn_checkpoint(cifar_root, tmp_path_factory):
     (["--run_name", ".."], "--run_name"),
     (["--run_name", "../../x"], "--run_name"),
     (["--run_name", "a/b"], "--run_name"),
-    (["--run_name", "a" * 300], "at most 255 bytes"),
+    (["--run_name", "a" * 300], "is 300 bytes long, more than 200"),
+    (["--run_name", "a" * 201], "is 201 bytes long, more than 200"),  # gradient_heatmap_<run name>.png would not fit
+    (["--run_name", "   "], "--run_name '   ' is empty or blanks only"),
+    (["--run_name", "a\tb"], "holds a control character"),
+    (["--run_name", "a\nb"], "holds a control character"),
+    (["--run_name", os.fsdecode(b"caf\xe9")], "holds bytes that are not text (UTF-8)"),
     (["--run_name", "plots"], "folder would be the figures' folder"),
     (["--num_hidden_layers", "100000"], "--num_hidden_layers"),
     (["--width", "4096", "--num_hidden_layers", "1000"], "parameters"),
@@ -64,6 +70,25 @@ def test_bad_values_are_refused_before_anything_is_read(mnist_root, tmp_path, ca
     status, lines = pipeline_exit(capsys, *mlp_flags(tmp_path / "no data here", tmp_path / "runs", *flags))  # unread
     assert status == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--out_dir", ""], "--out_dir '' names no folder"),  # it trained into the current folder
+    (["--plots_dir", " "], "--plots_dir ' ' names no folder"),
+    (["--out_dir", "{tmp}/loop/runs"], "--out_dir {tmp}/loop/runs cannot be reached (Symlink loop"),  # a traceback
+    (["--plots_dir", "{tmp}/loop"], "--plots_dir {tmp}/loop cannot be reached (Symlink loop"),  # after training
+    (["--checkpoint", "{tmp}/file/checkpoint.pt"], "{tmp}/file is not a folder"),  # after the first epoch, exit 1
+    (["--checkpoint", "{tmp}/loop/checkpoint.pt"], "--checkpoint {tmp}/loop cannot be reached (Symlink loop"),
+])
+def test_paths_a_command_cannot_write_are_refused_before_it_trains(mnist_root, tmp_path, capsys, monkeypatch, flags,
+                                                                   message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "loop").symlink_to("loop")
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    status, lines = pipeline_exit(capsys, *mlp_flags(mnist_root, tmp_path / "runs", "--num_epochs", "1", *flags))
+    assert status == 2 and len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "loop"]
 
 
 CNN = ("--model_name", "ResNet", "--dataset", "CIFAR10")

@@ -1,9 +1,14 @@
 """The sweep figures: their file names, and gradient figures that share one y range so they can be compared."""
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import plots
-from conftest import run_config
+from conftest import ROOT, run_config
 from models import build_model
 from train import logged_weights
 
@@ -223,3 +228,46 @@ def test_gradient_norms_below_the_floor_are_marked_clipped_even_when_not_zero(tm
     figure = figures["gradients_mlp_d2.png"]
     assert figure.legends[0].get_texts()[-1].get_text() == "clipped: norms below 1e-20 drawn at it"
     assert figure.axes[0].get_ylim()[0] < plots.GRAD_FLOOR == figure.axes[0].lines[0].get_ydata().min()
+
+
+def test_every_figure_survives_extreme_values(tmp_path, figures):
+    """An overflowing run's gradient norms (infinite, not a number, 1e300) and losses near the largest float once
+    ended a finished sweep in matplotlib's traceback (an axis limit that is not finite): every figure is drawn,
+    the norms beyond the ceiling at it, marked clipped."""
+    extreme = np.tile([0.5, np.inf, np.nan, 1e300], (16, 1))  # 14 hidden layers: 16 weights, 4 logged steps
+    runs = [fake_run(run_config("--num_hidden_layers", "14", "--seed", str(seed)), extreme) for seed in (0, 1)]
+    runs[0][1]["epochs"][0]["train_loss"] = 1.7e308
+    paths = plots.plot_sweep(runs, tmp_path)
+    assert {p.name for p in paths} == {"mlp_training_loss.png", "mlp_Val_acc.png", "mlp_trainability.png",
+                                       "gradient_heatmap_mlp_mnist_h14_w16_plain_s0.png", "gradients_mlp_d14.png",
+                                       "mlp_init_gradient_vs_accuracy.png"}
+    assert all(p.is_file() for p in paths)
+    gradients = figures["gradients_mlp_d14.png"]
+    assert gradients.axes[0].lines[0].get_ydata().tolist() == [0.5] + [plots.GRAD_CEILING] * 3
+    assert f"clipped: norms above {plots.GRAD_CEILING:g}" in gradients.legends[0].get_texts()[-1].get_text()
+
+
+# a process killed by SIGKILL while atomic_write writes a file's first bytes
+KILLED_WRITING = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import utils
+
+def killed(tmp):
+    tmp.write_bytes(b"half a figure")
+    os.kill(os.getpid(), signal.SIGKILL)
+utils.atomic_write({path!r}, killed)
+"""
+
+
+def test_the_temporary_file_of_a_figure_writer_killed_mid_write_is_removed_by_the_next_sweep(tmp_path):
+    """A kill while a figure was written left its hidden temporary file in the figures' folder for good; one of a
+    writer that still runs is its own."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITING.format(root=str(ROOT), path=str(tmp_path / "a.png"))],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left, = tmp_path.glob(".a.png.*.tmp")
+    running = tmp_path / f".b.png.{os.getpid()}.x1y2.tmp"
+    running.write_bytes(b"being written")
+    plots.plot_sweep([fake_run(run_config("--num_hidden_layers", "2"), np.ones((4, 3)))], tmp_path)
+    assert not left.exists() and running.exists()

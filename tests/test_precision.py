@@ -10,6 +10,7 @@ import pipeline
 import train
 from config import RunConfig
 from conftest import RUN, args_for, run_main
+from runs import save_checkpoint
 
 
 @pytest.mark.parametrize("capability,expected", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])
@@ -52,7 +53,8 @@ def test_float16_keeps_its_loss_scale_in_the_checkpoint_and_resumes_exactly(mnis
     assert resumed["grad_scaler"] == straight["grad_scaler"] and resumed["grad_scaler"]["_growth_tracker"] == 20
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
     # the scale really comes back from the checkpoint: a changed one continues from where it was
-    torch.save(dict(checkpoint, grad_scaler=dict(checkpoint["grad_scaler"], scale=1024.0, _growth_tracker=7)), path)
+    scaler = dict(checkpoint["grad_scaler"], scale=1024.0, _growth_tracker=7)
+    save_checkpoint(path, dict(checkpoint, grad_scaler=scaler))
     (tmp_path / "cut" / RUN / "history.json").unlink()
     run_main(*args_for(mnist_root, tmp_path / "cut", "--amp", "--num_epochs", "2", "--resume"))
     scaler = torch.load(path, weights_only=True)["grad_scaler"]
@@ -73,7 +75,7 @@ def test_a_run_from_before_precision_was_recorded_loads_and_resumes(mnist_root, 
     assert RunConfig.from_dict(dict(values, amp=True)).precision == "bfloat16"
     assert RunConfig.from_dict(dict(values, amp=False)).precision == "float32"
     checkpoint = torch.load(tmp_path / RUN / "checkpoint.pt", weights_only=True)
-    del checkpoint["config"]["precision"], checkpoint["grad_scaler"]
+    del checkpoint["config"]["precision"], checkpoint["grad_scaler"], checkpoint["checksum"]  # nor a checksum then
     torch.save(checkpoint, tmp_path / RUN / "checkpoint.pt")
     (tmp_path / RUN / "history.json").unlink()  # unfinished: --resume continues the old checkpoint
     capsys.readouterr()

@@ -2,14 +2,17 @@
 import dataclasses
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import report
 import utils
-from conftest import run_config
-from runs import RunFiles
+from conftest import ROOT, run_config
+from runs import RunFiles, save_checkpoint
 
 
 def write_run(out_dir, config, train_losses, val_accs, test_acc, finished=True, first_grad_norm=None) -> None:
@@ -116,6 +119,9 @@ def test_best_checkpoint_is_the_residual_run_with_the_best_final_validation_accu
     with pytest.raises(utils.UsageError, match=f"{cnn(3, 1, seed=1).run_name} .*has no checkpoint.pt"):
         report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path)  # as in results/: no checkpoints kept
     best.write_bytes(b"weights")
+    with pytest.raises(utils.UsageError, match=f"{cnn(3, 1, seed=1).run_name}: --checkpoint .* not a loadable"):
+        report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path)  # cam.py would refuse it
+    save_checkpoint(best, {"model": {}, "config": {}})
     assert report.best_checkpoint(report.read_runs(tmp_path)[0], tmp_path) == best
 
 
@@ -306,3 +312,70 @@ def test_runs_of_several_sweeps_in_one_folder_are_refused_not_mixed_into_a_row(t
               [2.3] * epochs, [0.1] * epochs, 0.1)
     with pytest.raises(utils.UsageError, match=f"mixes runs of several sweeps: other was trained with {flag} {other}"):
         report.main(report.get_args_parser().parse_args(["--ex1", str(tmp_path)]))
+
+
+# report.py in a process that kills itself with SIGKILL at a moment of replacing a kept folder: at its first or
+# second Path.rename, or once it has removed a file of the old folder set aside
+KILLED_AT = """
+import os, pathlib, shutil, signal, sys
+sys.path.insert(0, {root!r})
+import report, utils
+moment, renames = {moment!r}, []
+rename, rmtree = pathlib.Path.rename, shutil.rmtree
+
+def killed_at_rename(self, target):
+    renames.append(self)
+    if moment == len(renames):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(self, target)
+
+def killed_while_removing(path, *args, **kwargs):
+    if moment == "removing" and str(path).endswith(".old"):
+        next(pathlib.Path(path).rglob("history.json")).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rmtree(path, *args, **kwargs)
+
+pathlib.Path.rename, shutil.rmtree = killed_at_rename, killed_while_removing
+utils.run_cli(report.main, report.get_args_parser().parse_args(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("moment", [1, 2, "removing"], ids=["setting_the_old_aside", "putting_the_new_in_place",
+                                                            "removing_the_old"])
+def test_keep_killed_at_any_moment_loses_nothing_and_the_next_keep_finishes(tmp_path, capsys, moment):
+    """Killed between its two renames, --keep left neither KEEP/ex1 nor the results it kept (make readme keeps the
+    committed results/ this way). Now the old folder is set aside and removed last: a kill leaves the old or the new
+    results whole, and the next --keep puts back or finishes a half-done replacement."""
+    run = mlp(4, 0, 0).run_name
+    write_run(tmp_path / "ex1", mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    flags = ("--ex1", str(tmp_path / "ex1"), "--keep", str(tmp_path / "kept"))
+    assert report_cli(*flags) == 0
+    kept, aside = tmp_path / "kept" / "ex1", tmp_path / "kept" / ".ex1.old"
+    old = (kept / run / "history.json").read_bytes()
+    history = json.loads(old)
+    history["epochs"][0]["seconds"] = 99.0
+    utils.write_json(tmp_path / "ex1" / run / "history.json", history)
+    new = (tmp_path / "ex1" / run / "history.json").read_bytes()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT.format(root=str(ROOT), moment=moment), *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    whole = kept if kept.is_dir() and moment != 2 else aside  # between the renames the old one waits aside
+    assert (whole / run / "history.json").read_bytes() == (new if moment == "removing" else old)
+    report.finish_swap(kept)  # what the next --keep does first
+    assert (kept / run / "history.json").read_bytes() == (new if moment == "removing" else old)
+    assert not aside.exists()
+    assert report_cli(*flags) == 0 and (kept / run / "history.json").read_bytes() == new
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["ex1"]
+
+
+@pytest.mark.parametrize("name", ["config.json", "history.json"])
+@pytest.mark.parametrize("content", [bytes(range(128, 256)), b"[" * 100_000], ids=["binary", "nested_too_deep"])
+def test_a_run_file_that_is_binary_or_nested_too_deep_leaves_its_run_out_in_one_line(tmp_path, capsys, name,
+                                                                                     content):
+    """A history.json nested deeper than the JSON parser goes was a RecursionError traceback."""
+    write_run(tmp_path, mlp(4, 0, 0), [2.3], [0.11], 0.11)
+    write_run(tmp_path, mlp(4, 2, 0), [0.3], [0.9], 0.9)
+    (tmp_path / mlp(4, 2, 0).run_name / name).write_bytes(content)
+    assert report_cli("--ex1", str(tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert f"not used: {mlp(4, 2, 0).run_name}: no readable {name}" in err and "Traceback" not in err

@@ -21,7 +21,7 @@ import report
 import runs
 import train
 import utils
-from conftest import ROOT, RUN, args_for, cli_exit, image_of_step, run_main, without_seconds
+from conftest import ROOT, RUN, args_for, cli_exit, damage_weights, image_of_step, run_main, without_seconds
 from runs import RunFiles, load_checkpoint, save_checkpoint
 
 STEPS_PER_EPOCH = 10  # 500 training images in batches of 50
@@ -269,6 +269,22 @@ def test_signal_keeps_the_last_epoch_and_resume_finishes_the_run(mnist_root, tmp
     assert_same_run(straight_long_run, tmp_path / "cut" / RUN)
 
 
+def test_a_stdout_whose_reader_left_stops_the_run_as_ctrl_c_does(mnist_root, tmp_path, straight_long_run):
+    """`pipeline.py ... | head -3`: the first print after head left was a BrokenPipeError, and the run failed (exit
+    1), its finished epoch lost; now it stops in one line saying how to continue, and --resume finishes it."""
+    command = [sys.executable, str(ROOT / "pipeline.py"), *args_for(mnist_root, tmp_path, *LONG_RUN)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "epoch 1/3" not in process.stdout.readline():
+        assert process.poll() is None, process.communicate()
+    process.stdout.close()  # as head does once it has its lines
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 130 and len(err.strip().splitlines()) == 1, err
+    assert "stdout cannot be written ([Errno 32] Broken pipe)" in err and "--resume to continue" in err, err
+    assert load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["epoch"] >= 1
+    run_main(*args_for(mnist_root, tmp_path, *LONG_RUN, "--resume"))
+    assert_same_run(straight_long_run, tmp_path / RUN)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, capsys, monkeypatch):
     real_train_one_epoch = train.train_one_epoch
 
@@ -281,6 +297,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mnist_root, tm
     assert status == 1 and not any("Traceback" in line for line in lines)
     assert "epoch 2 became nan at step 13" in lines[-1]  # steps are counted from 0 over the run
     assert load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)["epoch"] == 1
+
+
+@pytest.mark.parametrize("flags,advice", [
+    (("--num_hidden_layers", "1", "--lr", "1e7"), "lower --lr (it is 1e+07)"),
+    (("--optimizer", "sgd", "--momentum", "1e308"), "lower --momentum below 1"),
+    (("--weight_decay", "1e300"), "lower --weight_decay")], ids=["lr", "momentum", "weight_decay"])
+def test_a_diverging_loss_stops_the_run_with_advice_naming_what_to_change(mnist_root, tmp_path, capsys, flags,
+                                                                          advice):
+    """--lr 1e7 kept its losses finite near 1e23 and trained to the end (and then, with other sizes, died in
+    matplotlib); the advice for a momentum or weight decay beyond any stable value was 'lower --lr'."""
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", *flags))
+    assert status == 1 and len(lines) == 1 and "the training loss at epoch 1 became " in lines[0], lines
+    assert f"no epoch had finished; {advice}" in lines[0], lines
 
 
 class Payload:
@@ -331,6 +360,80 @@ def test_an_unloadable_checkpoint_says_why_and_never_advises_the_unsafe_loader(t
     assert "False" not in lines[0] and not (tmp_path / "code_ran").exists()
 
 
+def test_a_damaged_checkpoint_is_never_resumed(mnist_root, tmp_path, capsys, finished_run):
+    """40 bytes flipped inside the weights of an unfinished run's checkpoint: it once resumed at a loss of 1e27 and
+    finished. The checksum saved with it refuses it, in one line saying what is still good; nothing is written."""
+    shutil.copytree(finished_run, tmp_path / RUN)  # with a constant schedule, the first epoch of a 2-epoch run
+    damage_weights(RunFiles(tmp_path / RUN).checkpoint, "head.weight")
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
+    assert status == 2 and len(lines) == 1 and "checkpoint.pt is damaged" in lines[0], lines
+    assert "history.json and figures are unaffected" in lines[0] and "--overwrite" in lines[0]
+    assert run_files(tmp_path / RUN) == before
+
+
+def test_a_checkpoint_saved_before_checksums_loads_says_so_once_and_gets_one(mnist_root, tmp_path, capsys,
+                                                                           finished_run):
+    shutil.copytree(finished_run, tmp_path / RUN)
+    path = RunFiles(tmp_path / RUN).checkpoint
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["checksum"]
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    run_main("--no-train", "--checkpoint", str(path), "--data_root", str(mnist_root), "--no-download", "--device",
+             "cpu")
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {path} was saved without a checksum (by an older version), so damage to it cannot be detected; a run "
+        "saves one with its next epoch"]
+    run_main(*args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert "checksum" in torch.load(path, weights_only=True)
+
+
+def wrong_field(checkpoint: dict, field: str) -> dict:
+    """The checkpoint with one entry that restore reads of the wrong type, size or value."""
+    if field == "optimizer_state_shape":  # a fused Adam step on it crashed the process (SIGSEGV)
+        state = {i: dict(s, exp_avg=torch.zeros(2)) for i, s in checkpoint["optimizer"]["state"].items()}
+        return dict(checkpoint, optimizer=dict(checkpoint["optimizer"], state=state))
+    if field == "optimizer_lr":
+        groups = [dict(group, lr="fast") for group in checkpoint["optimizer"]["param_groups"]]
+        return dict(checkpoint, optimizer=dict(checkpoint["optimizer"], param_groups=groups))
+    if field == "rng_missing":
+        return {key: value for key, value in checkpoint.items() if key != "rng"}
+    return dict(checkpoint, **{"epoch_text": {"epoch": "one"}, "epoch_negative": {"epoch": -1},
+                               "history_short": {"history": {"epochs": []}}}[field])
+
+
+@pytest.mark.parametrize("field", ["epoch_text", "epoch_negative", "history_short", "optimizer_state_shape",
+                                   "optimizer_lr", "rng_missing"])
+def test_a_checkpoint_with_a_field_of_the_wrong_type_is_refused_before_the_plan_says_it_continues(
+        mnist_root, tmp_path, capsys, finished_run, field):
+    """They were tracebacks, a crash, a failure after 'continues from its checkpoint' (exit 1), or a resume of a
+    history that was not the checkpoint's; the checkpoint is kept as it is."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    files = RunFiles(tmp_path / RUN)
+    save_checkpoint(files.checkpoint, wrong_field(load_checkpoint(files.checkpoint), field))
+    files.history.unlink()  # unfinished: --resume continues the checkpoint
+    before = run_files(tmp_path / RUN)
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, "--num_epochs", "2", "--resume"))
+    assert status == 2 and len(lines) == 1 and str(files.checkpoint) in lines[0], lines
+    assert run_files(tmp_path / RUN) == before
+    if field.startswith("epoch"):  # the one entry that evaluating reads besides the weights and config
+        status, lines = cli_exit(capsys, "--no-train", "--checkpoint", str(files.checkpoint), "--data_root",
+                                 str(mnist_root), "--no-download", "--device", "cpu")
+        assert status == 2 and len(lines) == 1 and "not a number of epochs" in lines[0], lines
+
+
+def test_torch_warnings_about_a_file_are_not_printed_before_its_refusal(tmp_path):
+    """torch.load warns about the sparse tensors of a file (it validates them) before our one line refused it."""
+    path = tmp_path / "sparse.pt"
+    torch.save({"weights": torch.eye(3).to_sparse()}, path)
+    result = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--no-train", "--checkpoint", str(path),
+                             "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"pipeline.py: error: --checkpoint {path} is not a checkpoint written by pipeline.py (no model and config)"]
+
+
 # settings that the suite's checkpoints of before RunConfig lacked, and flags they held that are no settings
 NEW_SETTINGS = ("nesterov", "lr_schedule", "warmup_epochs", "label_smoothing", "sync_bn")
 OLD_FLAGS = {"data_root": "data", "download": True, "checkpoint": None, "out_dir": "runs", "plots_dir": None}
@@ -340,17 +443,17 @@ def make_bad_checkpoint(kind: str, good, path):
     checkpoint = load_checkpoint(good)
     if kind == "config_mismatch":
         checkpoint["config"]["width"] = 9
-        torch.save(checkpoint, path)
+        save_checkpoint(path, checkpoint)
     elif kind == "other_architecture":
         checkpoint["config"]["model_name"] = "ResNet"
         checkpoint["config"].update(out_channels=4, num_levels=1, num_conv_per_level=1, stem="cifar")
-        torch.save(checkpoint, path)
+        save_checkpoint(path, checkpoint)
     elif kind == "missing_key":
         del checkpoint["config"]["lr"]
-        torch.save(checkpoint, path)
+        save_checkpoint(path, checkpoint)
     elif kind == "old_format":
         old = {k: v for k, v in checkpoint["config"].items() if k not in NEW_SETTINGS}
-        del checkpoint["format"]
+        del checkpoint["format"], checkpoint["checksum"]  # nor a checksum then
         torch.save(dict(checkpoint, config=dict(old, **OLD_FLAGS)), path)
     elif kind == "not_our_dict":
         torch.save({"state_dict": checkpoint["model"]}, path)
@@ -439,13 +542,18 @@ def straight_long_run(mnist_root, tmp_path_factory):
 
 def test_a_second_process_on_a_run_being_trained_is_refused_and_changes_nothing(mnist_root, tmp_path, capsys,
                                                                                 straight_long_run):
-    """This process is the second one, with --resume and then with --overwrite."""
+    """This process is the second one, with --resume, with --overwrite, and with --overwrite of a run of its own
+    whose --checkpoint is the first run's (that once rewrote it beside the first run's history)."""
     first = start_training(mnist_root, tmp_path)
     os.kill(first.pid, signal.SIGSTOP)  # it holds the lock mid-run, however long the second takes
+    checkpoint = RunFiles(tmp_path / RUN).checkpoint
     try:
-        for flag in ("--resume", "--overwrite"):
-            status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path, *LONG_RUN, flag))
+        for out_dir, *flags in ((tmp_path, "--resume"), (tmp_path, "--overwrite"),
+                                (tmp_path / "second", "--overwrite", "--checkpoint", str(checkpoint))):
+            before = checkpoint.read_bytes()
+            status, lines = cli_exit(capsys, *args_for(mnist_root, out_dir, *LONG_RUN, *flags))
             assert status == 2 and len(lines) == 1 and RUN in lines[0] and f"process {first.pid}" in lines[0], lines
+            assert checkpoint.read_bytes() == before
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.communicate()
@@ -536,6 +644,25 @@ def test_a_finished_run_without_its_history_gets_it_back_from_the_checkpoint(mni
     assert history == old and json.loads((tmp_path / RUN / "history.json").read_text()) == old
 
 
+@pytest.mark.parametrize("epochs", [2, 1], ids=["claims_unfinished_epochs", "claims_an_epoch_beyond_the_run"])
+def test_the_checkpoint_not_the_history_says_how_far_a_run_has_trained(mnist_root, tmp_path, capsys, finished_run,
+                                                                       epochs):
+    """A finished history.json that claims an epoch more than the checkpoint holds: for a 2-epoch run it was skipped
+    as finished (its weights never trained further), for the 1-epoch run it was refused with advice to --overwrite.
+    The run continues from its checkpoint (or only gets its test result again) and its history is rebuilt."""
+    shutil.copytree(finished_run, tmp_path / RUN)
+    history = json.loads((finished_run / "history.json").read_text())
+    claimed = dict(history, epochs=[*history["epochs"], dict(history["epochs"][0], epoch=2)])
+    (tmp_path / RUN / "history.json").write_text(json.dumps(claimed))
+    (_, rebuilt), = run_main(*args_for(mnist_root, tmp_path, "--num_epochs", str(epochs), "--resume"))
+    out = capsys.readouterr().out
+    assert "history.json: its 2 epochs are not the 1 that" in out and "rebuilt from the checkpoint" in out
+    checkpoint = load_checkpoint(RunFiles(tmp_path / RUN).checkpoint)
+    assert checkpoint["epoch"] == epochs and rebuilt["epochs"] == checkpoint["history"]["epochs"]
+    assert json.loads((tmp_path / RUN / "history.json").read_text()) == rebuilt
+    assert rebuilt == history if epochs == 1 else "resuming after epoch 1" in out
+
+
 def test_a_garbage_config_beside_a_finished_run_is_restored_from_its_checkpoint(mnist_root, tmp_path, capsys,
                                                                                finished_run):
     shutil.copytree(finished_run, tmp_path / RUN)
@@ -593,6 +720,26 @@ def test_a_folder_where_a_run_file_belongs_is_refused_in_one_line_and_kept(mnist
     assert status == 2 and len(lines) == 1 and f"{tmp_path / RUN / name} is a folder" in lines[0], lines
     assert (tmp_path / RUN / name / "mine.txt").is_file() and folder_like_a_leftover.is_dir()
     assert load_checkpoint(tmp_path / RUN / "checkpoint.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("name", ["config.json", "history.json", "grad_norms.csv", "checkpoint.pt", ".lock",
+                                  "tensorboard"])
+def test_a_symbolic_link_in_a_run_folder_is_never_written_through(mnist_root, tmp_path, capsys, finished_run, name):
+    """A .lock linked elsewhere had the file it names overwritten with a process id, a linked grad_norms.csv had
+    rows appended there, the other files were replaced by files: the run refuses every link in one line."""
+    shutil.copytree(finished_run, tmp_path / "runs" / RUN)
+    link, elsewhere = tmp_path / "runs" / RUN / name, tmp_path / "elsewhere"
+    if name == "tensorboard":
+        elsewhere.mkdir()
+    else:
+        elsewhere.write_bytes(link.read_bytes() if link.exists() else b"the user's own file")
+        link.unlink(missing_ok=True)
+    link.symlink_to(elsewhere)
+    before = elsewhere.read_bytes() if elsewhere.is_file() else sorted(elsewhere.iterdir())
+    status, lines = cli_exit(capsys, *args_for(mnist_root, tmp_path / "runs", "--num_epochs", "2", "--resume"))
+    assert status == 2 and len(lines) == 1 and f"{link} is a symbolic link (to {elsewhere})" in lines[0], lines
+    assert link.is_symlink() and (elsewhere.read_bytes() if elsewhere.is_file() else sorted(elsewhere.iterdir())) \
+        == before
 
 
 @pytest.mark.parametrize("damage", ["removed", "cut", "not ours"])

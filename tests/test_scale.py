@@ -49,8 +49,30 @@ def test_jobs_train_the_longest_runs_first(mnist_root, tmp_path):
     configs = pipeline.run_configs(args, torch.device("cpu"))
     planned = sweep.plan(configs, tmp_path, None, "error", lock=False).runs
     histories, failures = sweep.run_in_workers(planned, [0, 1, 2], load_dataset("MNIST", mnist_root, False),
-                                               Runtime(jobs=1))
+                                               Runtime(jobs=1), "error")
     assert failures == {} and [planned[i].config.num_hidden_layers for i in histories] == [6, 4, 2]
+
+
+def test_a_queued_run_another_command_trains_meanwhile_is_planned_again_not_trained_over(mnist_root, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """The sweep's main process plans its runs and hands them to the workers; another command that trains one of
+    them (with another --lr) before a worker takes it keeps its run: the worker plans it again under its lock and
+    refuses it, as a fresh command without --resume or --overwrite would, where it once trained it over (exit 0)."""
+    other = tmp_path / "mlp_mnist_h4_w8_plain_s0"
+    size = ("--num_epochs", "1", "--limit_train", "100")
+    kept = {}
+    run_in_workers = sweep.run_in_workers
+
+    def another_command_first(*args):
+        run_main(*flags(mnist_root, tmp_path, "--num_hidden_layers", "4", *size, "--lr", "0.01"))
+        kept.update({path: path.read_bytes() for path in RunFiles(other).ours()})
+        return run_in_workers(*args)
+    monkeypatch.setattr(sweep, "run_in_workers", another_command_first)
+    status, lines = cli_exit(capsys, *flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", *size, "--jobs",
+                                            "2"))
+    assert status == 1 and "1 of 2 runs failed" in lines[-1] and f"{other} already holds a run" in lines[-1], lines
+    assert {path: path.read_bytes() for path in RunFiles(other).ours()} == kept
+    assert "test" in json.loads((tmp_path / "mlp_mnist_h2_w8_plain_s0" / "history.json").read_text())
 
 
 def test_an_interrupted_jobs_sweep_resumes_to_the_histories_of_one_process(mnist_root, tmp_path):
@@ -85,6 +107,30 @@ def spawned_workers(pid: int) -> list[int]:
     """The --jobs worker processes among a process's children (multiprocessing's spawn start method)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
+
+
+def test_jobs_workers_stop_when_the_sweeps_main_process_is_killed(mnist_root, tmp_path):
+    """kill -9 of the main process left its workers training the rest of the queue, with nobody to draw the figures,
+    and --resume refused until they had finished: they stop at once, keeping their last finished epoch, and leave
+    every run folder free for the same command with --resume."""
+    sweep = ("--num_hidden_layers", "2", "4", "--num_epochs", "2", "--batch_size", "5", "--limit_train", "200",
+             "--grad_log_every", "0", "--jobs", "2")
+    process = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *flags(mnist_root, tmp_path, *sweep)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/history.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = spawned_workers(process.pid)
+    assert len(workers) == 2, process.communicate()
+    process.kill()
+    process.communicate(timeout=60)
+    deadline = time.monotonic() + 30  # each stops within a step, in its SIGTERM handler
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker went on training"
+    assert any("test" not in h for h in histories_or_partial(tmp_path)), "every run had finished"
+    for run_dir in tmp_path.iterdir():
+        RunFiles(run_dir).lock().release()  # what --resume takes first: no worker holds it any more
 
 
 def test_ctrl_c_while_jobs_workers_start_is_one_line(mnist_root, tmp_path):

@@ -14,7 +14,7 @@ from conftest import image_of_step, replay, run_config
 from data import Split, TrainLoader, load_dataset
 from models import MLP, ResNet, build_model
 from runs import RunFiles
-from train import (FINITE_CHECK_EVERY, NonFiniteLoss, Runtime, build_optimizer, build_scheduler, cpu_threads,
+from train import (LOSS_CHECK_EVERY, DivergedLoss, Runtime, build_optimizer, build_scheduler, cpu_threads,
                    evaluate, logged_weights, prepare_run, train_one_epoch, train_run, uses_channels_last)
 
 TINY_CNN = ("--model_name", "ResNet", "--dataset", "CIFAR10", "--val_size", "100", "--limit_train", "64",
@@ -109,10 +109,10 @@ def test_same_seed_same_history(cifar):
 def test_non_finite_loss_stops_within_the_check_interval_and_names_epoch_and_step(mnist):
     run = mlp_run(mnist, "--num_hidden_layers", "1", "--batch_size", "10", "--lr", "0.1")  # 50 steps an epoch
     run.train.images[image_of_step(run, 13)] = float("nan")
-    with pytest.raises(NonFiniteLoss, match=r"epoch 3 became nan at step 113\b"):
+    with pytest.raises(DivergedLoss, match=r"epoch 3 became nan at step 113\b"):
         train_one_epoch(run, 3, start_step=100)
     steps_taken = run.scheduler.last_epoch  # the schedule is stepped once per training step
-    assert 0 <= steps_taken - 14 < FINITE_CHECK_EVERY
+    assert 0 <= steps_taken - 14 < LOSS_CHECK_EVERY
 
 
 def test_non_finite_validation_loss_stops_before_the_checkpoint(mnist, tmp_path, monkeypatch):
@@ -125,7 +125,7 @@ def test_non_finite_validation_loss_stops_before_the_checkpoint(mnist, tmp_path,
     monkeypatch.setattr(train, "prepare_run", poisoned_validation)
     files = RunFiles(tmp_path / "run")
     config = run_config("--val_size", "100", "--width", "8", "--num_hidden_layers", "1", "--num_epochs", "2")
-    with pytest.raises(NonFiniteLoss, match=r"validation loss after epoch 1 became nan at step 4"):
+    with pytest.raises(DivergedLoss, match=r"validation loss after epoch 1 became nan at step 4"):
         train_run(config, mnist, files, resume=False, runtime=Runtime(progress=False))
     assert not files.checkpoint.exists() and not files.history.exists()
 
