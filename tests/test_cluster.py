@@ -17,6 +17,7 @@ import pipeline
 import utils
 from conftest import cli_exit, run_main
 from test_scale import flags, histories
+from runs import load_checkpoint, save_checkpoint
 
 SWEEP = ("--num_hidden_layers", "2", "4", "--residual_step", "0", "2", "--batch_size", "5", "--num_epochs", "4")
 
@@ -99,15 +100,15 @@ def test_a_failed_job_is_reported_with_its_log_while_the_others_finish(mnist_roo
     """The command waits for the jobs (the default); one run's checkpoint holds weights that make every loss NaN."""
     failing = tmp_path / finished_run.name
     shutil.copytree(finished_run, failing)
-    checkpoint = torch.load(failing / "checkpoint.pt", weights_only=True)
+    checkpoint = load_checkpoint(failing / "checkpoint.pt")
     checkpoint["model"] = {k: torch.full_like(v, float("nan")) for k, v in checkpoint["model"].items()}
-    torch.save(checkpoint, failing / "checkpoint.pt")
+    save_checkpoint(failing / "checkpoint.pt", checkpoint)  # saved as a run saves it: whole, its checksum new
     (failing / "history.json").unlink()
     status, err = cli_exit(capsys, *flags(mnist_root, tmp_path, "--num_hidden_layers", "2", "4", "--num_epochs", "2",
                                           "--resume", "--launcher", "slurm"))
     assert status == 1, err
     said = [line for line in err if line.startswith(f"{failing.name}: failed: ")]
-    assert len(said) == 1 and "NonFiniteLoss: the training loss at epoch 2 became nan at step" in said[0], err
+    assert len(said) == 1 and "DivergedLoss: the training loss at epoch 2 became nan at step" in said[0], err
     log = Path(re.search(r"\(log: (\S+)\)$", said[0]).group(1))
     assert log.parent == (tmp_path / "submitit").resolve() and "Traceback" in log.read_text()
     assert f"error: 1 of 2 runs failed ({failing.name}: " in err[-1] and f"(log: {log}))" in err[-1], err
