@@ -222,7 +222,8 @@ def machine_description(device: torch.device) -> str:
     """What a run trains on, for its history: the GPU's name, or the CPU's model and torch's threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu_model()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def existing_ancestor(path: Path) -> Path:
