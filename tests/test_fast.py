@@ -109,7 +109,7 @@ def test_a_recipe_run_records_every_test_accuracy_apart_and_scores_its_epochs_on
                                     "acc_trained_weights", "seconds"}
     assert all("test_acc" in e and "val_acc" not in e for e in history["epochs"])
     assert history["epochs"][-1]["test_acc"] == history["test"]["acc"]  # the same weights on the same images
-    assert history["machines"] and "threads" in history["machines"][0]
+    assert history["machines"] and "thread" in history["machines"][0]
     saved = json.loads((tmp_path / config.run_name / "config.json").read_text())
     assert (saved["val_size"], saved["ema"], saved["tta"]) == (0, 0.999, "flip")
     out = capsys.readouterr().out
@@ -159,7 +159,7 @@ def test_report_tables_the_recipe_beside_he_et_al_and_draws_time_to_accuracy(cif
     row = next(row for row in rows if row.startswith("| depth 6, residual"))
     accuracies = [report.median_range([h["test"][key] for h in residual], report.percent) for key in ("acc", "acc_flip")]
     assert row.split(" | ")[1:5] == ["2", "-", *accuracies]  # a smaller copy of CIFAR-10: its images are not counted
-    assert "He et al. 2016, ResNet-20: 91.25% test accuracy" in blocks["fast"] and "threads" in blocks["fast"]
+    assert "He et al. 2016, ResNet-20: 91.25% test accuracy" in blocks["fast"] and "thread" in blocks["fast"]
     assert "plain depth 6 tests worse than plain depth 4" in blocks["fast-checks"]
 
     def acc(out_dir, name: str) -> float:
