@@ -157,12 +157,12 @@ def finished_runs(out_dir: Path, flag: str) -> tuple[list[tuple[RunConfig, dict]
     """The finished runs of `out_dir` for the exercise of `flag`, after listing on stderr every run folder not used
     and every run missing from the sweep; with the names of those."""
     runs, left_out = read_runs(out_dir)
-    check_family([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
+    configs = [c for c, _ in runs] + [item.config for item in left_out if item.config]
+    check_family(configs, flag, out_dir)
     if flag not in ("--best_checkpoint", "--ablation"):  # the CAM model is the best residual run; levers differ
-        check_one_sweep([c for c, _ in runs] + [item.config for item in left_out if item.config], flag, out_dir)
+        check_one_sweep(configs, flag, out_dir)
     # --fast: residual depth 20 has three seeds, the degradation question's other networks one
-    missing = [] if flag in ("--fast", "--ablation") else missing_runs([c for c, _ in runs] + [item.config for item in left_out
-                                                                                 if item.config])
+    missing = [] if flag in ("--fast", "--ablation") else missing_runs(configs)
     for item in left_out:
         print(f"{out_dir}: not used: {item.folder}: {item.reason}", file=sys.stderr)
     for name in missing:

@@ -290,7 +290,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
 @pytest.mark.parametrize("flags,message", [
     (["--best_checkpoint", "{runs}", "--ex1", "{runs}", "--keep", "{kept}"], "give --ex1, --keep in another command"),
     (["--ex1", "{runs}", "--allow_missing"], "give --readme too"),
-    (["--faithfulness", "{runs}/f.json", "--keep", "{kept}"], "--keep copies the runs of --ex1, --ex2, --fast and --ablation"),
+    (["--faithfulness", "{runs}/f.json", "--keep", "{kept}"],
+     "--keep copies the runs of --ex1, --ex2, --fast and --ablation"),
 ])
 def test_flags_that_would_do_nothing_are_refused(tmp_path, capsys, flags, message):
     """Each was accepted and did nothing: the README not rewritten, nothing kept, and nothing said."""
