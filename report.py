@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import faithfulness
-from config import RunConfig
+from config import PRESETS, RunConfig
+from data import DATASETS, num_batches
 from plots import (STALL_LAYERS, TRAINED, TimedRun, in_stall_study, init_gradient_points, init_gradient_threshold,
                    plot_time_to_accuracy, timed_run)
 from runs import CheckpointError, RunFiles, load_checkpoint
@@ -267,7 +268,6 @@ def exercise2_table(runs: list[tuple[RunConfig, dict]]) -> str:
 def images_seen(config: RunConfig, history: dict) -> int | None:
     """Training images a run saw: its epochs times the images its config leaves for training, when its steps agree
     (None for a run on a smaller copy of the dataset, whose size its files do not hold)."""
-    from data import DATASETS, num_batches
     images = config.limit_train or DATASETS[config.dataset].num_train - config.val_size
     steps = history["epochs"][-1]["steps"]
     return config.num_epochs * images if steps == config.num_epochs * num_batches(images, config.batch_size) else None
@@ -310,7 +310,6 @@ def fast_table(runs: list[tuple[RunConfig, dict]]) -> str:
 
 def preset_config(name: str) -> RunConfig:
     """The first run a preset describes (its first value of each swept flag)."""
-    from config import PRESETS
     return RunConfig(**{key: value[0] if isinstance(value, list) else value for key, value in PRESETS[name].items()})
 
 
