@@ -17,7 +17,7 @@ import torch
 
 from config import (DATA, FLAGS, MODEL, OPTIMISATION, PRESETS, RUN_FOLDER, SCALING, TRACKING, RunConfig,
                     value_type)
-from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset, num_batches
+from data import DATASETS, DatasetError, Split, check_split_sizes, load_dataset, make_splits, num_batches
 from plots import plot_sweep
 from sweep import Launcher, Plan, execute, expand, plan, with_prefix
 from tracking import DEFAULT_PROJECT, TrackingOptions, checked_online, log_sweep_figures
@@ -226,7 +226,8 @@ def run_configs(args: argparse.Namespace, device: torch.device) -> list[RunConfi
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
-    """--no-train: evaluate a saved model on its dataset's test set, with the settings it was trained with."""
+    """--no-train: evaluate a saved model on its dataset's test set and on its run's validation split, with the
+    settings it was trained with (and the trained weights of an --ema run apart)."""
     if args.checkpoint is None:
         raise UsageError("--no-train needs --checkpoint PATH (a checkpoint.pt written by a training run)")
     ignored = get_args_parser().given_flags(args, vars(args).keys() - EVALUATION_FLAGS)
@@ -235,15 +236,25 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
                          f"{', '.join(ignored)}")
     checkpoint = load_checkpoint(args.checkpoint)
     config, model = model_of(checkpoint, args.checkpoint)
+    trained = model_of(checkpoint, args.checkpoint, averaged=False)[1].to(device) if config.ema else None
     model.to(device)
     info = DATASETS[config.dataset]
     raw = load_dataset(config.dataset, args.data_root, args.download)
-    test = Split(raw.test_images, raw.test_labels).normalized(info, device)
-    test_loss, test_acc = evaluate(model, test)
-    tta = f" (with --tta {config.tta}: {evaluate(model, test, tta=config.tta)[1]:.2%})" if config.tta != "none" else ""
+    _, val, test = (split.normalized(info, device)
+                    for split in make_splits(raw, config.val_size, config.seed, config.limit_train))
+
+    def scores(split: Split, tta: str) -> str:
+        loss, acc = evaluate(model, split)
+        others = [f"with --tta {tta}: {evaluate(model, split, tta=tta)[1]:.2%}"] if tta != "none" else []
+        others += [f"trained weights, no average: {evaluate(trained, split)[1]:.2%}"] if trained else []
+        return f"loss {loss:.4f}, accuracy {acc:.2%}" + (f" ({'; '.join(others)})" if others else "")
+
     state = unfinished(checkpoint, config)
     print(f"{config.run_name} ({config.model_name}, depth {config.depth}{f', {state}' if state else ''}) on the "
-          f"{config.dataset} test set ({len(test)} images): loss {test_loss:.4f}, accuracy {test_acc:.2%}{tta}")
+          f"{config.dataset} test set ({len(test)} images): {scores(test, config.tta)}")
+    if len(val):
+        print(f"{config.run_name} on its validation split ({len(val)} training images held out by seed "
+              f"{config.seed}): {scores(val, 'none')}")
 
 
 def tracking_hints(tracking: TrackingOptions, out_dir: Path, plots_dir: Path) -> list[str]:

@@ -467,16 +467,16 @@ def unfinished(checkpoint: dict, config: RunConfig) -> str | None:
     return f"unfinished: {epochs} of {config.num_epochs} epochs" if epochs < config.num_epochs else None
 
 
-def model_of(checkpoint: dict, path: str | Path) -> tuple[RunConfig, nn.Module]:
-    """The config and the model with its weights of a loaded checkpoint (read from `path`); a CheckpointError when
-    they do not fit together."""
+def model_of(checkpoint: dict, path: str | Path, averaged: bool = True) -> tuple[RunConfig, nn.Module]:
+    """The config and the model with its weights of a loaded checkpoint (read from `path`): those it is scored with,
+    or with `averaged` False the trained ones of an --ema run; a CheckpointError when they do not fit together."""
     config = saved_config(checkpoint, Path(path))
     try:
         model = build_model(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {first_line(e)}") from None
     try:
-        model.load_state_dict(scored_weights(checkpoint, config))
+        model.load_state_dict(scored_weights(checkpoint, config) if averaged else checkpoint["model"])
     except (TypeError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path}: its weights do not fit the {config.model_name} its config "
                               f"describes ({state_error(e)})") from None

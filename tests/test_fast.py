@@ -12,7 +12,7 @@ import report
 import train
 from config import PRESETS, RunConfig
 from conftest import cli_exit, replay, run_config, run_main
-from data import load_dataset
+from data import DATASETS, load_dataset, make_splits
 from runs import RunFiles, load_checkpoint, model_of
 
 # the recipe on a network small enough for the tiny CIFAR-10 (500 training images, 100 test images)
@@ -116,8 +116,33 @@ def test_a_recipe_run_records_every_test_accuracy_apart_and_scores_its_epochs_on
     assert "test acc" in out and "flip:" in out and "trained weights:" in out and "val acc" not in out
     run_main("--no-train", "--checkpoint", str(tmp_path / config.run_name / "checkpoint.pt"), "--data_root",
              str(cifar_root), "--no-download", "--device", "cpu")
-    assert (f"accuracy {history['test']['acc']:.2%} (with --tta flip: {history['test']['acc_flip']:.2%})"
-            in capsys.readouterr().out)
+    test = history["test"]
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].endswith(
+        f"accuracy {test['acc']:.2%} (with --tta flip: {test['acc_flip']:.2%}; trained weights, no average: "
+        f"{test['acc_trained_weights']:.2%})")
+
+
+def test_no_train_scores_an_ema_run_on_its_validation_split_with_and_without_the_average(cifar_root, tmp_path,
+                                                                                         capsys):
+    """How --ema is chosen on validation: the same held-out images scored by both weights of one checkpoint."""
+    (config, history), = run_main(*fast(cifar_root, "--seed", "3", "--val_size", "100", "--lr", "0.05",
+                                        "--ema", "0.9", "--out_dir", str(tmp_path)))
+    checkpoint = tmp_path / config.run_name / "checkpoint.pt"
+    capsys.readouterr()
+    run_main("--no-train", "--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download",
+             "--device", "cpu")
+    test_line, val_line = capsys.readouterr().out.splitlines()
+    assert f"accuracy {history['test']['acc']:.2%}" in test_line
+    assert val_line.startswith(f"{config.run_name} on its validation split (100 training images held out by seed 3)")
+    state = load_checkpoint(checkpoint)
+    (_, averaged), (_, trained) = (model_of(state, checkpoint, averaged=flag) for flag in (True, False))
+    assert all(torch.equal(state["model"][name], value) for name, value in trained.state_dict().items())
+    assert not all(torch.equal(averaged.state_dict()[name], value) for name, value in trained.state_dict().items())
+    val = make_splits(load_dataset("CIFAR10", cifar_root, download=False), 100, 3, None)[1]
+    trained_acc = train.evaluate(trained, val.normalized(DATASETS["CIFAR10"], "cpu"))[1]
+    assert val_line.endswith(f"accuracy {history['epochs'][-1]['val_acc']:.2%} (trained weights, no average: "
+                             f"{trained_acc:.2%})")
 
 
 @pytest.mark.parametrize("flags,words", [
