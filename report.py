@@ -279,6 +279,13 @@ def run_minutes(history: dict) -> float:
     return (sum(e["seconds"] for e in history["epochs"]) + history["test"].get("seconds", 0)) / 60
 
 
+def machines(runs: list[tuple[RunConfig, dict]]) -> str:
+    """The machines the runs' histories name, each once ("1 threads", as code of 7 December 2026 wrote it, is "1
+    thread")."""
+    named = sorted({re.sub(r"\b1 threads\b", "1 thread", m) for _, h in runs for m in h.get("machines", [])})
+    return "; ".join(named) or "machines the runs did not record"
+
+
 def fast_table(runs: list[tuple[RunConfig, dict]]) -> str:
     """One row per network of the time-to-accuracy runs: images seen, median and range over seeds of the test
     accuracy of the kept weights, with flip test-time augmentation and of the trained weights without their
@@ -300,11 +307,9 @@ def fast_table(runs: list[tuple[RunConfig, dict]]) -> str:
         lines.append(f"| {network_label(config)} | {len(group)} | {images} | {column(group, 'acc')} | "
                      f"{column(group, 'acc_flip')} | {column(group, 'acc_trained_weights')} | "
                      f"{statistics.median(run_minutes(h) for _, h in group):.1f} |")
-    machines = sorted({m for _, h in runs for m in h.get("machines", [])})
     lines.append("")
     lines.append(f"{PUBLISHED[0]}: {PUBLISHED[1]:.2%} test accuracy. Minutes: each run's epochs (training and each "
-                 "epoch's scoring) and its final test, without reading the data; trained on "
-                 f"{', '.join(machines) or 'machines the runs did not record'}.")
+                 f"epoch's scoring) and its final test, without reading the data; trained on {machines(runs)}.")
     return "\n".join(lines)
 
 
@@ -339,9 +344,8 @@ def ablation_table(runs: list[tuple[RunConfig, dict]]) -> str:
                  for key in ("acc", "acc_flip", "acc_trained_weights")]
         lines.append(f"| {changes} | {seed} | {f'{images:,}' if images else '-'} | {val} | {' | '.join(tests)} | "
                      f"{run_minutes(history):.1f} |")
-    machines = sorted({m for _, h in runs for m in h.get("machines", [])})
     lines.append("")
-    lines.append(f"The recipe: --preset resnet20_fast. Trained on {', '.join(machines) or 'machines not recorded'}.")
+    lines.append(f"The recipe: --preset resnet20_fast. Trained on {machines(runs)}.")
     return "\n".join(lines)
 
 

@@ -380,3 +380,11 @@ def test_a_run_file_that_is_binary_or_nested_too_deep_leaves_its_run_out_in_one_
     assert report_cli("--ex1", str(tmp_path)) == 0
     err = capsys.readouterr().err
     assert f"not used: {mlp(4, 2, 0).run_name}: no readable {name}" in err and "Traceback" not in err
+
+
+def test_machines_are_named_once_each_and_one_thread_is_singular():
+    cpu = "Intel(R) Xeon(R) Processor @ 2.80GHz"
+    runs = [(None, {"machines": [f"{cpu}, 1 threads", f"{cpu}, 2 threads"]}), (None, {"machines": [f"{cpu}, 1 thread"]}),
+            (None, {})]
+    assert report.machines(runs) == f"{cpu}, 1 thread; {cpu}, 2 threads"
+    assert report.machines([(None, {})]) == "machines the runs did not record"
