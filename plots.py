@@ -473,8 +473,7 @@ def timed_run(recipe: str, config: RunConfig, history: dict) -> TimedRun:
                     minutes[-1] + test.get("seconds", 0) / 60, finals)
 
 
-def plot_time_to_accuracy(runs: list[TimedRun], target: tuple[str, float], machines: list[str],
-                          path: str | Path) -> None:
+def plot_time_to_accuracy(runs: list[TimedRun], target: tuple[str, float], machines: str, path: str | Path) -> None:
     """Held-out accuracy against minutes of training, one colour per recipe and one line per seed, each run's
     final test accuracies as markers where its test ends, and the published accuracy `target` as a line."""
     from matplotlib.lines import Line2D
@@ -496,11 +495,12 @@ def plot_time_to_accuracy(runs: list[TimedRun], target: tuple[str, float], machi
     ax.set(xlabel="minutes of training (each epoch's scoring included)", ylabel="accuracy (%)",
            ylim=(100 * low - 1, 100 * max(target[1], *(max(r.finals.values()) for r in runs)) + 1))
     ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colours[recipe], label=f"{recipe}: "
-                      f"{sum(run.recipe == recipe for run in runs)} seeds, per epoch on "
+    seeds = {recipe: sum(run.recipe == recipe for run in runs) for recipe in recipes}
+    handles = [Line2D([], [], color=colours[recipe], label=f"{recipe}: {seeds[recipe]} seed"
+                      f"{'s' if seeds[recipe] > 1 else ''}, per epoch on "
                       f"{next(run.scored_on for run in runs if run.recipe == recipe)}") for recipe in recipes]
     handles += [Line2D([], [], linestyle="none", marker=markers[label], color="grey", markeredgecolor="black",
                        label=f"final {label}") for label in finals]
     ax.legend(handles=handles, fontsize=8, loc="lower right")
-    ax.set_title(f"Time to accuracy on {' / '.join(machines) or 'a machine the runs did not record'}", fontsize=10)
+    ax.set_title(f"Time to accuracy on {machines}", fontsize=10)
     savefig(fig, path)

@@ -588,9 +588,9 @@ def draw_time_to_accuracy(fast: list[tuple[RunConfig, dict]], ex2: list[tuple[Ru
 
     check_writable(path.parent, "--time_to_accuracy")
     path.parent.mkdir(parents=True, exist_ok=True)
-    machines = sorted({m for _, h in ex2 + fast for m in h.get("machines", [])})
     with reporting_full_disk(path):
-        plot_time_to_accuracy(timed(ex2, "Exercise 2") + timed(fast, "resnet20_fast"), PUBLISHED, machines, path)
+        plot_time_to_accuracy(timed(ex2, "Exercise 2") + timed(fast, "resnet20_fast"), PUBLISHED, machines(ex2 + fast),
+                              path)
     print(f"wrote {path}")
 
 
