@@ -300,7 +300,7 @@ def process_runs(pid: int) -> bool:
     """Whether a process with this id runs (one of another user's included)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: an id no process can have, beyond a C long
         return False
     except PermissionError:
         return True
