@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import copy
 import itertools
-import json
 import math
 import os
 import sys
@@ -41,7 +40,8 @@ from data import (CIFAR10_FOLDER, CIFAR10_TRAIN_FILES, DATASETS, DatasetError, R
                   load_dataset, normalize, read_cifar10_batches)
 from train import (RunSetup, amp_precision, build_run_model, cpu_threads, evaluate, logged_weights, prepare_run,
                    train_one_epoch, use_cudnn_benchmark, uses_channels_last)
-from utils import ArgumentParser, UsageError, check_writable, cpu_model, resolve_device, run_cli, write_json
+from utils import (ArgumentParser, UsageError, check_writable, cpu_model, read_json, resolve_device, run_cli,
+                   write_json)
 
 MLP_FLAGS = ["--preset", "exercise1", "--num_hidden_layers", "22", "--residual_step", "0", "--seed", "0"]
 RESNET20_FLAGS = ["--preset", "resnet20", "--augment"]  # trained with pipeline.py's defaults: Adam, lr 3e-4
@@ -555,7 +555,7 @@ def format_table(results: dict) -> str:
 def is_bench_json(path: Path) -> bool:
     """Whether the file holds results bench.py wrote (which a new run may replace)."""
     try:
-        results = json.loads(path.read_text())
+        results = read_json(path)
     except (OSError, ValueError):
         return False
     return isinstance(results, dict) and {"meta", "mlp", "targets"} <= results.keys()

@@ -450,9 +450,10 @@ def with_missing(table: str, missing: list[str]) -> str:
 
 
 def check_keep(keep: Path, sweeps: dict[str, Path]) -> None:
-    """Refuse a --keep folder whose ex1 or ex2 holds anything but kept results (a sweep's own run folders, files of
-    the user's), which keep_results would replace, and kept results that a sweep would replace by fewer runs or by
-    runs trained otherwise (a toy make reproduce: the README's tables are made from them)."""
+    """Finish or undo the replacements of KEEP's folders (KEPT) that a kill cut short (finish_swap), then refuse a
+    --keep folder whose kept folders hold anything but kept results (a sweep's own run folders, files of the
+    user's), which keep_results would replace, and kept results that a sweep would replace by fewer runs or by runs
+    trained otherwise (a toy make reproduce: the README's tables are made from them)."""
     check_writable(keep, "--keep")
     for name in KEPT:
         target = keep / name

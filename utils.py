@@ -129,7 +129,8 @@ def run_cli(main: Callable, args) -> None:
         sys.stdout = GuardedStdout(stdout)
     try:
         main(args)
-        sys.stdout.flush()  # here, where a failure is one line, not at exit
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, where a failure is one line, not at exit
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
@@ -299,7 +300,7 @@ def process_runs(pid: int) -> bool:
     """Whether a process with this id runs (one of another user's included)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: an id no process can have, beyond a C long
         return False
     except PermissionError:
         return True

@@ -287,6 +287,18 @@ def test_bad_flags_are_refused_before_anything_is_measured(tmp_path, flags, mess
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
+def test_an_out_file_of_json_nested_too_deep_is_refused_and_kept(tmp_path):
+    """An --out file of JSON nested deeper than the parser goes was a RecursionError traceback; it is someone else's
+    file, refused in one line and left as it is (utils.read_json, as report.py reads run files)."""
+    out = tmp_path / "b.json"
+    out.write_bytes(b"[" * 100_000)
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--out", str(out), "--data_root",
+                                               str(tmp_path / "no data"), "--no-download"])
+    with pytest.raises(UsageError, match="holds something else than bench.py's"):
+        bench.main(args)
+    assert out.read_bytes() == b"[" * 100_000
+
+
 def test_a_dataset_smaller_than_the_held_out_images_is_refused(tmp_path):
     """A copy of MNIST with 600 training images was a DatasetError traceback naming --val_size, no flag of bench.py."""
     args = bench.get_args_parser().parse_args(["--data_root", str(write_mnist(tmp_path)), "--no-download", "--device",

@@ -3,6 +3,7 @@ wrong thing, and dataset files that are cut or inconsistent."""
 import os
 import re
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -235,3 +236,12 @@ def test_cifar_labels_out_of_range_are_refused(tmp_path):
     path.write_bytes(pickle.dumps(batch, protocol=2))
     with pytest.raises(DatasetError, match="4 images but 3 labels"):
         load_dataset("CIFAR10", root, download=False)
+
+
+def test_a_command_started_with_its_stdout_closed_ends_as_it_would(monkeypatch):
+    """`pipeline.py ... >&-`: Python gives such a process no sys.stdout (None), and the flush after main, once the
+    command had done its work, was an AttributeError traceback with exit status 1."""
+    monkeypatch.setattr(sys, "stdout", None)
+    done = []
+    utils.run_cli(lambda args: done.append(print("goes nowhere")), None)  # returns: exit status 0
+    assert done == [None] and sys.stdout is None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import plots
+import utils
 from conftest import ROOT, run_config
 from models import build_model
 from train import logged_weights
@@ -271,3 +272,12 @@ def test_the_temporary_file_of_a_figure_writer_killed_mid_write_is_removed_by_th
     running.write_bytes(b"being written")
     plots.plot_sweep([fake_run(run_config("--num_hidden_layers", "2"), np.ones((4, 3)))], tmp_path)
     assert not left.exists() and running.exists()
+
+
+def test_a_leftover_named_with_an_id_no_process_can_have_is_removed(tmp_path):
+    """A temporary file's name is all remove_leftovers knows of its writer: a process id beyond a C long was an
+    OverflowError traceback once a sweep had trained, before its figures were drawn."""
+    left = tmp_path / f".a.png.{10 ** 20}.x1y2.tmp"
+    left.write_bytes(b"half a figure")
+    utils.remove_leftovers(tmp_path)
+    assert not left.exists()
