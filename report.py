@@ -71,7 +71,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                     "the tables name them")
     parser.add("--keep", default=None,
                help="also copy what the tables are made of (each run's config.json, history.json and the step-0 row "
-                    "of its grad_norms.csv) into KEEP/ex1, KEEP/ex2 and KEEP/fast, replacing those folders; report.py "
+                    "of its grad_norms.csv) into KEEP/ex1, KEEP/ex2, KEEP/fast and KEEP/fast-ablation (those of "
+                    "--ex1, --ex2, --fast and --ablation), replacing those folders; report.py "
                     "remakes the same tables from them")
     return parser
 

@@ -167,8 +167,8 @@ def check_restorable(checkpoint: dict, config: RunConfig, path: Path) -> None:
 def restore_problem(checkpoint: dict, config: RunConfig) -> str | None:
     """What of a checkpoint restore could not load into `config`'s run, in words (or an exception), else None: the
     history of the epochs it has trained, the weights, the optimizer's settings and state (tensors of its weights'
-    shapes: a fused step on others crashes the process), the schedule, the loss scale, the moving average, the W&B
-    run id and the random generators' states."""
+    shapes: a fused step on others crashes the process), that the schedule's state is a dict (torch's schedulers load
+    any dict without a word), the loss scale, the moving average, the W&B run id and the random generators' states."""
     for key in ("model", "optimizer", "lr_scheduler", "history", "rng"):
         if not isinstance(checkpoint.get(key), dict):  # before indexing it: torch warns on a tensor indexed by text
             return f"its {key} is {type(checkpoint.get(key)).__name__}, not the dict of a state"
