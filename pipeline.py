@@ -30,7 +30,7 @@ from utils import (ArgumentParser, CLIError, UsageError, add_flag, check_writabl
 
 MAX_THREADS_PER_CORE = 4  # --threads beyond this many per core only adds contention (10000 crashed torch)
 SWEEPS = "; several values run every combination"
-EVALUATION_FLAGS = {"train", "checkpoint", "data_root", "download", "device"}  # what --no-train reads
+EVALUATION_FLAGS = {"train", "checkpoint", "data_root", "download", "device", "threads"}  # what --no-train reads
 SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_gpus_per_job", "slurm_cpus_per_job", "slurm_mem_gb",
                "slurm_max_parallel", "slurm_option", "wait")  # the flags of --launcher slurm's jobs
 CLUSTER_SECTION = "cluster"
@@ -234,6 +234,9 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> None:
     if ignored:  # a --dataset or --batch_size that seemed to apply would be silently replaced by the checkpoint's
         raise UsageError(f"--no-train evaluates --checkpoint with the settings it was trained with; leave out "
                          f"{', '.join(ignored)}")
+    if args.threads:
+        check_threads(args.threads)
+        torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint)
     config, model = model_of(checkpoint, args.checkpoint)
     trained = model_of(checkpoint, args.checkpoint, averaged=False)[1].to(device) if config.ema else None

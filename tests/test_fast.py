@@ -130,8 +130,10 @@ def test_no_train_scores_an_ema_run_on_its_validation_split_with_and_without_the
                                         "--ema", "0.9", "--out_dir", str(tmp_path)))
     checkpoint = tmp_path / config.run_name / "checkpoint.pt"
     capsys.readouterr()
+    threads = torch.get_num_threads()
     run_main("--no-train", "--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download",
-             "--device", "cpu")
+             "--device", "cpu", "--threads", "1")  # where it runs: --threads applies, as --device does
+    assert torch.get_num_threads() == threads
     test_line, val_line = capsys.readouterr().out.splitlines()
     assert f"accuracy {history['test']['acc']:.2%}" in test_line
     assert val_line.startswith(f"{config.run_name} on its validation split (100 training images held out by seed 3)")
