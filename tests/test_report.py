@@ -388,3 +388,10 @@ def test_machines_are_named_once_each_and_one_thread_is_singular():
             (None, {})]
     assert report.machines(runs) == f"{cpu}, 1 thread; {cpu}, 2 threads"
     assert report.machines([(None, {})]) == "machines the runs did not record"
+
+
+def test_a_runs_threads_are_read_from_the_machines_its_history_names():
+    cpu = "Intel(R) Xeon(R) Processor @ 2.80GHz"
+    assert report.threads({"machines": [f"{cpu}, 2 threads", f"{cpu}, 1 threads"]}) == "1 and 2"
+    assert report.threads({"machines": [f"{cpu}, 1 thread"]}) == "1"
+    assert report.threads({"machines": ["NVIDIA H100 80GB HBM3"]}) == report.threads({}) == "-"
