@@ -88,6 +88,13 @@ def test_the_average_is_updated_every_step_and_is_what_is_scored_and_saved(cifar
     assert all(torch.equal(model.state_dict()[k], averaged[k]) for k in averaged)
     running_means = [k for k in averaged if k.endswith("running_mean")]
     assert running_means and any(not torch.equal(averaged[k], checkpoint["model"][k]) for k in running_means)
+    # the average only watches: without it the same weights are trained, so its runs' trained-weights accuracy is
+    # what the recipe without --ema gives
+    (plain_config, plain_history), = run_main(*fast(cifar_root, "--seed", "0", "--ema", "0", "--out_dir",
+                                                    str(tmp_path / "no_ema")))
+    trained = load_checkpoint(RunFiles(tmp_path / "no_ema" / plain_config.run_name).checkpoint)["model"]
+    assert all(torch.equal(trained[k], checkpoint["model"][k]) for k in checkpoint["model"])
+    assert plain_history["test"]["acc"] == history["test"]["acc_trained_weights"]
 
 
 def test_flip_tta_is_the_mean_of_the_softmax_of_each_image_and_its_mirror(cifar_root):
