@@ -87,8 +87,10 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, run: PlannedRun) -> submitit.helpers.DelayedSubmission:
         """The job SLURM requeues: the same run, continued from its last checkpoint as --resume continues it (every
-        epoch is checkpointed as it ends; the one under way is trained again)."""
-        return submitit.helpers.DelayedSubmission(self, replace(run, action="resume"))
+        epoch is checkpointed as it ends; the one under way is trained again); one stopped before its first
+        checkpoint stays new, so that its requeued job does not take it for a run another process wrote."""
+        return submitit.helpers.DelayedSubmission(
+            self, replace(run, action="resume" if run.files.checkpoint.exists() else run.action))
 
 
 def as_submitted(run: PlannedRun) -> PlannedRun:

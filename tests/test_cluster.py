@@ -18,6 +18,7 @@ import utils
 from conftest import cli_exit, run_main
 from test_scale import flags, histories
 from runs import load_checkpoint, save_checkpoint
+from sweep import replanned
 
 SWEEP = ("--num_hidden_layers", "2", "4", "--residual_step", "0", "2", "--batch_size", "5", "--num_epochs", "4")
 
@@ -164,3 +165,17 @@ def test_slurm_under_torchrun_or_without_slurm_is_refused(mnist_root, tmp_path, 
     status, lines = cli_exit(capsys, *flags(mnist_root, tmp_path, "--launcher", "slurm"))
     assert status == 2 and len(lines) == 1 and "without torchrun" in lines[0], lines
     assert not any(tmp_path.iterdir())
+
+
+def test_a_job_stopped_before_its_first_checkpoint_is_requeued_as_new_and_after_it_as_resumed(tmp_path, capsys):
+    """A requeued job plans its run again; one that had saved nothing said it was written by another process."""
+    config = pipeline.RunConfig(run_name="r", dataset="MNIST")
+    run = cluster.PlannedRun(config, cluster.RunFiles(tmp_path / "r"), "new")
+    job = cluster.RunJob(tmp_path, "cpu", False, cluster.TrackingOptions())
+    requeued = job.checkpoint(run).args[0]
+    assert requeued.action == "new"
+    replanned(requeued, "resume")
+    assert "another process" not in capsys.readouterr().out
+    (tmp_path / "r").mkdir()
+    torch.save({}, run.files.checkpoint)
+    assert job.checkpoint(run).args[0].action == "resume"
