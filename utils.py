@@ -283,8 +283,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
-# atomic_write's temporary file: .<name>.<pid of its writer>.<mkstemp's random letters>.tmp
-LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.\w+\.tmp")
+# atomic_write's temporary file: .<name>.<pid of its writer>.<mkstemp's random letters>.tmp, of the figures and JSON
+# that the callers of remove_leftovers write (a user's own .notes.2024.v2.tmp beside them is not theirs)
+LEFTOVER = re.compile(r"\.(?P<name>.+\.(?:png|json))\.(?P<pid>\d+)\.\w+\.tmp")
 
 
 def remove_leftovers(folder: Path) -> None:

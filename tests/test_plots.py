@@ -281,3 +281,12 @@ def test_a_leftover_named_with_an_id_no_process_can_have_is_removed(tmp_path):
     left.write_bytes(b"half a figure")
     utils.remove_leftovers(tmp_path)
     assert not left.exists()
+
+
+def test_a_users_own_file_named_like_a_leftover_is_kept(tmp_path):
+    """Only temporary files of what the figures' and maps' writers write (.png, .json) are theirs to remove."""
+    mine = [tmp_path / ".notes.2024.v2.tmp", tmp_path / ".draft.txt.99999999.ab12cd34.tmp"]
+    for path in mine:
+        path.write_text("mine")
+    utils.remove_leftovers(tmp_path)
+    assert all(path.read_text() == "mine" for path in mine)
