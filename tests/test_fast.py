@@ -2,6 +2,7 @@
 use it, its flags are checked like every flag, and its runs are reported and drawn."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import report
 import train
 from config import PRESETS, RunConfig
 from conftest import cli_exit, replay, run_config, run_main
-from data import DATASETS, load_dataset, make_splits
+from data import DATASETS, load_dataset, make_splits, normalize
 from runs import RunFiles, load_checkpoint, model_of
 
 # the recipe on a network small enough for the tiny CIFAR-10 (500 training images, 100 test images)
@@ -232,3 +233,22 @@ def test_an_ablation_row_names_only_the_levers_it_changes():
     assert report.recipe_changes(changed, recipe) == "--num_epochs 24 --val_size 5000 --ema 0.0"
     longer_warmup = run_config("--preset", "resnet20_fast", "--warmup_epochs", "10")
     assert report.recipe_changes(longer_warmup, recipe) == "--warmup_epochs 10.0"
+
+
+def test_cam_py_explains_the_averaged_weights_of_an_ema_run(cifar_root, tmp_path, capsys):
+    """cam.py maps what the scored (averaged) weights predict, with their confidence, as --no-train scores them."""
+    import cam
+    (config, _), = run_main(*fast(cifar_root, "--seed", "0", "--ema", "0.9", "--out_dir", str(tmp_path)))
+    checkpoint = tmp_path / config.run_name / "checkpoint.pt"
+    capsys.readouterr()
+    cam.main(cam.get_args_parser().parse_args(
+        ["--checkpoint", str(checkpoint), "--data_root", str(cifar_root), "--no-download", "--device", "cpu",
+         "--num-images-to-save", "30", "--out_dir", str(tmp_path / "cam")]))
+    said = re.findall(r"predicted (\w+) \((\d+\.\d)%\)", capsys.readouterr().out)
+    state = load_checkpoint(checkpoint)
+    images = normalize(load_dataset("CIFAR10", cifar_root, download=False).test_images[:30], DATASETS["CIFAR10"])
+
+    def predictions(averaged: bool) -> list[tuple[str, str]]:
+        probs = model_of(state, checkpoint, averaged=averaged)[1].eval()(images).softmax(1).max(1)
+        return [(DATASETS["CIFAR10"].classes[c], f"{100 * p:.1f}") for p, c in zip(*probs)]
+    assert said == predictions(True) != predictions(False)
