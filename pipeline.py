@@ -170,7 +170,7 @@ def check_args(args: argparse.Namespace) -> None:
         import cluster
         cluster.check_cluster()
     if args.checkpoint is not None:
-        check_checkpoint_path(args.checkpoint, args.resume or args.overwrite)
+        check_checkpoint_flag(args.checkpoint, args.resume or args.overwrite)
     check_threads(args.threads)
     check_writable(Path(args.out_dir), "--out_dir")
     check_writable(plots_folder(args), "--plots_dir")
@@ -196,7 +196,7 @@ def cluster_rules(args: argparse.Namespace, world: int) -> list[tuple[bool, str]
     ]
 
 
-def check_checkpoint_path(checkpoint: str, existing_allowed: bool) -> None:
+def check_checkpoint_flag(checkpoint: str, existing_allowed: bool) -> None:
     """--checkpoint names a file in a folder that can be written, and one that exists only with --resume or --overwrite
     (whose owner the plan checks); otherwise a UsageError."""
     if checkpoint.endswith(("/", os.sep)) or Path(checkpoint).is_dir():
