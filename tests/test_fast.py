@@ -198,10 +198,11 @@ def test_report_tables_the_recipe_beside_he_et_al_and_draws_time_to_accuracy(cif
     assert "He et al. 2016, ResNet-20: 91.25% test accuracy" in blocks["fast"] and "thread" in blocks["fast"]
     assert "plain depth 6 tests worse than plain depth 4" in blocks["fast-checks"]
 
-    def acc(out_dir, name: str) -> float:
-        return json.loads((out_dir / name / "history.json").read_text())["test"]["acc"]
-    gaps = [100 * (acc(d, "resnet_cifar10_d4_c4x2_plain_s0") - acc(d, "resnet_cifar10_d6_c4x2_plain_s0"))
-            for d in (ex2_dir, fast_dir)]
+    def acc(out_dir, name: str, key: str) -> float:
+        return json.loads((out_dir / name / "history.json").read_text())["test"][key]
+    # networks compared as trained: the recipe's runs by their trained weights, not the average they score
+    gaps = [100 * (acc(d, "resnet_cifar10_d4_c4x2_plain_s0", key) - acc(d, "resnet_cifar10_d6_c4x2_plain_s0", key))
+            for d, key in ((ex2_dir, "acc"), (fast_dir, "acc_trained_weights"))]
     assert (f"Plain depth 6 tests {gaps[0]:.1f} points below plain depth 4 after Exercise 2 (2 epochs) and "
             f"{gaps[1]:.1f} points below it after resnet20_fast (2 epochs)") in blocks["fast-degradation"]
     assert png.stat().st_size > 10_000
