@@ -402,9 +402,11 @@ def degradation_gap(ex2: list[tuple[RunConfig, dict]], fast: list[tuple[RunConfi
     return "\n".join(lines)
 
 
-def exercise2_checks(runs: list[tuple[RunConfig, dict]]) -> str:
+def exercise2_checks(runs: list[tuple[RunConfig, dict]], shortcuts_at_shallowest: bool = False) -> str:
     """What the lab expects to see, judged seed by seed: each line says for how many of the seeds that both
-    networks were trained with it holds, and holds only when it does for every one of them."""
+    networks were trained with it holds, and holds only when it does for every one of them. Shortcuts are judged
+    at the shallowest depth only when asked: Exercise 2's depth 8 is not expected to need them, while depth 20 is
+    where He et al.'s comparison of plain and residual networks (their Fig. 6) starts."""
     by_run = {(c.depth, c.residual_step > 0, c.seed): h for c, h in runs}
     depths = sorted({c.depth for c, _ in runs})
     checks = []
@@ -434,7 +436,7 @@ def exercise2_checks(runs: list[tuple[RunConfig, dict]]) -> str:
               (deepest, True), (shallow, True), lambda a, b: losses(a)[-1] <= losses(b)[-1])
         check(f"residual depth {deepest} tests at least as well as residual depth {shallow}", (deepest, True),
               (shallow, True), lambda a, b: trained_test_acc(a) >= trained_test_acc(b), medians=True)
-    for depth in depths[1:]:  # at the smallest depth shortcuts are not expected to matter
+    for depth in depths if shortcuts_at_shallowest else depths[1:]:
         check(f"at depth {depth} the residual network's training loss is below the plain one's at every epoch and "
               "it tests better", (depth, True), (depth, False),
               lambda a, b: all(x < y for x, y in zip(losses(a), losses(b)))
@@ -673,7 +675,7 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         fast_runs = finished_runs(out_dir, "--fast")[0]
         blocks["fast"] = fast_table(fast_runs)
         if len({(c.depth, c.residual_step) for c, _ in fast_runs}) > 1:  # the degradation question's networks too
-            blocks["fast-checks"] = exercise2_checks(fast_runs)
+            blocks["fast-checks"] = exercise2_checks(fast_runs, shortcuts_at_shallowest=True)
             if args.ex2 is not None:
                 blocks["fast-degradation"] = degradation_gap(ex2_runs, fast_runs)
         sweeps["fast"] = out_dir
