@@ -285,18 +285,30 @@ def run_minutes(history: dict) -> float:
     return (sum(e["seconds"] for e in history["epochs"]) + history["test"].get("seconds", 0)) / 60
 
 
+def split_machine(name: str) -> tuple[str, int | None]:
+    """A machine as a run's history names it (utils.machine_description): the CPU's model and its thread count, or a
+    GPU's name and None."""
+    match = re.fullmatch(r"(.*), (\d+) threads?", name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
+
+
 def machines(runs: list[tuple[RunConfig, dict]]) -> str:
-    """The machines the runs' histories name, each once ("1 threads", as code of 7 December 2026 wrote it, is "1
-    thread")."""
-    named = sorted({re.sub(r"\b1 threads\b", "1 thread", m) for _, h in runs for m in h.get("machines", [])})
+    """The machines the runs' histories name, each CPU once with the thread counts it trained with ("Intel Xeon, 1
+    and 2 threads")."""
+    counts: dict[str, set[int]] = {}
+    for _, history in runs:
+        for name in history.get("machines", []):
+            model, threads = split_machine(name)
+            counts.setdefault(model, set()).update([threads] if threads else [])
+    named = [model + (f", {' and '.join(map(str, sorted(n)))} thread{'s' if n != {1} else ''}" if n else "")
+             for model, n in sorted(counts.items())]
     return "; ".join(named) or "machines the runs did not record"
 
 
 def threads(history: dict) -> str:
     """The CPU thread counts a run trained with, from the machines its history names: "1", "1 and 2"; "-" when it
     names none (a GPU, or a run of before 7 December 2026)."""
-    counts = sorted({int(m.group(1)) for name in history.get("machines", [])
-                     if (m := re.search(r", (\d+) threads?$", name))})
+    counts = sorted({n for name in history.get("machines", []) if (n := split_machine(name)[1])})
     return " and ".join(map(str, counts)) or "-"
 
 

@@ -385,11 +385,14 @@ def test_a_run_file_that_is_binary_or_nested_too_deep_leaves_its_run_out_in_one_
     assert f"not used: {mlp(4, 2, 0).run_name}: no readable {name}" in err and "Traceback" not in err
 
 
-def test_machines_are_named_once_each_and_one_thread_is_singular():
-    cpu = "Intel(R) Xeon(R) Processor @ 2.80GHz"
+def test_machines_are_named_once_each_with_their_thread_counts_and_one_thread_is_singular():
+    cpu, gpu = "Intel(R) Xeon(R) Processor @ 2.80GHz", "NVIDIA H100 80GB HBM3"
     runs = [(None, {"machines": [f"{cpu}, 1 threads", f"{cpu}, 2 threads"]}), (None, {"machines": [f"{cpu}, 1 thread"]}),
             (None, {})]
-    assert report.machines(runs) == f"{cpu}, 1 thread; {cpu}, 2 threads"
+    assert report.machines(runs) == f"{cpu}, 1 and 2 threads"
+    assert report.machines(runs[1:]) == f"{cpu}, 1 thread"
+    assert report.machines([*runs, (None, {"machines": [gpu, "AMD EPYC 9B14, 16 threads"]})]) == (
+        f"AMD EPYC 9B14, 16 threads; {cpu}, 1 and 2 threads; {gpu}")
     assert report.machines([(None, {})]) == "machines the runs did not record"
 
 
