@@ -84,8 +84,8 @@ reproduce-ex2: install
 	$(PY) report.py --ex2 $(RUNS)/ex2
 
 # Time to accuracy: residual depth 20 to He et al.'s 91.25% in about a million training images (--preset
-# resnet20_fast: Exercise 2's recipe on all 50,000 images for 21 epochs, a moving average of the weights, flip
-# test-time augmentation), seeds 0 to 2; then the same recipe for plain depth 20 and plain and residual depth 38
+# resnet20_fast: Exercise 2's recipe on all 50,000 images for 21 epochs, flip test-time augmentation), seeds 0
+# to 2; then the same recipe for plain depth 20 and plain and residual depth 38
 # (seed 0: does the degradation survive a longer schedule?), and the figure of accuracy against minutes beside
 # Exercise 2's runs (those of $(RUNS)/ex2, else the kept ones in results/ex2). Resumable like reproduce-ex2.
 FAST_SEEDS ?=

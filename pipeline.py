@@ -62,7 +62,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                   "residual, seeds 0-4, 10 epochs), exercise2 is Exercise 2's sweep (those ResNets plain and residual, "
                   "seeds 0-2, 10 epochs of one-cycle SGD with crops and flips), resnet20_fast is residual depth 20 "
                   "to He et al.'s accuracy in about a million training images (Exercise 2's recipe on all 50,000 "
-                  "images for 21 epochs, --ema 0.999, --tta flip; seeds 0-2) (default: none)")
+                  "images for 21 epochs, --tta flip; seeds 0-2) (default: none)")
     for name, flag in FLAGS.items():
         default = flag.cli_default or RunConfig.__dataclass_fields__[name].default
         kwargs = dict(help=flag.help + (SWEEPS if flag.sweep else ""), default=[default] if flag.sweep else default)

@@ -314,28 +314,36 @@ def threads(history: dict) -> str:
 
 def fast_table(runs: list[tuple[RunConfig, dict]]) -> str:
     """One row per network of the time-to-accuracy runs: images seen, median and range over seeds of the test
-    accuracy of the kept weights, with flip test-time augmentation and of the trained weights without their
-    average, and minutes per run; then the published accuracy and the machines."""
+    accuracy of the kept weights, with flip test-time augmentation and of the trained weights without an average,
+    and minutes per run; then the published accuracy, the machines and any flags the runs add to the preset."""
     networks: dict[tuple, list[tuple[RunConfig, dict]]] = {}
     for config, history in runs:
         networks.setdefault((config.residual_step > 0, config.depth), []).append((config, history))
     lines = ["| network | seeds | training images seen | test acc: median (range) | with flip TTA | "
              "trained weights, no average | minutes per run |", "|---|---:|---:|---|---|---|---:|"]
 
-    def column(group: list[tuple[RunConfig, dict]], key: str) -> str:
-        values = [h["test"][key] for _, h in group if key in h["test"]]
-        return median_range(values, percent2) if len(values) == len(group) else "-"
+    def column(values: list[float | None]) -> str:
+        return median_range(values, percent2) if None not in values else "-"
 
     for key in sorted(networks, reverse=True):
         group = networks[key]
         config = group[0][0]
         images = "/".join(sorted({f"{n:,}" if n else "-" for n in (images_seen(c, h) for c, h in group)}))
-        lines.append(f"| {network_label(config)} | {len(group)} | {images} | {column(group, 'acc')} | "
-                     f"{column(group, 'acc_flip')} | {column(group, 'acc_trained_weights')} | "
+        lines.append(f"| {network_label(config)} | {len(group)} | {images} | "
+                     f"{column([h['test']['acc'] for _, h in group])} | "
+                     f"{column([h['test'].get('acc_flip') for _, h in group])} | "
+                     f"{column([trained_test_acc(h) for _, h in group])} | "
                      f"{statistics.median(run_minutes(h) for _, h in group):.1f} |")
     lines.append("")
     lines.append(f"{PUBLISHED[0]}: {PUBLISHED[1]:.2%} test accuracy. Minutes: each run's epochs (training and each "
                  f"epoch's scoring) and its final test, without reading the data; trained on {machines(runs)}.")
+    recipe = preset_config("resnet20_fast")
+    changes = [recipe_changes(c, dataclasses.replace(recipe, num_conv_per_level=c.num_conv_per_level,
+                                                     residual_step=c.residual_step)) for c, _ in runs]
+    extra = sorted(set(changes) - {"the recipe"})
+    if extra:
+        lines.append("Trained with flags beyond --preset resnet20_fast and its network: " + "; ".join(
+            f"{flags} ({changes.count(flags)} of {len(runs)} runs)" for flags in extra) + ".")
     return "\n".join(lines)
 
 
