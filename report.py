@@ -139,8 +139,10 @@ def check_family(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
 
 def check_one_sweep(configs: list[RunConfig], flag: str, out_dir: Path) -> None:
     """Refuse runs that differ in more than what the exercise's table compares (depth, shortcut and seed): a width or
-    learning rate of their own would be mixed into a row as if it were another seed."""
-    swept = ("num_hidden_layers" if flag == "--ex1" else "num_conv_per_level", "residual_step", "seed")
+    learning rate of their own would be mixed into a row as if it were another seed. --fast's runs may differ in
+    --ema too: its tables compare the trained weights, which an average only watches, and name the runs with one."""
+    swept = ("num_hidden_layers" if flag == "--ex1" else "num_conv_per_level", "residual_step", "seed",
+             *(("ema",) if flag == "--fast" else ()))
 
     def unswept(config: RunConfig) -> RunConfig:
         return dataclasses.replace(config, run_name=None, **{name: getattr(configs[0], name) for name in swept})
@@ -318,7 +320,8 @@ def fast_table(runs: list[tuple[RunConfig, dict]]) -> str:
     and minutes per run; then the published accuracy, the machines and any flags the runs add to the preset."""
     networks: dict[tuple, list[tuple[RunConfig, dict]]] = {}
     for config, history in runs:
-        networks.setdefault((config.residual_step > 0, config.depth), []).append((config, history))
+        # an --ema run's kept weights are its average: a row of its own, so that each column scores one kind
+        networks.setdefault((config.residual_step > 0, config.depth, config.ema), []).append((config, history))
     lines = ["| network | seeds | training images seen | test acc: median (range) | with flip TTA | "
              "trained weights, no average | minutes per run |", "|---|---:|---:|---|---|---|---:|"]
 
@@ -329,7 +332,8 @@ def fast_table(runs: list[tuple[RunConfig, dict]]) -> str:
         group = networks[key]
         config = group[0][0]
         images = "/".join(sorted({f"{n:,}" if n else "-" for n in (images_seen(c, h) for c, h in group)}))
-        lines.append(f"| {network_label(config)} | {len(group)} | {images} | "
+        average = f", --ema {config.ema:g}" if config.ema else ""
+        lines.append(f"| {network_label(config)}{average} | {len(group)} | {images} | "
                      f"{column([h['test']['acc'] for _, h in group])} | "
                      f"{column([h['test'].get('acc_flip') for _, h in group])} | "
                      f"{column([trained_test_acc(h) for _, h in group])} | "

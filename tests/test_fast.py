@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import pipeline
 import report
 import train
+import utils
 from config import PRESETS, RunConfig
 from conftest import cli_exit, replay, run_config, run_main
 from data import DATASETS, load_dataset, make_splits, normalize
@@ -185,7 +186,8 @@ def test_report_tables_the_recipe_beside_he_et_al_and_draws_time_to_accuracy(cif
     run_main(*fast(cifar_root, "--seed", "0", "1", *average))
     plain = ["--num_conv_per_level", "1", "2", "--residual_step", "0", "--seed", "0"]
     run_main(*fast(cifar_root, *plain, *average))
-    run_main(*fast(cifar_root, "--num_conv_per_level", "1", "--seed", "0", *average))
+    # a network trained without the average beside them: compared by the trained weights, in a row of its own
+    run_main(*fast(cifar_root, "--num_conv_per_level", "1", "--seed", "0", "--out_dir", str(fast_dir)))
     run_main("--preset", "exercise2", "--data_root", str(cifar_root), *TINY, *plain, "--val_size", "50",
              "--out_dir", str(ex2_dir))
     blocks = report.main(report.get_args_parser().parse_args(
@@ -196,10 +198,13 @@ def test_report_tables_the_recipe_beside_he_et_al_and_draws_time_to_accuracy(cif
     accuracies = [report.median_range([h["test"][key] for h in residual], report.percent2)
                   for key in ("acc", "acc_flip")]
     assert row.split(" | ")[1:5] == ["2", "-", *accuracies]  # a smaller copy of CIFAR-10: its images are not counted
+    assert [row.split(" | ")[0].endswith(", --ema 0.9") for row in rows] == [True, False, True, True]
     assert "He et al. 2016, ResNet-20: 91.25% test accuracy" in blocks["fast"] and "thread" in blocks["fast"]
-    assert blocks["fast"].endswith("beyond --preset resnet20_fast and its network: --num_epochs 2 --out_channels 4 "
-                                  "--num_levels 2 --batch_size 50 --ema 0.9 (5 of 5 runs).")
+    tiny = "--num_epochs 2 --out_channels 4 --num_levels 2 --batch_size 50"
+    assert blocks["fast"].endswith(f"beyond --preset resnet20_fast and its network: {tiny} (1 of 5 runs); "
+                                   f"{tiny} --ema 0.9 (4 of 5 runs).")
     assert "plain depth 6 tests worse than plain depth 4" in blocks["fast-checks"]
+    assert "residual depth 6 tests at least as well as residual depth 4" in blocks["fast-checks"]
     # the recipe's shallowest depth is judged with and without shortcuts, as He et al.'s depth 20 is
     assert "at depth 4 the residual network's training loss is below the plain one's" in blocks["fast-checks"]
 
@@ -220,6 +225,18 @@ def test_report_tables_the_recipe_beside_he_et_al_and_draws_time_to_accuracy(cif
     assert rows == [[f"| {tiny} --batch_size 50 --ema 0.9", "0"], [f"| {tiny} --batch_size 50 --ema 0.9", "1"],
                     [f"| {tiny} --val_size 50 --batch_size 50 --lr 0.4", "0"]], rows
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["fast", "fast-ablation"]
+
+
+def test_fast_runs_may_differ_in_ema_alone(tmp_path):
+    """--fast compares trained weights, which --ema does not change; another rate is another sweep there too."""
+    recipe = run_config("--preset", "resnet20_fast", "--seed", "0")
+    averaged = run_config("--preset", "resnet20_fast", "--seed", "1", "--residual_step", "0", "--ema", "0.999")
+    report.check_one_sweep([recipe, averaged], "--fast", tmp_path)
+    with pytest.raises(utils.UsageError, match="trained with --ema 0.999, not 0.0 as"):
+        report.check_one_sweep([recipe, averaged], "--ex2", tmp_path)
+    faster = run_config("--preset", "resnet20_fast", "--seed", "1", "--ema", "0.999", "--lr", "0.4")
+    with pytest.raises(utils.UsageError, match="trained with --lr 0.4, not 0.2 as"):
+        report.check_one_sweep([recipe, faster], "--fast", tmp_path)
 
 
 @pytest.mark.parametrize("flags,words", [(["--time_to_accuracy", "t.png"], "give --fast too"),
