@@ -419,10 +419,10 @@ def degradation_gap(ex2: list[tuple[RunConfig, dict]], fast: list[tuple[RunConfi
         deep = plain[-1]
         for shallow in plain[:-1]:
             gaps = [100 * (m[(shallow, False)] - m[(deep, False)]) for m in recipes.values()]
+            below = [f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'}" for gap in gaps]
             lines.append("")
-            lines.append(f"Plain depth {deep} tests {gaps[0]:.1f} points below plain depth {shallow} after "
-                         f"{list(recipes)[0]} and {gaps[1]:.1f} points below it after {list(recipes)[1]} "
-                         "(a negative gap: above it).")
+            lines.append(f"Plain depth {deep} tests {below[0]} plain depth {shallow} after {list(recipes)[0]} and "
+                         f"{below[1]} it after {list(recipes)[1]}.")
     return "\n".join(lines)
 
 
