@@ -182,7 +182,7 @@ def test_a_config_of_before_ema_and_tta_still_loads_as_a_run_without_them():
 
 def test_report_tables_the_recipe_beside_he_et_al_and_draws_time_to_accuracy(cifar_root, tmp_path):
     fast_dir, ex2_dir, png = tmp_path / "fast", tmp_path / "ex2", tmp_path / "img" / "time_to_accuracy.png"
-    average = ["--ema", "0.9", "--out_dir", str(fast_dir)]  # runs scored by an average, as results/fast's were
+    average = ["--ema", "0.9", "--out_dir", str(fast_dir)]  # scored by an average, as results/fast's depth-20 runs were
     run_main(*fast(cifar_root, "--seed", "0", "1", *average))
     plain = ["--num_conv_per_level", "1", "2", "--residual_step", "0", "--seed", "0"]
     run_main(*fast(cifar_root, *plain, *average))
